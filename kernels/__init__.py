@@ -1,0 +1,1 @@
+"""Fused zaya.* ops: eager reference, ONNX and MLIR lowerings, Triton kernels."""

@@ -1,0 +1,392 @@
+"""ZAYA1 in plain PyTorch: the reference every export, kernel and backend is checked against.
+
+Parameter names are exactly upstream ``transformers``' (``model.layers.{l}.self_attn.qkv_proj.q_proj.weight``
+...), so real checkpoints load without renaming. Unlike upstream, all decode state is explicit (see
+``state.py``) and nothing depends on Python-side cache objects or data-dependent control flow, so
+``torch.export`` traces every path. The math follows ``shared/docs/zaya1-model.md`` §3 step by step,
+including upstream's dtype choices (fp32 residual stream, activation-dtype QK norm, fp32 softmax).
+
+Symbols: B batch, T new tokens, S cached slots, H hidden, n_q/n_kv heads, d head dim, C = (n_q+n_kv)·d conv
+channels, κ conv history, dv = n_kv·d/2 value half, R router hidden, E experts, V vocabulary, L layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ZayaConfig
+from .state import Past, Update, empty_past
+
+
+class RMSNorm(nn.Module):
+    """``w ⊙ cast_in(x_f32 · rsqrt(mean(x_f32²) + eps))``: fp32 statistics, plain (not 1+w) weight."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class ResidualScaling(nn.Module):
+    """``(sub + b_h) ⊙ s_h + (res + b_r) ⊙ s_r``; ``res`` is the fp32 residual, so the sum is fp32."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.hidden_states_scale = nn.Parameter(torch.ones(dim))
+        self.hidden_states_bias = nn.Parameter(torch.zeros(dim))
+        self.residual_scale = nn.Parameter(torch.ones(dim))
+        self.residual_bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, sub: Tensor, res: Tensor) -> Tensor:
+        return (sub + self.hidden_states_bias) * self.hidden_states_scale + (
+            res + self.residual_bias
+        ) * self.residual_scale
+
+
+def rope_cos_sin(positions: Tensor, rot: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin ``[B, T, rot]`` in rotate-half layout, computed in fp32 then cast (no module buffers)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rot, 2, dtype=torch.float32, device=positions.device) / rot))
+    freqs = positions[..., None].float() * inv_freq  # [B, T, rot/2]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first ``rot`` dims of each head (pairs j, j+rot/2); the rest pass through. x: [B, h, T, d]."""
+    rot = cos.shape[-1]
+    cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, rot]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    half = rot // 2
+    rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+
+
+class CCAProjection(nn.Module):
+    """``qkv_proj``: q/k projections mixed by a two-stage causal conv over time, q/k mean residuals, and a value
+    whose second half comes from the previous token (the delayed value)."""
+
+    def __init__(self, config: ZayaConfig) -> None:
+        super().__init__()
+        H, d = config.hidden_size, config.head_dim
+        self.n_q, self.n_kv, self.d = config.num_attention_heads, config.num_key_value_heads, d
+        bias = config.attention_bias
+        C = config.conv_channels
+        self.q_proj = nn.Linear(H, self.n_q * d, bias=bias)
+        self.k_proj = nn.Linear(H, self.n_kv * d, bias=bias)
+        self.v_proj_current = nn.Linear(H, config.value_half, bias=bias)
+        self.v_proj_delayed = nn.Linear(H, config.value_half, bias=bias)
+        self.conv_qk_depthwise = nn.Conv1d(C, C, config.cca_time0, groups=C)
+        self.conv_qk_grouped = nn.Conv1d(C, C, config.cca_time1, groups=self.n_q + self.n_kv)
+
+    def forward(self, x: Tensor, conv: Tensor, rho: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """x [B, T, H], conv [B, C, κ], rho [B, dv] → q [B,T,n_q,d], k [B,T,n_kv,d], v [B,T,n_kv,d],
+        conv_rows [B, C, κ+T], omega [B, T, dv]."""
+        B, T, _ = x.shape
+        G = self.n_q // self.n_kv
+        q_hat = self.q_proj(x)  # [B, T, n_q·d]
+        k_hat = self.k_proj(x)  # [B, T, n_kv·d]
+        # q/k mean residual: q head h averages with its KV head; k head g averages its group's q residuals.
+        k_rep = k_hat.view(B, T, self.n_kv, 1, self.d).expand(B, T, self.n_kv, G, self.d)
+        q_res = (q_hat.view(B, T, self.n_q, self.d) + k_rep.reshape(B, T, self.n_q, self.d)) * 0.5
+        k_res = q_res.view(B, T, self.n_kv, G, self.d).mean(dim=-2)
+        # Two-stage causal conv over [history ; new rows]: depthwise then one dense d×d matrix per head and tap.
+        conv_rows = torch.cat([conv, torch.cat([q_hat, k_hat], dim=-1).transpose(1, 2)], dim=-1)  # [B, C, κ+T]
+        z = self.conv_qk_grouped(self.conv_qk_depthwise(conv_rows)).transpose(1, 2)  # [B, T, C]
+        q = z[..., : self.n_q * self.d].view(B, T, self.n_q, self.d) + q_res
+        k = z[..., self.n_q * self.d :].view(B, T, self.n_kv, self.d) + k_res
+        # Value: current-token half and previous-token (delayed) half, one whole KV head group each.
+        omega = self.v_proj_delayed(x)  # [B, T, dv]
+        v_delayed = torch.cat([rho[:, None, :], omega], dim=1)[:, :T]  # [ρ, ω_0..ω_{T-2}]
+        v = torch.cat([self.v_proj_current(x), v_delayed], dim=-1).view(B, T, self.n_kv, self.d)
+        return q, k, v, conv_rows, omega
+
+
+class QKNorm(nn.Module):
+    """L2-normalise q and k to norm √d in the activation dtype, then scale k by a per-KV-head temperature."""
+
+    def __init__(self, config: ZayaConfig) -> None:
+        super().__init__()
+        self.scale = config.head_dim**0.5
+        self.temp = nn.Parameter(torch.zeros(config.num_key_value_heads))
+
+    def forward(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        eps = torch.finfo(q.dtype).eps
+        q = q * (self.scale / q.norm(p=2, dim=-1, keepdim=True).clamp_min(eps))
+        k = k * (self.scale / k.norm(p=2, dim=-1, keepdim=True).clamp_min(eps))
+        return q, k * self.temp[None, None, :, None]
+
+
+class CCAAttention(nn.Module):
+    """``self_attn``: CCA projection, QK norm, partial RoPE and masked GQA attention over [cache ; new keys]."""
+
+    def __init__(self, config: ZayaConfig) -> None:
+        super().__init__()
+        self.qkv_proj = CCAProjection(config)
+        self.qk_norm = QKNorm(config)
+        self.o_proj = nn.Linear(config.num_attention_heads * config.head_dim, config.hidden_size,
+                                bias=config.attention_bias)
+        self.G = config.num_key_value_groups
+
+    def forward(self, x: Tensor, past_k: Tensor, past_v: Tensor, conv: Tensor, rho: Tensor, allowed: Tensor,
+                cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """x [B, T, H]; past_k/v [B, n_kv, S, d]; allowed [B, T, S+T] bool → out [B, T, H] and the update."""
+        B, T, _ = x.shape
+        q, k, v, conv_rows, omega = self.qkv_proj(x, conv, rho)
+        q, k = self.qk_norm(q, k)
+        q = apply_partial_rope(q.transpose(1, 2), cos, sin)  # [B, n_q, T, d]
+        k = apply_partial_rope(k.transpose(1, 2), cos, sin)  # [B, n_kv, T, d]
+        v = v.transpose(1, 2)  # [B, n_kv, T, d]
+        keys = torch.cat([past_k, k], dim=2).repeat_interleave(self.G, dim=1)  # [B, n_q, S+T, d]
+        values = torch.cat([past_v, v], dim=2).repeat_interleave(self.G, dim=1)
+        scores = torch.matmul(q, keys.transpose(2, 3)) * (q.shape[-1] ** -0.5)  # [B, n_q, T, S+T]
+        # A finite fill (not -inf) keeps fully masked rows (left padding) finite instead of NaN.
+        scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(probs, values).transpose(1, 2).reshape(B, T, -1)  # [B, T, n_q·d]
+        return self.o_proj(out), k, v, conv_rows, omega
+
+
+class RouterMLP(nn.Module):
+    def __init__(self, R: int, classes: int, eps: float) -> None:
+        super().__init__()
+        self.norm = RMSNorm(R, eps)
+        self.fc1 = nn.Linear(R, R)
+        self.fc2 = nn.Linear(R, R)
+        self.out_proj = nn.Linear(R, classes, bias=False)
+
+    def forward(self, r: Tensor) -> Tensor:
+        return self.out_proj(F.gelu(self.fc2(F.gelu(self.fc1(self.norm(r))))))
+
+
+class Router(nn.Module):
+    """``mlp.gate``: MLP router whose hidden state is carried across layers (EDA), biased top-1 choice among
+    E experts plus a skip class. Returns the chosen expert (E = skip), its un-biased probability and the state
+    for the next layer."""
+
+    def __init__(self, config: ZayaConfig, layer_idx: int) -> None:
+        super().__init__()
+        R, E = config.router_hidden_size, config.num_experts
+        self.num_experts = E
+        self.down_proj = nn.Linear(config.hidden_size, R)
+        self.use_eda = layer_idx != 0
+        if self.use_eda:
+            self.router_states_scale = nn.Parameter(torch.ones(R))
+        self.router_mlp = RouterMLP(R, E + 1, config.rms_norm_eps)
+        biases = torch.zeros(E + 1, dtype=torch.float32)
+        biases[-1] = -1.0
+        self.register_buffer("balancing_biases", biases)  # fp32 whatever the model dtype (see ZayaForCausalLM)
+
+    def forward(self, x: Tensor, prev: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        r = self.down_proj(x)  # [N, R]
+        if self.use_eda and prev is not None:
+            r = r + prev * self.router_states_scale
+        probs = torch.softmax(self.router_mlp(r), dim=-1)  # [N, E+1], activation dtype
+        choice = torch.topk(probs.float() + self.balancing_biases, 1, dim=-1).indices  # [N, 1]
+        weight = torch.gather(probs, -1, choice).squeeze(-1)  # [N]
+        return choice.squeeze(-1), weight, r
+
+
+class Experts(nn.Module):
+    """Stacked SwiGLU experts: ``gate_up_proj [E, 2I, H]`` (gate rows first), ``down_proj [E, H, I]``."""
+
+    def __init__(self, config: ZayaConfig) -> None:
+        super().__init__()
+        E, I, H = config.num_experts, config.moe_intermediate_size, config.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+
+    def forward(self, x: Tensor, choice: Tensor, weight: Tensor) -> Tensor:
+        """x [N, H], choice [N] in 0..E (E = skip), weight [N] → [N, H].
+
+        Static dispatch: every expert runs on every token and a one-hot weight keeps the chosen one. This is
+        E× the FLOPs of a sparse dispatch but has no data-dependent shapes, so it traces and lowers anywhere;
+        the fused ``zaya.moe_top1`` op is where dispatch gets efficient. Skip tokens get weight 0 everywhere.
+        """
+        out = torch.zeros_like(x)
+        for e in range(self.gate_up_proj.shape[0]):
+            w = torch.where(choice == e, weight, torch.zeros_like(weight))  # [N]
+            gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # [N, I] each
+            out = out + F.linear(F.silu(gate) * up, self.down_proj[e]) * w[:, None]
+        return out
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, config: ZayaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.gate = Router(config, layer_idx)
+        self.experts = Experts(config)
+
+    def forward(self, x: Tensor, prev_router: Tensor | None) -> tuple[Tensor, Tensor]:
+        B, T, H = x.shape
+        choice, weight, router_state = self.gate(x.reshape(B * T, H), prev_router)
+        out = self.experts(x.reshape(B * T, H), choice, weight)
+        return out.view(B, T, H), router_state
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ZayaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = CCAAttention(config)
+        self.mlp = SparseMoE(config, layer_idx)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_residual_scale = ResidualScaling(config.hidden_size)
+        self.post_mlp_residual_scale = ResidualScaling(config.hidden_size)
+
+    def forward(self, h: Tensor, prev_router: Tensor | None, input_mask: Tensor | None, past_k: Tensor,
+                past_v: Tensor, conv: Tensor, rho: Tensor, allowed: Tensor, cos: Tensor, sin: Tensor):
+        """h [B, T, H] fp32 residual stream → new h, router state, and this layer's state update."""
+        dtype = self.input_layernorm.weight.dtype
+        x = self.input_layernorm(h.to(dtype))
+        if input_mask is not None:  # zero padded rows so they leave no trace in the conv window or ρ
+            x = x * input_mask[..., None].to(dtype)
+        a, k, v, conv_rows, omega = self.self_attn(x, past_k, past_v, conv, rho, allowed, cos, sin)
+        h = self.post_attention_residual_scale(a, h)
+        m, router_state = self.mlp(self.post_attention_layernorm(h.to(dtype)), prev_router)
+        h = self.post_mlp_residual_scale(m, h)
+        return h, router_state, (k, v, conv_rows, omega)
+
+
+class ZayaModel(nn.Module):
+    def __init__(self, config: ZayaConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_hidden_states_scale = nn.Parameter(torch.ones(config.hidden_size))
+        self.input_hidden_states_bias = nn.Parameter(torch.zeros(config.hidden_size))
+
+
+def attention_allowed(past_valid: Tensor, new_valid: Tensor, window: int | None) -> tuple[Tensor, Tensor]:
+    """Key predicate ``[B, T, S+T]`` for causal (optionally sliding-window) attention over [cache ; new], and
+    the positions ``[B, T]`` of the new tokens.
+
+    Positions count real tokens only (``cumsum(valid) − 1``), as ``generate`` does for left padding, so a
+    left-padded row computes exactly what the unpadded sequence computes.
+    """
+    B, S = past_valid.shape
+    T = new_valid.shape[1]
+    valid = torch.cat([past_valid, new_valid], dim=1)  # [B, S+T]
+    key_pos = valid.long().cumsum(-1) - 1  # [B, S+T]
+    q_pos = key_pos[:, S:]  # [B, T]
+    slot = torch.arange(S + T, device=valid.device)
+    causal = slot[None, :] <= (S + torch.arange(T, device=valid.device))[:, None]  # [T, S+T]
+    allowed = causal[None] & valid[:, None, :]
+    if window is not None:
+        allowed = allowed & ((q_pos[:, :, None] - key_pos[:, None, :]) < window)
+    return allowed, q_pos.clamp_min(0)
+
+
+class ZayaForCausalLM(nn.Module):
+    """ZAYA1 with a tied (or untied) LM head. ``forward`` is the plain full-sequence model; ``step`` is the
+    state-explicit forward used by prefill, decode and every exported entry point."""
+
+    def __init__(self, config: ZayaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = ZayaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature
+        # Keep the routing biases fp32 across .to(dtype): they decide the argmax and upstream keeps them fp32.
+        out = super()._apply(fn, recurse)
+        for layer in self.model.layers:
+            gate = layer.mlp.gate
+            if gate.balancing_biases.dtype != torch.float32 and gate.balancing_biases.device.type != "meta":
+                gate.balancing_biases = gate.balancing_biases.float()
+        return out
+
+    def empty_past(self, batch: int) -> Past:
+        return empty_past(self.config, batch, self.dtype, self.lm_head.weight.device, self.rho_init())
+
+    def rho_init(self) -> Tensor | None:
+        """Per-layer ρ of a fresh sequence, ``v_proj_delayed(0)``: the bias, or None when there is none."""
+        biases = [layer.self_attn.qkv_proj.v_proj_delayed.bias for layer in self.model.layers]
+        return None if biases[0] is None else torch.stack([b.detach() for b in biases])
+
+    def step(self, input_ids: Tensor, past: Past, input_mask: Tensor | None = None,
+             last_only: bool = False) -> tuple[Tensor, Update]:
+        """Forward T new tokens after the committed state ``past``.
+
+        input_ids [B, T]; input_mask [B, T] bool (False = left padding) or None → logits [B, T, V] (or
+        [B, 1, V] with ``last_only``) and the uncommitted :class:`Update`.
+        """
+        cfg, m = self.config, self.model
+        B, T = input_ids.shape
+        dtype = self.dtype
+        new_valid = torch.ones(B, T, dtype=torch.bool, device=input_ids.device) if input_mask is None else input_mask
+        e = m.embed_tokens(input_ids)  # [B, T, H]
+        h = ((e + m.input_hidden_states_bias) * m.input_hidden_states_scale).float()
+        per_type = {}
+        for layer_type in set(cfg.layer_types):
+            window = cfg.sliding_window if layer_type == "hybrid_sliding" else None
+            allowed, pos = attention_allowed(past.valid, new_valid, window)
+            cos, sin = rope_cos_sin(pos, cfg.rotary_dim(layer_type), cfg.rope_theta(layer_type), dtype)
+            per_type[layer_type] = (allowed, cos, sin)
+        router_state = None
+        ks, vs, convs, omegas = [], [], [], []
+        for i, layer in enumerate(m.layers):
+            allowed, cos, sin = per_type[cfg.layer_types[i]]
+            h, router_state, (k, v, conv_rows, omega) = layer(
+                h, router_state, input_mask, past.k[i], past.v[i], past.conv[i], past.rho[i], allowed, cos, sin
+            )
+            ks.append(k)
+            vs.append(v)
+            convs.append(conv_rows)
+            omegas.append(omega)
+        if last_only:
+            h = h[:, -1:]
+        logits = self.lm_head(m.norm(h.to(dtype)))
+        return logits, Update(torch.stack(ks), torch.stack(vs), torch.stack(convs), torch.stack(omegas))
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Logits ``[B, T, V]`` of a fresh sequence; ``attention_mask`` [B, T] (1 = token, 0 = left padding)."""
+        mask = None if attention_mask is None else attention_mask.bool()
+        logits, _ = self.step(input_ids, self.empty_past(input_ids.shape[0]), mask)
+        return logits
+
+
+def init_weights(model: ZayaForCausalLM, seed: int, randomize_all: bool = False) -> None:
+    """Random weights: normal(0, initializer_range) for matrices as upstream does. With ``randomize_all``
+    every scale, bias, temperature and balancing bias is random too, so parity tests exercise every
+    parameter (upstream's τ = 0 would make attention uniform and hide bugs in q/k)."""
+    gen = torch.Generator().manual_seed(seed)
+    std = model.config.initializer_range
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                if randomize_all or "conv" in name:  # unit-variance activations, so routing depends on input
+                    fan_in = p.shape[-1] * (p.shape[-2] if "conv" in name else 1)
+                    scale = 1.0 if name.endswith("embed_tokens.weight") else 1 / math.sqrt(fan_in)
+                else:
+                    scale = std
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+            elif name.endswith("qk_norm.temp"):
+                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+            elif randomize_all:
+                base = 1.0 if name.endswith(("scale", "norm.weight", "layernorm.weight")) else 0.0
+                p.copy_(base + 0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.fill_(1.0)
+        for layer in model.model.layers:
+            b = layer.mlp.gate.balancing_biases
+            b.zero_()
+            b[-1] = 0.0 if randomize_all else -1.0  # let parity tests hit the skip class too
+            if randomize_all:
+                b.add_(0.01 * torch.randn(b.shape, generator=gen))

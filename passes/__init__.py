@@ -1,0 +1,1 @@
+"""FX graph passes (CCA, attention, MoE fusion, TiDAR step packing) and the pass manager."""

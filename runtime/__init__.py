@@ -1,0 +1,1 @@
+"""Backends, decode state handling, samplers and generation loops."""
