@@ -204,17 +204,31 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 
     def forward(self, x: Tensor, choice: Tensor, weight: Tensor) -> Tensor:
-        """x [N, H], choice [N] in 0..E (E = skip), weight [N] → [N, H].
+        """x [N, H], choice [N] in 0..E (E = skip), weight [N] → [N, H]; skip tokens get 0."""
+        if torch.compiler.is_exporting():
+            return self._dense(x, choice, weight)
+        return self._sparse(x, choice, weight)
 
-        Static dispatch: every expert runs on every token and a one-hot weight keeps the chosen one. This is
-        E× the FLOPs of a sparse dispatch but has no data-dependent shapes, so it traces and lowers anywhere;
-        the fused ``zaya.moe_top1`` op is where dispatch gets efficient. Skip tokens get weight 0 everywhere.
-        """
+    def _expert(self, e: int, x: Tensor) -> Tensor:
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
+        return F.linear(F.silu(gate) * up, self.down_proj[e])
+
+    def _dense(self, x: Tensor, choice: Tensor, weight: Tensor) -> Tensor:
+        """Static dispatch for tracing: every expert runs on every token, a one-hot weight keeps the chosen one.
+        E× the FLOPs, but no data-dependent shapes; the fused ``zaya.moe_top1`` op is where export gets fast."""
         out = torch.zeros_like(x)
         for e in range(self.gate_up_proj.shape[0]):
-            w = torch.where(choice == e, weight, torch.zeros_like(weight))  # [N]
-            gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # [N, I] each
-            out = out + F.linear(F.silu(gate) * up, self.down_proj[e]) * w[:, None]
+            out = out + self._expert(e, x) * torch.where(choice == e, weight, torch.zeros_like(weight))[:, None]
+        return out
+
+    def _sparse(self, x: Tensor, choice: Tensor, weight: Tensor) -> Tensor:
+        """Eager dispatch: each hit expert runs once on its own tokens (what upstream does)."""
+        out = torch.zeros_like(x)
+        for e in torch.unique(choice).tolist():
+            if e == self.gate_up_proj.shape[0]:
+                continue  # skip class: no expert runs
+            rows = (choice == e).nonzero().flatten()
+            out.index_add_(0, rows, self._expert(e, x[rows]) * weight[rows, None])
         return out
 
 

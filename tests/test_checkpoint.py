@@ -39,8 +39,9 @@ def test_round_trip(model, ckpt):
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # tied, stored once
     names = set(json.loads((ckpt / "model.safetensors").read_bytes()[8:8 + struct.unpack("<Q", (ckpt / "model.safetensors").read_bytes()[:8])[0]]))
     assert "lm_head.weight" not in names
-    ids = torch.randint(0, 1000, (1, 9))
-    assert torch.equal(model(ids), loaded(ids))
+    ids = torch.randint(0, 1000, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # mmapped weights may be unaligned, so BLAS may round differently: not bit-exact
+        assert (model(ids) - loaded(ids)).abs().max().item() <= 1e-5
 
 
 def test_sharded_round_trip(tmp_path, model):

@@ -110,3 +110,19 @@ def test_bad_checkpoint_through_the_real_entry_point(ckpt, tmp_path):
         f"{len(data) // 2 - 8 - int.from_bytes(data[:8], 'little')}"
     ]
     assert proc.stdout == ""
+
+
+def test_init_json_and_small_dtypes(tmp_path):
+    result = _run("init", "--preset", "tiny", "--dtype", "fp16", "--json", tmp_path / "half")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["params"] > 1_000_000
+    for dtype in ("fp16", "bf16"):
+        model = load_checkpoint(tmp_path / "half", dtype=dtype)
+        ids = torch.randint(5, 1000, (2, 21), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            logits = model(ids)
+        assert logits.dtype == model.dtype and torch.isfinite(logits).all()
+        with torch.no_grad():
+            ref = load_checkpoint(tmp_path / "half", dtype="fp32")(ids)
+        agree = (logits.float().argmax(-1) == ref.argmax(-1)).float().mean().item()
+        assert agree >= 0.9, (dtype, agree)

