@@ -1,1 +1,8 @@
-"""Fused zaya.* ops: eager reference, ONNX and MLIR lowerings, Triton kernels."""
+"""Fused ``zaya.*`` ops. Each has an eager reference (a ``torch.library`` custom op) and an ONNX face (a
+``zaya``-domain node plus an ONNX function body that stock onnxruntime inlines). Importing this package
+registers them all."""
+
+from . import block_attention, cca, moe_top1  # noqa: F401 - registration side effects
+from .registry import function_protos, registered, translation_table
+
+__all__ = ["function_protos", "registered", "translation_table"]

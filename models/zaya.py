@@ -13,6 +13,7 @@ channels, κ conv history, dv = n_kv·d/2 value half, R router hidden, E experts
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -124,8 +125,22 @@ class QKNorm(nn.Module):
         return q, k * self.temp[None, None, :, None]
 
 
+@dataclass(frozen=True)
+class AttnLayout:
+    """What decides which keys a query may see: the materialised predicate for the reference path, and the
+    descriptor (validity + window) from which ``zaya.block_attention`` regenerates it inside the op."""
+
+    allowed: Tensor  # [B, T, S+T] bool
+    past_valid: Tensor  # [B, S] bool
+    new_valid: Tensor  # [B, T] bool
+    window: int  # sliding window on positions; 0 = none
+
+
 class CCAAttention(nn.Module):
-    """``self_attn``: CCA projection, QK norm, partial RoPE and masked GQA attention over [cache ; new keys]."""
+    """``self_attn``: CCA projection, QK norm, partial RoPE and masked GQA attention over [cache ; new keys].
+
+    ``project`` and ``attend`` are the two regions the fusion passes replace (by ``zaya.cca`` and
+    ``zaya.block_attention``); ``forward`` only wires them."""
 
     def __init__(self, config: ZayaConfig) -> None:
         super().__init__()
@@ -135,23 +150,31 @@ class CCAAttention(nn.Module):
                                 bias=config.attention_bias)
         self.G = config.num_key_value_groups
 
-    def forward(self, x: Tensor, past_k: Tensor, past_v: Tensor, conv: Tensor, rho: Tensor, allowed: Tensor,
+    def forward(self, x: Tensor, past_k: Tensor, past_v: Tensor, conv: Tensor, rho: Tensor, layout: AttnLayout,
                 cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """x [B, T, H]; past_k/v [B, n_kv, S, d]; allowed [B, T, S+T] bool → out [B, T, H] and the update."""
-        B, T, _ = x.shape
+        """x [B, T, H]; past_k/v [B, n_kv, S, d] → out [B, T, H] and this layer's k, v, conv_rows, omega."""
+        q, k, v, conv_rows, omega = self.project(x, conv, rho, cos, sin)
+        out = self.attend(q, k, v, past_k, past_v, layout)
+        return self.o_proj(out), k, v, conv_rows, omega
+
+    def project(self, x: Tensor, conv: Tensor, rho: Tensor, cos: Tensor, sin: Tensor):  # noqa: ANN201
+        """→ q [B, n_q, T, d], k/v [B, n_kv, T, d] (q, k normed and rotated), conv_rows, omega."""
         q, k, v, conv_rows, omega = self.qkv_proj(x, conv, rho)
         q, k = self.qk_norm(q, k)
-        q = apply_partial_rope(q.transpose(1, 2), cos, sin)  # [B, n_q, T, d]
-        k = apply_partial_rope(k.transpose(1, 2), cos, sin)  # [B, n_kv, T, d]
-        v = v.transpose(1, 2)  # [B, n_kv, T, d]
+        q = apply_partial_rope(q.transpose(1, 2), cos, sin)
+        k = apply_partial_rope(k.transpose(1, 2), cos, sin)
+        return q, k, v.transpose(1, 2), conv_rows, omega
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor, layout: AttnLayout) -> Tensor:
+        """Softmax attention of q over [past ; new] keys → [B, T, n_q·d]."""
+        B, _, T, _ = q.shape
         keys = torch.cat([past_k, k], dim=2).repeat_interleave(self.G, dim=1)  # [B, n_q, S+T, d]
         values = torch.cat([past_v, v], dim=2).repeat_interleave(self.G, dim=1)
         scores = torch.matmul(q, keys.transpose(2, 3)) * (q.shape[-1] ** -0.5)  # [B, n_q, T, S+T]
         # A finite fill (not -inf) keeps fully masked rows (left padding) finite instead of NaN.
-        scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
+        scores = scores.masked_fill(~layout.allowed[:, None], torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.matmul(probs, values).transpose(1, 2).reshape(B, T, -1)  # [B, T, n_q·d]
-        return self.o_proj(out), k, v, conv_rows, omega
+        return torch.matmul(probs, values).transpose(1, 2).reshape(B, T, -1)
 
 
 class RouterMLP(nn.Module):
@@ -256,13 +279,13 @@ class DecoderLayer(nn.Module):
         self.post_mlp_residual_scale = ResidualScaling(config.hidden_size)
 
     def forward(self, h: Tensor, prev_router: Tensor | None, input_mask: Tensor | None, past_k: Tensor,
-                past_v: Tensor, conv: Tensor, rho: Tensor, allowed: Tensor, cos: Tensor, sin: Tensor):
+                past_v: Tensor, conv: Tensor, rho: Tensor, layout: AttnLayout, cos: Tensor, sin: Tensor):
         """h [B, T, H] fp32 residual stream → new h, router state, and this layer's state update."""
         dtype = self.input_layernorm.weight.dtype
         x = self.input_layernorm(h.to(dtype))
         if input_mask is not None:  # zero padded rows so they leave no trace in the conv window or ρ
             x = x * input_mask[..., None].to(dtype)
-        a, k, v, conv_rows, omega = self.self_attn(x, past_k, past_v, conv, rho, allowed, cos, sin)
+        a, k, v, conv_rows, omega = self.self_attn(x, past_k, past_v, conv, rho, layout, cos, sin)
         h = self.post_attention_residual_scale(a, h)
         m, router_state = self.mlp(self.post_attention_layernorm(h.to(dtype)), prev_router)
         h = self.post_mlp_residual_scale(m, h)
@@ -350,13 +373,13 @@ class ZayaForCausalLM(nn.Module):
             window = cfg.sliding_window if layer_type == "hybrid_sliding" else None
             allowed, pos = attention_allowed(past.valid, new_valid, window)
             cos, sin = rope_cos_sin(pos, cfg.rotary_dim(layer_type), cfg.rope_theta(layer_type), dtype)
-            per_type[layer_type] = (allowed, cos, sin)
+            per_type[layer_type] = (AttnLayout(allowed, past.valid, new_valid, window or 0), cos, sin)
         router_state = None
         ks, vs, convs, omegas = [], [], [], []
         for i, layer in enumerate(m.layers):
-            allowed, cos, sin = per_type[cfg.layer_types[i]]
+            layout, cos, sin = per_type[cfg.layer_types[i]]
             h, router_state, (k, v, conv_rows, omega) = layer(
-                h, router_state, input_mask, past.k[i], past.v[i], past.conv[i], past.rho[i], allowed, cos, sin
+                h, router_state, input_mask, past.k[i], past.v[i], past.conv[i], past.rho[i], layout, cos, sin
             )
             ks.append(k)
             vs.append(v)

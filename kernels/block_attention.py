@@ -1,0 +1,101 @@
+"""``zaya.block_attention``: masked GQA attention over [cache ; new keys] whose mask is generated inside the op.
+
+The mask is never an input: the op derives it from the layout (causal in slot order), the key validity
+(left padding) and an optional sliding window on token positions (``cumsum(valid) − 1``), so no ``[T, S]``
+tensor is stored in or fed to the artifact. Softmax runs in fp32 as upstream does.
+
+Shapes: q [B, n_q, T, d], past_k/past_v [B, n_kv, S, d], k/v [B, n_kv, T, d], past_valid [B, S] bool,
+new_valid [B, T] bool → out [B, T, n_q·d]. ``window`` ≤ 0 means no window.
+"""
+
+from __future__ import annotations
+
+import onnxscript
+import torch
+from onnx.defs import OpSchema
+from onnxscript import opset20 as op
+from torch import Tensor
+
+from .registry import ZAYA, OnnxFace, register_onnx, register_schema
+
+NO_WINDOW = 2**62
+
+
+@torch.library.custom_op("zaya::block_attention", mutates_args=())
+def block_attention(q: Tensor, past_k: Tensor, past_v: Tensor, k: Tensor, v: Tensor, past_valid: Tensor,
+                    new_valid: Tensor, window: int) -> Tensor:
+    """Eager reference (plain torch)."""
+    B, n_q, T, d = q.shape
+    S, G = past_k.shape[2], n_q // k.shape[1]
+    keys = torch.cat([past_k, k], 2).repeat_interleave(G, dim=1)
+    values = torch.cat([past_v, v], 2).repeat_interleave(G, dim=1)
+    valid = torch.cat([past_valid, new_valid], 1)  # [B, S+T]
+    pos = valid.long().cumsum(-1) - 1
+    slot = torch.arange(S + T, device=q.device)
+    allowed = (slot[None, :] <= S + torch.arange(T, device=q.device)[:, None])[None] & valid[:, None]
+    if window > 0:
+        allowed = allowed & ((pos[:, S:, None] - pos[:, None, :]) < window)
+    scores = (q @ keys.transpose(2, 3)) * d**-0.5
+    scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype)
+    return (probs @ values).transpose(1, 2).reshape(B, T, n_q * d)
+
+
+@block_attention.register_fake
+def _(q, past_k, past_v, k, v, past_valid, new_valid, window):
+    B, n_q, T, d = q.shape
+    return q.new_empty(B, T, n_q * d)
+
+
+# ----------------------------------------------------------------------------------------------- ONNX face
+register_schema(
+    "BlockAttention",
+    inputs=[("q", "T"), ("past_k", "T"), ("past_v", "T"), ("k", "T"), ("v", "T"), ("past_valid", "B"),
+            ("new_valid", "B")],
+    outputs=[("out", "T")],
+    attributes={"groups": OpSchema.AttrType.INT, "window": OpSchema.AttrType.INT,
+                "scale": OpSchema.AttrType.FLOAT, "fill": OpSchema.AttrType.FLOAT},
+)
+
+
+@onnxscript.script(ZAYA, default_opset=op)
+def BlockAttention(q, past_k, past_v, k, v, past_valid, new_valid, groups: int, window: int, scale: float,
+                   fill: float):
+    zero = op.Constant(value_ints=[0])
+    one = op.Constant(value_ints=[1])
+    neg1 = op.Constant(value_ints=[-1])
+    G = op.Reshape(op.Constant(value_int=groups), neg1)
+    keys = op.Concat(past_k, k, axis=2)  # [B, n_kv, S+T, d]
+    values = op.Concat(past_v, v, axis=2)
+    kv_shape = op.Shape(keys)
+    b, nkv, n_keys, d = op.Split(kv_shape, num_outputs=4)
+    rep = op.Concat(b, op.Mul(nkv, G), n_keys, d, axis=0)
+    expand_to = op.Concat(one, one, G, one, one, axis=0)
+    keys = op.Reshape(op.Expand(op.Unsqueeze(keys, op.Constant(value_ints=[2])), expand_to), rep)
+    values = op.Reshape(op.Expand(op.Unsqueeze(values, op.Constant(value_ints=[2])), expand_to), rep)
+    scores = op.Mul(op.MatMul(q, op.Transpose(keys, perm=[0, 1, 3, 2])), op.CastLike(op.Constant(value_float=scale), q))
+    valid = op.Concat(past_valid, new_valid, axis=1)  # [B, S+T]
+    pos = op.Sub(op.CumSum(op.Cast(valid, to=7), op.Constant(value_int=1)), op.Constant(value_int=1))
+    S = op.Shape(past_k, start=2, end=3)
+    T = op.Shape(q, start=2, end=3)
+    n = op.Add(S, T)
+    slot = op.Range(op.Constant(value_int=0), op.Squeeze(n), op.Constant(value_int=1))
+    q_slot = op.Range(op.Squeeze(S), op.Squeeze(n), op.Constant(value_int=1))
+    causal = op.LessOrEqual(op.Unsqueeze(slot, zero), op.Unsqueeze(q_slot, one))  # [T, S+T]
+    allowed = op.And(op.Unsqueeze(causal, zero), op.Unsqueeze(valid, one))  # [B, T, S+T]
+    q_pos = op.Slice(pos, S, n, one)  # [B, T]
+    distance = op.Sub(op.Unsqueeze(q_pos, op.Constant(value_ints=[2])), op.Unsqueeze(pos, one))
+    allowed = op.And(allowed, op.Less(distance, op.Constant(value_int=window)))
+    scores = op.Where(op.Unsqueeze(allowed, one), scores, op.CastLike(op.Constant(value_float=fill), scores))
+    probs = op.CastLike(op.Softmax(op.Cast(scores, to=1), axis=-1), q)
+    out = op.Transpose(op.MatMul(probs, values), perm=[0, 2, 1, 3])
+    return op.Reshape(out, op.Concat(zero, zero, neg1, axis=0))
+
+
+def _translate(q, past_k, past_v, k, v, past_valid, new_valid, window: int):
+    fill = float(torch.finfo({1: torch.float32, 10: torch.float16, 16: torch.bfloat16}[int(q.dtype)]).min)
+    return ZAYA.BlockAttention(q, past_k, past_v, k, v, past_valid, new_valid, groups=q.shape[1] // k.shape[1],
+                               window=window if window > 0 else NO_WINDOW, scale=q.shape[3] ** -0.5, fill=fill)
+
+
+register_onnx("BlockAttention", OnnxFace(torch.ops.zaya.block_attention.default, _translate, BlockAttention))

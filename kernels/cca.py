@@ -1,0 +1,138 @@
+"""``zaya.cca``: the whole CCA projection of one layer as one op.
+
+q/k projections → q/k mean residual → two-stage causal conv over [conv history ; new rows] → L2 norm to √d with
+the per-KV-head temperature → partial RoPE; plus the current/delayed value. Inputs are the normed hidden
+states, the layer's conv/ρ state and the RoPE tables; outputs are what attention and the state update need.
+
+Shapes: x [B, T, H], conv [B, C, κ], rho [B, dv], cos/sin [B, T, rot] →
+q [B, n_q, T, d], k [B, n_kv, T, d], v [B, n_kv, T, d], conv_rows [B, C, κ+T], omega [B, T, dv].
+"""
+
+from __future__ import annotations
+
+import onnxscript
+import torch
+import torch.nn.functional as F
+from onnx.defs import OpSchema
+from onnxscript import opset20 as op
+from torch import Tensor
+
+from .registry import ZAYA, OnnxFace, register_onnx, register_schema
+
+_WEIGHTS = ["q_w", "k_w", "vc_w", "vd_w", "dw_w", "dw_b", "g_w", "g_b", "temp"]
+
+
+@torch.library.custom_op("zaya::cca", mutates_args=())
+def cca(x: Tensor, conv: Tensor, rho: Tensor, cos: Tensor, sin: Tensor, q_w: Tensor, k_w: Tensor, vc_w: Tensor,
+        vd_w: Tensor, dw_w: Tensor, dw_b: Tensor, g_w: Tensor, g_b: Tensor, temp: Tensor
+        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Eager reference (plain torch)."""
+    B, T, _ = x.shape
+    d = g_w.shape[1]
+    n_q, n_kv = q_w.shape[0] // d, k_w.shape[0] // d
+    q_hat, k_hat = x @ q_w.T, x @ k_w.T
+    k_rep = k_hat.view(B, T, n_kv, 1, d).expand(B, T, n_kv, n_q // n_kv, d).reshape(B, T, n_q, d)
+    q_res = (q_hat.view(B, T, n_q, d) + k_rep) * 0.5
+    k_res = q_res.view(B, T, n_kv, n_q // n_kv, d).mean(dim=-2)
+    conv_rows = torch.cat([conv, torch.cat([q_hat, k_hat], -1).transpose(1, 2)], -1)
+    z = F.conv1d(F.conv1d(conv_rows, dw_w, dw_b, groups=dw_w.shape[0]), g_w, g_b, groups=n_q + n_kv).transpose(1, 2)
+    q = z[..., : n_q * d].reshape(B, T, n_q, d) + q_res
+    k = z[..., n_q * d :].reshape(B, T, n_kv, d) + k_res
+    omega = x @ vd_w.T
+    v = torch.cat([x @ vc_w.T, torch.cat([rho[:, None], omega], 1)[:, :T]], -1).view(B, T, n_kv, d)
+    eps, scale = torch.finfo(x.dtype).eps, d**0.5
+    q = q * (scale / q.norm(dim=-1, keepdim=True).clamp_min(eps))
+    k = k * (scale / k.norm(dim=-1, keepdim=True).clamp_min(eps)) * temp[None, None, :, None]
+    return (_rope(q.transpose(1, 2), cos, sin), _rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2).contiguous(),
+            conv_rows, omega)
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    rot = cos.shape[-1]
+    x_rot = x[..., :rot]
+    rotated = torch.cat([-x_rot[..., rot // 2 :], x_rot[..., : rot // 2]], -1)
+    return torch.cat([x_rot * cos[:, None] + rotated * sin[:, None], x[..., rot:]], -1)
+
+
+@cca.register_fake
+def _(x, conv, rho, cos, sin, q_w, k_w, vc_w, vd_w, dw_w, dw_b, g_w, g_b, temp):
+    B, T, _ = x.shape
+    d = g_w.shape[1]
+    n_q, n_kv = q_w.shape[0] // d, k_w.shape[0] // d
+    return (x.new_empty(B, n_q, T, d), x.new_empty(B, n_kv, T, d), x.new_empty(B, n_kv, T, d),
+            x.new_empty(B, conv.shape[1], conv.shape[2] + T), x.new_empty(B, T, vd_w.shape[0]))
+
+
+# ----------------------------------------------------------------------------------------------- ONNX face
+register_schema(
+    "CCA",
+    inputs=[(n, "T") for n in ["x", "conv", "rho", "cos", "sin", *_WEIGHTS]],
+    outputs=[(n, "T") for n in ["q", "k", "v", "conv_rows", "omega"]],
+    attributes={a: OpSchema.AttrType.INT for a in ("n_q", "n_kv", "head_dim", "rot", "channels", "heads")}
+    | {"eps": OpSchema.AttrType.FLOAT},
+)
+
+
+@onnxscript.script(ZAYA, default_opset=op)
+def CCA(x, conv, rho, cos, sin, q_w, k_w, vc_w, vd_w, dw_w, dw_b, g_w, g_b, temp,
+        n_q: int, n_kv: int, head_dim: int, rot: int, channels: int, heads: int, eps: float):
+    zero = op.Constant(value_ints=[0])
+    one = op.Constant(value_ints=[1])
+    neg1 = op.Constant(value_ints=[-1])
+    d = op.Reshape(op.Constant(value_int=head_dim), neg1)
+    nq = op.Reshape(op.Constant(value_int=n_q), neg1)
+    nkv = op.Reshape(op.Constant(value_int=n_kv), neg1)
+    groups = op.Div(nq, nkv)
+    q_hat = op.MatMul(x, op.Transpose(q_w, perm=[1, 0]))  # [B, T, n_q·d]
+    k_hat = op.MatMul(x, op.Transpose(k_w, perm=[1, 0]))  # [B, T, n_kv·d]
+    q4 = op.Reshape(q_hat, op.Concat(zero, zero, nq, d, axis=0))
+    k5 = op.Reshape(k_hat, op.Concat(zero, zero, nkv, one, d, axis=0))
+    k_rep = op.Reshape(op.Expand(k5, op.Concat(one, one, one, groups, one, axis=0)), op.Concat(zero, zero, nq, d, axis=0))
+    half = op.CastLike(op.Constant(value_float=0.5), x)
+    q_res = op.Mul(op.Add(q4, k_rep), half)
+    k_res = op.ReduceMean(op.Reshape(q_res, op.Concat(zero, zero, nkv, groups, d, axis=0)),
+                          op.Constant(value_ints=[3]), keepdims=0)
+    conv_rows = op.Concat(conv, op.Transpose(op.Concat(q_hat, k_hat, axis=-1), perm=[0, 2, 1]), axis=2)
+    y = op.Conv(conv_rows, dw_w, dw_b, group=channels)
+    z = op.Transpose(op.Conv(y, g_w, g_b, group=heads), perm=[0, 2, 1])  # [B, T, C]
+    q_width = op.Mul(nq, d)
+    big = op.Constant(value_ints=[2**62])
+    axis2 = op.Constant(value_ints=[2])
+    q = op.Add(op.Reshape(op.Slice(z, zero, q_width, axis2), op.Concat(zero, zero, nq, d, axis=0)), q_res)
+    k = op.Add(op.Reshape(op.Slice(z, q_width, big, axis2), op.Concat(zero, zero, nkv, d, axis=0)), k_res)
+    omega = op.MatMul(x, op.Transpose(vd_w, perm=[1, 0]))
+    T = op.Shape(x, start=1, end=2)
+    v_del = op.Slice(op.Concat(op.Unsqueeze(rho, one), omega, axis=1), zero, T, one)
+    v = op.Reshape(op.Concat(op.MatMul(x, op.Transpose(vc_w, perm=[1, 0])), v_del, axis=-1),
+                   op.Concat(zero, zero, nkv, d, axis=0))
+    epsilon = op.CastLike(op.Constant(value_float=eps), x)
+    scale = op.Sqrt(op.CastLike(d, x))
+    last = op.Constant(value_ints=[-1])
+    qn = op.Sqrt(op.ReduceSum(op.Mul(q, q), last, keepdims=1))
+    kn = op.Sqrt(op.ReduceSum(op.Mul(k, k), last, keepdims=1))
+    q = op.Mul(q, op.Div(scale, op.Max(qn, epsilon)))
+    k = op.Mul(op.Mul(k, op.Div(scale, op.Max(kn, epsilon))), op.Reshape(temp, op.Concat(one, one, nkv, one, axis=0)))
+    cos4, sin4 = op.Unsqueeze(cos, one), op.Unsqueeze(sin, one)
+    rot_end = op.Reshape(op.Constant(value_int=rot), neg1)
+    rot_half = op.Div(rot_end, op.Constant(value_ints=[2]))
+    axis3 = op.Constant(value_ints=[3])
+    qt = op.Transpose(q, perm=[0, 2, 1, 3])
+    q_rot = op.Slice(qt, zero, rot_end, axis3)
+    q_turn = op.Concat(op.Neg(op.Slice(q_rot, rot_half, big, axis3)), op.Slice(q_rot, zero, rot_half, axis3), axis=3)
+    q_out = op.Concat(op.Add(op.Mul(q_rot, cos4), op.Mul(q_turn, sin4)), op.Slice(qt, rot_end, big, axis3), axis=3)
+    kt = op.Transpose(k, perm=[0, 2, 1, 3])
+    k_rot = op.Slice(kt, zero, rot_end, axis3)
+    k_turn = op.Concat(op.Neg(op.Slice(k_rot, rot_half, big, axis3)), op.Slice(k_rot, zero, rot_half, axis3), axis=3)
+    k_out = op.Concat(op.Add(op.Mul(k_rot, cos4), op.Mul(k_turn, sin4)), op.Slice(kt, rot_end, big, axis3), axis=3)
+    return q_out, k_out, op.Transpose(v, perm=[0, 2, 1, 3]), conv_rows, omega
+
+
+def _translate(x, conv, rho, cos, sin, q_w, k_w, vc_w, vd_w, dw_w, dw_b, g_w, g_b, temp):
+    d = g_w.shape[1]
+    n_q, n_kv = q_w.shape[0] // d, k_w.shape[0] // d
+    eps = float(torch.finfo({1: torch.float32, 10: torch.float16, 16: torch.bfloat16}[int(x.dtype)]).eps)
+    return ZAYA.CCA(x, conv, rho, cos, sin, q_w, k_w, vc_w, vd_w, dw_w, dw_b, g_w, g_b, temp, n_q=n_q, n_kv=n_kv,
+                    head_dim=d, rot=cos.shape[-1], channels=dw_w.shape[0], heads=n_q + n_kv, eps=eps)
+
+
+register_onnx("CCA", OnnxFace(torch.ops.zaya.cca.default, _translate, CCA))

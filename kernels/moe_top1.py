@@ -1,0 +1,114 @@
+"""``zaya.moe_top1``: one layer's MoE as one op: router MLP with the carried EDA state, biased top-1 choice
+among E experts plus the skip class, and the chosen SwiGLU expert scaled by its un-biased probability.
+
+Shapes: x [N, H], prev [N, R] (router state of the previous layer; zeros and ``eda_scale`` = ones in layer 0,
+which is exact), router weights, balancing [E+1] fp32, gate_up [E, 2I, H], down [E, H, I]
+→ out [N, H], router_state [N, R].
+
+Dispatch: the eager reference runs each hit expert once on its tokens. The ONNX body picks by N: for a single
+token (decode) it gathers the one chosen expert's weights, otherwise it runs the experts batched and keeps the
+chosen output (no data-dependent shapes, E× the FLOPs; the slot for a grouped-GEMM kernel).
+"""
+
+from __future__ import annotations
+
+import onnxscript
+import torch
+import torch.nn.functional as F
+from onnx.defs import OpSchema
+from onnxscript import opset20 as op
+from torch import Tensor
+
+from .registry import ZAYA, OnnxFace, register_onnx, register_schema
+
+_ROUTER = ["down_w", "down_b", "eda_scale", "norm_w", "fc1_w", "fc1_b", "fc2_w", "fc2_b", "out_w", "balancing"]
+
+
+@torch.library.custom_op("zaya::moe_top1", mutates_args=())
+def moe_top1(x: Tensor, prev: Tensor, down_w: Tensor, down_b: Tensor, eda_scale: Tensor, norm_w: Tensor,
+             fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor, out_w: Tensor, balancing: Tensor,
+             gate_up: Tensor, down: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Eager reference (plain torch, sparse dispatch)."""
+    r = F.linear(x, down_w, down_b) + prev * eda_scale  # [N, R]
+    rf = r.float()
+    a = norm_w * (rf * torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + eps)).to(r.dtype)
+    probs = torch.softmax(F.linear(F.gelu(F.linear(F.gelu(F.linear(a, fc1_w, fc1_b)), fc2_w, fc2_b)), out_w), -1)
+    choice = torch.topk(probs.float() + balancing, 1, dim=-1).indices.squeeze(-1)  # [N], E = skip
+    weight = probs.gather(-1, choice[:, None]).squeeze(-1)
+    out = torch.zeros_like(x)
+    for e in torch.unique(choice).tolist():
+        if e == gate_up.shape[0]:
+            continue
+        rows = (choice == e).nonzero().flatten()
+        g, u = F.linear(x[rows], gate_up[e]).chunk(2, -1)
+        out.index_add_(0, rows, F.linear(F.silu(g) * u, down[e]) * weight[rows, None])
+    return out, r
+
+
+@moe_top1.register_fake
+def _(x, prev, down_w, down_b, eda_scale, norm_w, fc1_w, fc1_b, fc2_w, fc2_b, out_w, balancing, gate_up, down, eps):
+    return torch.empty_like(x), x.new_empty(x.shape[0], down_w.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------- ONNX face
+register_schema(
+    "MoETop1",
+    inputs=[("x", "T"), ("prev", "T")] + [(n, "F" if n == "balancing" else "T") for n in _ROUTER]
+    + [("gate_up", "T"), ("down", "T")],
+    outputs=[("out", "T"), ("router_state", "T")],
+    attributes={"eps": OpSchema.AttrType.FLOAT, "num_experts": OpSchema.AttrType.INT,
+                "intermediate": OpSchema.AttrType.INT},
+)
+
+
+@onnxscript.script(ZAYA, default_opset=op)
+def MoETop1(x, prev, down_w, down_b, eda_scale, norm_w, fc1_w, fc1_b, fc2_w, fc2_b, out_w, balancing, gate_up, down,
+            eps: float, num_experts: int, intermediate: int):
+    zero = op.Constant(value_ints=[0])
+    one = op.Constant(value_ints=[1])
+    neg1 = op.Constant(value_ints=[-1])
+    r = op.Add(op.Add(op.MatMul(x, op.Transpose(down_w, perm=[1, 0])), down_b), op.Mul(prev, eda_scale))
+    rf = op.Cast(r, to=1)
+    var = op.ReduceMean(op.Mul(rf, rf), neg1, keepdims=1)
+    a = op.Mul(norm_w, op.CastLike(op.Mul(rf, op.Reciprocal(op.Sqrt(op.Add(var, op.Constant(value_float=eps))))), r))
+    a = op.Gelu(op.Add(op.MatMul(a, op.Transpose(fc1_w, perm=[1, 0])), fc1_b))
+    a = op.Gelu(op.Add(op.MatMul(a, op.Transpose(fc2_w, perm=[1, 0])), fc2_b))
+    probs = op.Softmax(op.MatMul(a, op.Transpose(out_w, perm=[1, 0])), axis=-1)  # [N, E+1]
+    _, choice = op.TopK(op.Add(op.Cast(probs, to=1), balancing), one, axis=-1)  # [N, 1]
+    E = op.Constant(value_int=num_experts)
+    skip = op.Equal(choice, E)
+    weight = op.Where(skip, op.CastLike(op.Constant(value_float=0.0), probs), op.GatherElements(probs, choice, axis=1))
+    expert = op.Where(skip, op.Constant(value_int=0), choice)  # [N, 1]
+    I = op.Reshape(op.Constant(value_int=intermediate), neg1)
+    two_i = op.Mul(I, op.Constant(value_ints=[2]))
+    N = op.Shape(x, start=0, end=1)
+    if op.Equal(op.Squeeze(N), op.Constant(value_int=1)):
+        # one token: gather the chosen expert's weights only
+        gu = op.Gather(gate_up, op.Squeeze(expert, one), axis=0)  # [1, 2I, H]
+        h = op.MatMul(op.Unsqueeze(x, one), op.Transpose(gu, perm=[0, 2, 1]))  # [1, 1, 2I]
+        act = op.Mul(op.Mul(op.Slice(h, zero, I, op.Constant(value_ints=[2])),
+                            op.Sigmoid(op.Slice(h, zero, I, op.Constant(value_ints=[2])))),
+                     op.Slice(h, I, two_i, op.Constant(value_ints=[2])))
+        dn = op.Gather(down, op.Squeeze(expert, one), axis=0)  # [1, H, I]
+        y = op.Squeeze(op.MatMul(act, op.Transpose(dn, perm=[0, 2, 1])), one)  # [1, H]
+        out = op.Mul(y, weight)
+    else:
+        # many tokens: every expert on every token, keep the chosen one
+        h = op.MatMul(op.Unsqueeze(x, zero), op.Transpose(gate_up, perm=[0, 2, 1]))  # [E, N, 2I]
+        gate = op.Slice(h, zero, I, op.Constant(value_ints=[2]))
+        act = op.Mul(op.Mul(gate, op.Sigmoid(gate)), op.Slice(h, I, two_i, op.Constant(value_ints=[2])))
+        y = op.MatMul(act, op.Transpose(down, perm=[0, 2, 1]))  # [E, N, H]
+        ids = op.Range(op.Constant(value_int=0), E, op.Constant(value_int=1))  # [E]
+        hit = op.Equal(op.Reshape(ids, op.Constant(value_ints=[-1, 1, 1])), op.Unsqueeze(expert, zero))  # [E, N, 1]
+        w = op.Where(hit, op.Unsqueeze(weight, zero), op.CastLike(op.Constant(value_float=0.0), weight))
+        out = op.ReduceSum(op.Mul(y, w), zero, keepdims=0)
+    return out, r
+
+
+def _translate(x, prev, down_w, down_b, eda_scale, norm_w, fc1_w, fc1_b, fc2_w, fc2_b, out_w, balancing, gate_up,
+               down, eps: float):
+    return ZAYA.MoETop1(x, prev, down_w, down_b, eda_scale, norm_w, fc1_w, fc1_b, fc2_w, fc2_b, out_w, balancing,
+                        gate_up, down, eps=eps, num_experts=gate_up.shape[0], intermediate=gate_up.shape[1] // 2)
+
+
+register_onnx("MoETop1", OnnxFace(torch.ops.zaya.moe_top1.default, _translate, MoETop1))

@@ -1,0 +1,133 @@
+"""Fusion passes: each rewrites one region per ZAYA1 layer into a single ``zaya.*`` op.
+
+The regions are the model's own module boundaries (``CCAAttention.project``, ``CCAAttention.attend``,
+``SparseMoE.forward``): the same information ``torch.export`` records as ``nn_module_stack``, used before
+tracing instead of after it. Rewriting at that level binds every weight and activation to the op's
+signature by name, so a fused graph cannot silently take the wrong operand; the traced graph is then
+checked for exactly one op per layer (``expected_ops``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+import zaya_export.kernels  # noqa: F401 - registers the zaya.* ops
+from zaya_export.models import ZayaForCausalLM
+from zaya_export.models.zaya import AttnLayout
+
+from .base import Pass, PassError
+
+
+def _fused(fn, op: str):  # noqa: ANN001, ANN202
+    fn.zaya_op = op
+    return fn
+
+
+class _LayerFusion(Pass[ZayaForCausalLM]):
+    op: str = ""
+
+    def owner(self, layer):  # noqa: ANN001, ANN201 - the module whose method is replaced
+        raise NotImplementedError
+
+    attr: str = ""
+
+    def fused(self, owner, model):  # noqa: ANN001, ANN201
+        raise NotImplementedError
+
+    def _is_fused(self, owner) -> bool:  # noqa: ANN001
+        return getattr(owner.__dict__.get(self.attr), "zaya_op", None) == self.op
+
+    def requires(self, model: ZayaForCausalLM) -> None:
+        done = [i for i, layer in enumerate(model.model.layers) if self._is_fused(self.owner(layer))]
+        if done:
+            raise PassError(f"{self.name}: layers {done} are already fused")
+
+    def run(self, model: ZayaForCausalLM) -> int:
+        for layer in model.model.layers:
+            owner = self.owner(layer)
+            setattr(owner, self.attr, _fused(self.fused(owner, model), self.op))
+        return len(model.model.layers)
+
+    def ensures(self, model: ZayaForCausalLM, rewrites: int) -> None:
+        missing = [i for i, layer in enumerate(model.model.layers) if not self._is_fused(self.owner(layer))]
+        if missing or rewrites != model.config.num_hidden_layers:
+            raise PassError(f"{self.name}: layers {missing} not fused ({rewrites} rewrites)")
+
+    def expected_ops(self, model: ZayaForCausalLM) -> dict[str, int]:
+        """How many nodes of the op a traced entry point must contain."""
+        return {self.op: model.config.num_hidden_layers}
+
+
+class FuseCCA(_LayerFusion):
+    """q/k/v projections + q/k mean residual + two-stage conv + L2 norm·τ + partial RoPE → ``zaya.cca``."""
+
+    name, op, attr = "fuse_cca", "zaya.cca", "project"
+
+    def owner(self, layer):  # noqa: ANN001, ANN201
+        return layer.self_attn
+
+    def requires(self, model: ZayaForCausalLM) -> None:
+        if model.config.attention_bias:
+            raise PassError("fuse_cca: zaya.cca has no q/k/v biases (ZAYA1 uses none); attention_bias=true")
+        super().requires(model)
+
+    def fused(self, attn, model):  # noqa: ANN001, ANN201
+        p, temp = attn.qkv_proj, attn.qk_norm.temp
+
+        def project(x: Tensor, conv: Tensor, rho: Tensor, cos: Tensor, sin: Tensor):  # noqa: ANN202
+            return torch.ops.zaya.cca(
+                x, conv, rho, cos, sin, p.q_proj.weight, p.k_proj.weight, p.v_proj_current.weight,
+                p.v_proj_delayed.weight, p.conv_qk_depthwise.weight, p.conv_qk_depthwise.bias,
+                p.conv_qk_grouped.weight, p.conv_qk_grouped.bias, temp,
+            )
+
+        return project
+
+
+class FuseAttention(_LayerFusion):
+    """Masked GQA attention → ``zaya.block_attention`` (mask rebuilt inside the op from the layout)."""
+
+    name, op, attr = "fuse_attention", "zaya.block_attention", "attend"
+
+    def owner(self, layer):  # noqa: ANN001, ANN201
+        return layer.self_attn
+
+    def fused(self, attn, model):  # noqa: ANN001, ANN201
+        def attend(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor, layout: AttnLayout) -> Tensor:
+            return torch.ops.zaya.block_attention(q, past_k, past_v, k, v, layout.past_valid, layout.new_valid,
+                                                  layout.window)
+
+        return attend
+
+
+class FuseMoE(_LayerFusion):
+    """Router MLP with EDA state + biased top-1 with skip class + SwiGLU experts → ``zaya.moe_top1``."""
+
+    name, op, attr = "fuse_moe", "zaya.moe_top1", "forward"
+
+    def owner(self, layer):  # noqa: ANN001, ANN201
+        return layer.mlp
+
+    def fused(self, moe, model):  # noqa: ANN001, ANN201
+        gate, experts, eps = moe.gate, moe.experts, model.config.rms_norm_eps
+        mlp = gate.router_mlp
+
+        def forward(x: Tensor, prev: Tensor | None) -> tuple[Tensor, Tensor]:
+            B, T, H = x.shape
+            R = gate.down_proj.weight.shape[0]
+            if prev is None:  # layer 0: r + 0·1 is exactly r
+                prev = torch.zeros(B * T, R, dtype=x.dtype, device=x.device)
+            scale = gate.router_states_scale if gate.use_eda else torch.ones(R, dtype=x.dtype, device=x.device)
+            out, state = torch.ops.zaya.moe_top1(
+                x.reshape(B * T, H), prev, gate.down_proj.weight, gate.down_proj.bias, scale, mlp.norm.weight,
+                mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, mlp.out_proj.weight,
+                gate.balancing_biases, experts.gate_up_proj, experts.down_proj, eps,
+            )
+            return out.view(B, T, H), state
+
+        return forward
+
+
+def fusion_pipeline() -> list[_LayerFusion]:
+    return [FuseCCA(), FuseAttention(), FuseMoE()]

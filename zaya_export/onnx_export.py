@@ -1,0 +1,92 @@
+"""Lower traced entry points to ONNX with one shared weight file.
+
+Each entry becomes ``onnx/<entry>.onnx`` (opset 20). Every ``zaya.*`` custom op becomes a ``zaya``-domain node
+carrying an ONNX function body, so stock onnxruntime runs it by inlining and a kernel library can replace it.
+The weights are written once, as ``onnx/weights.safetensors``, and every entry's initializers point into that
+file as ONNX external data (a safetensors payload is raw little-endian, exactly what external data is). ONNX
+and onnxruntime refuse external data outside the model's folder, which is why the weights sit next to the
+graphs. Graph protos stay small, so models over 2 GB are no special case.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import torch
+from safetensors.torch import save_file
+
+import zaya_export.kernels as kernels
+from zaya_export.passes.base import PassManager, PassRecord
+from zaya_export.passes.onnx_cleanup import onnx_pipeline
+
+from .safetensors_header import read_header
+from .tracing import INPUT_NAMES, OUTPUT_NAMES
+
+OPSET = 20
+WEIGHTS_FILE = "weights.safetensors"
+_PARAM_PREFIX = "model."  # tracing.Entry wraps the model as `.model`
+
+
+def write_weights(model: torch.nn.Module, path: Path, dtype: torch.dtype | None = None) -> dict[str, tuple]:
+    """Write the model's tensors once (native names; routing biases stay fp32) and return name → (offset,
+    length) of each tensor's bytes in the file."""
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        want = torch.float32 if name.endswith("balancing_biases") or dtype is None else dtype
+        tensors[name] = t.detach().to(want).contiguous()
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    header = read_header(path)
+    data_start = path.stat().st_size - max((i.end for i in header.values()), default=0)
+    offsets = {name: (data_start + info.start, info.end - info.start) for name, info in header.items()}
+    if model.config.tie_word_embeddings:  # the traced graph names the tied head separately
+        offsets["lm_head.weight"] = offsets["model.embed_tokens.weight"]
+    return offsets
+
+
+def lower_entry(program: torch.export.ExportedProgram, expected_ops: dict[str, int]) -> tuple[ir.Model,
+                                                                                              list[PassRecord]]:
+    """ExportedProgram → ONNX IR model with function bodies attached and the cleanup pipeline applied."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx_program = torch.onnx.export(
+            program, dynamo=True, custom_translation_table=kernels.translation_table(), opset_version=OPSET,
+            optimize=False, verbose=False, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+        )
+    model = onnx_program.model
+    for proto in kernels.function_protos():
+        fn = ir.serde.deserialize_function(proto)
+        model.functions[fn.identifier()] = fn
+    model.opset_imports.setdefault(kernels.registry.DOMAIN, 1)
+    onnx_names = {op.split(".", 1)[1]: n for op, n in expected_ops.items()}
+    expected = {_ONNX_OP[name]: n for name, n in onnx_names.items()}
+    log = PassManager(onnx_pipeline(expected)).run(model)
+    return model, log
+
+
+_ONNX_OP = {"cca": "CCA", "block_attention": "BlockAttention", "moe_top1": "MoETop1"}
+
+
+def bind_external_weights(model: ir.Model, offsets: dict[str, tuple], folder: Path) -> int:
+    """Point every parameter initializer at its bytes in the shared weight file (no bytes are copied into the
+    graph); returns how many were bound."""
+    bound = 0
+    for value in model.graph.initializers.values():
+        name = value.name[len(_PARAM_PREFIX):] if value.name.startswith(_PARAM_PREFIX) else value.name
+        if name not in offsets or value.const_value is None:
+            continue
+        offset, length = offsets[name]
+        value.const_value = ir.ExternalTensor(WEIGHTS_FILE, offset, length, value.const_value.dtype,
+                                              shape=value.const_value.shape, name=value.name, base_dir=folder)
+        bound += 1
+    return bound
+
+
+def save_entry(model: ir.Model, path: Path) -> None:
+    """Serialize (external data references only) and run the full ONNX checker on the file."""
+    onnx.save_model(ir.serde.serialize_model(model), str(path))
+    onnx.checker.check_model(str(path), full_check=True)

@@ -1,0 +1,88 @@
+"""Entry points as ``torch.export`` programs with flat, explicit state.
+
+Every entry has the same signature, so backends and the runtime treat them alike:
+
+inputs   input_ids [B, T] int64, input_mask [B, T] bool (False = left padding),
+         past_k / past_v [L, B, n_kv, S, d], past_valid [B, S] bool, conv_state [L, B, C, κ], rho_state [L, B, dv]
+outputs  logits [B, V] (last position), new_k / new_v [L, B, n_kv, T, d], conv_state_out, rho_state_out
+
+``prefill`` has dynamic T (and S, for chunked prefill); ``decode`` has T = 1. B and S are dynamic in both.
+The runtime appends ``new_k``/``new_v`` into its own preallocated cache, so no graph copies the whole cache.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from zaya_export.models import Past, ZayaForCausalLM
+
+INPUT_NAMES = ["input_ids", "input_mask", "past_k", "past_v", "past_valid", "conv_state", "rho_state"]
+OUTPUT_NAMES = ["logits", "new_k", "new_v", "conv_state_out", "rho_state_out"]
+ENTRY_POINTS = ("prefill", "decode")
+MAX_BATCH, MAX_SEQ = 64, 1 << 20
+
+
+class Entry(nn.Module):
+    """``model.step`` with the flat signature above."""
+
+    def __init__(self, model: ZayaForCausalLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, input_mask: Tensor, past_k: Tensor, past_v: Tensor, past_valid: Tensor,
+                conv_state: Tensor, rho_state: Tensor) -> tuple[Tensor, ...]:
+        T = input_ids.shape[1]
+        logits, u = self.model.step(input_ids, Past(past_k, past_v, past_valid, conv_state, rho_state), input_mask,
+                                    last_only=True)
+        return logits[:, -1], u.k, u.v, u.conv_rows[..., T:], u.omega[:, :, -1]
+
+
+@dataclass(frozen=True)
+class EntrySpec:
+    name: str
+    example_T: int
+    dynamic_T: bool
+
+
+SPECS = {"prefill": EntrySpec("prefill", 7, True), "decode": EntrySpec("decode", 1, False)}
+
+
+def example_inputs(model: ZayaForCausalLM, B: int, T: int, S: int, seed: int = 0) -> tuple[Tensor, ...]:
+    """Random inputs of the entry signature with a valid state of S cached slots (left padding in row 0)."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    L, nkv, d = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    dtype = model.dtype
+    ids = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    valid = torch.ones(B, S, dtype=torch.bool)
+    if S > 1:
+        valid[0, : S // 2] = False
+    elif T > 2:
+        mask[0, :1] = False
+    past = [torch.randn(L, B, nkv, S, d, generator=g).to(dtype) for _ in range(2)]
+    conv = torch.randn(L, B, cfg.conv_channels, cfg.conv_history, generator=g).to(dtype)
+    rho = torch.randn(L, B, cfg.value_half, generator=g).to(dtype)
+    return (ids, mask, past[0], past[1], valid, conv, rho)
+
+
+def export_entry(model: ZayaForCausalLM, name: str) -> torch.export.ExportedProgram:
+    """Trace one entry point with its dynamic dims (examples avoid 0/1 so no dim gets specialised)."""
+    spec = SPECS[name]
+    B = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    S = torch.export.Dim("past", min=0, max=MAX_SEQ)
+    T = torch.export.Dim("seq", min=1, max=MAX_SEQ) if spec.dynamic_T else None
+    seq = {0: B, 1: T} if T is not None else {0: B}
+    dynamic = (seq, seq, {1: B, 3: S}, {1: B, 3: S}, {0: B, 1: S}, {1: B}, {1: B})
+    with torch.no_grad():
+        return torch.export.export(Entry(model), example_inputs(model, 2, spec.example_T, 3), dynamic_shapes=dynamic)
+
+
+def op_histogram(program: torch.export.ExportedProgram) -> Counter:
+    """Call counts by op name, e.g. ``{"zaya.cca": 40, "aten.linear": 2}``."""
+    return Counter(node.target.name().replace("::", ".") for node in program.graph.nodes
+                   if node.op == "call_function" and hasattr(node.target, "name"))
