@@ -50,7 +50,7 @@ def test_full_forward_matches_upstream(pair, T):
 def test_left_padding_matches_upstream_and_unpadded(pair):
     model, hf = pair
     prompts = [_ids(model, 1, 30, seed=1)[0].tolist(), _ids(model, 1, 19, seed=2)[0].tolist()]
-    ids, mask = left_pad(prompts, 0)
+    ids, mask = map(torch.from_numpy, left_pad(prompts, 0))
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     with torch.no_grad():
         ours = model(ids, attention_mask=mask)
@@ -91,7 +91,7 @@ def test_chunked_prefill_continues_from_state(pair):
 def test_left_padded_decode_continues_the_padded_forward(pair):
     model, _ = pair
     long, short = _ids(model, 1, 25, seed=5)[0].tolist(), _ids(model, 1, 9, seed=6)[0].tolist()
-    ids, mask = left_pad([long, short], 0)
+    ids, mask = map(torch.from_numpy, left_pad([long, short], 0))
     cont = _ids(model, 2, 12, seed=7)
     with torch.no_grad():
         last, state = prefill(model, ids, mask, capacity=40)
@@ -104,7 +104,7 @@ def test_left_padded_decode_continues_the_padded_forward(pair):
 
 
 def _upstream_greedy(hf, prompts, n, pad_id=0):
-    ids, mask = left_pad(prompts, pad_id)
+    ids, mask = map(torch.from_numpy, left_pad(prompts, pad_id))
     out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                       pad_token_id=pad_id, eos_token_id=None)
     return out[:, ids.shape[1]:].tolist()

@@ -76,21 +76,6 @@ def init(preset_name: str, seed: int, dtype: str, force: bool, as_json: bool, ou
         console.print(f"wrote {out} ({preset_name}, {n_params / 1e6:.1f}M params, {dtype})")
 
 
-def load_with_progress(checkpoint: Path, dtype: str | None):  # noqa: ANN201 - ZayaForCausalLM
-    """Load a checkpoint, with a progress bar on stderr when it is big enough to take a while."""
-    from rich.progress import Progress
-
-    from .checkpoint import load_checkpoint
-
-    size = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors")) if checkpoint.is_dir() else 0
-    if size < 256 * 2**20:
-        return load_checkpoint(checkpoint, dtype=dtype)
-    with Progress(transient=True, console=_stderr()) as bar:
-        task = bar.add_task(f"loading {checkpoint.name}", total=None)
-        return load_checkpoint(checkpoint, dtype=dtype, progress=lambda done, total: bar.update(task, completed=done,
-                                                                                               total=total))
-
-
 def _stderr():  # noqa: ANN202
     from rich.console import Console
 
@@ -106,28 +91,41 @@ def _parse_ids(text: str) -> list[int]:
 
 
 @main.command()
-@click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--prompt", help="Prompt text (needs tokenizer.json in the checkpoint).")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--prompt", help="Prompt text (needs tokenizer.json).")
 @click.option("--prompt-ids", help="Prompt as comma-separated token ids, e.g. 2,17,301.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--backend", type=click.Choice(["ort", "torch"]), default=None,
+              help="ort (artifacts; the default for them) or torch (eager; the default for checkpoints).")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="0 = greedy.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, help="Keep the k most likely tokens (0 = all).")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling uniforms.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
-              help="Compute dtype (default: as stored).")
+              help="Compute dtype of the torch backend (default: as stored).")
+@click.option("--allow-version-mismatch", is_flag=True, help="Run an artifact built with other tool versions.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def run(checkpoint: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens: int, dtype: str | None,
+def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens: int, backend: str | None,
+        temperature: float, top_k: int, top_p: float, seed: int, dtype: str | None, allow_version_mismatch: bool,
         as_json: bool) -> None:
-    """Generate greedily from CHECKPOINT with the eager PyTorch model."""
-    from .runtime.generate import generate_greedy
-    from .tokenizer import load_tokenizer
+    """Generate from SOURCE, an exported artifact or a checkpoint directory."""
+    from .artifact import is_artifact
+    from .runtime.generate import generate
+    from .runtime.sampling import SamplerConfig
+    from .runtime.session import Session
 
     if (prompt is None) == (prompt_ids is None):
         raise InputError("give exactly one of --prompt or --prompt-ids")
-    model = load_with_progress(checkpoint, dtype)
-    config = model.config
-    tok_path = checkpoint / "tokenizer.json"
-    tokenizer = load_tokenizer(tok_path) if tok_path.is_file() else None
+    backend = backend or ("ort" if is_artifact(source) else "torch")
+    if not is_artifact(source) and not (source / "config.json").is_file():
+        raise InputError(f"{source}: neither an artifact (manifest.json) nor a checkpoint (config.json)")
+    with _stderr().status(f"opening {source} ({backend})"):
+        session = Session(source, backend=backend, dtype=dtype, allow_version_mismatch=allow_version_mismatch)
+    config, tokenizer = session.config, session.tokenizer
     if prompt is not None:
         if tokenizer is None:
-            raise InputError(f"{tok_path}: missing, so --prompt cannot be tokenized (use --prompt-ids)")
+            raise InputError(f"{source / 'tokenizer.json'}: missing, so --prompt cannot be tokenized (use --prompt-ids)")
         ids = tokenizer.encode(prompt).ids
     else:
         ids = _parse_ids(prompt_ids)
@@ -139,20 +137,137 @@ def run(checkpoint: Path, prompt: str | None, prompt_ids: str | None, max_new_to
     if len(ids) + max_new_tokens > config.max_position_embeddings:
         raise InputError(f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the context of "
                          f"{config.max_position_embeddings}")
-    result = generate_greedy(model, [ids], max_new_tokens, config.eos_token_ids)
+    sampler = SamplerConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    result = generate(session, [ids], max_new_tokens, config.eos_token_ids, sampler)
     tokens = result.tokens[0]
     text = tokenizer.decode(tokens) if tokenizer is not None else None
     report = {
         "tokens": tokens, "text": text, "forwards": result.forwards,
         "tokens_per_forward": round(result.tokens_per_forward, 4),
         "tok_per_s": round(len(tokens) / result.seconds, 2) if result.seconds else None,
+        "backend": backend, "time_to_first_token_s": round(result.first_token_seconds, 4),
     }
     if as_json:
         click.echo(json.dumps(report))
         return
     click.echo(text if text is not None else " ".join(map(str, tokens)))
     click.echo(f"[{len(tokens)} tokens, {result.forwards} forwards, {report['tokens_per_forward']} tokens/forward, "
-               f"{report['tok_per_s']} tok/s]", err=True)
+               f"{report['tok_per_s']} tok/s, {backend}]", err=True)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True, help="Artifact directory.")
+@click.option("--format", "formats", default="onnx", show_default=True, help="Comma-separated formats (onnx).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
+@click.option("--dump-after", multiple=True, help="Dump the traced prefill graph after this pass (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
+def export(checkpoint: Path, out: Path, formats: str, dtype: str, force: bool, dump_after: tuple[str, ...],
+           as_json: bool) -> None:
+    """Export CHECKPOINT to an artifact: fused, traced entry points lowered to ONNX, weights stored once."""
+    from .exporter import export_artifact
+
+    wanted = [f.strip() for f in formats.split(",") if f.strip()]
+    unsupported = sorted(set(wanted) - {"onnx"})
+    if unsupported or not wanted:
+        raise InputError(f"unsupported --format {','.join(unsupported) or formats!r}; available: onnx")
+    console = _stderr()
+    with console.status("exporting") as status:
+        manifest = export_artifact(checkpoint, out, dtype=dtype, force=force, dump_after=dump_after,
+                                   status=lambda msg: status.update(msg))
+    summary = {"artifact": str(out), "entry_points": sorted(manifest["entry_points"]), "dtype": manifest["dtype"],
+               "pass_log": manifest["pass_log"]["model"], "seconds": manifest["export_seconds"]}
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        fired = ", ".join(f"{r['name']}×{r['rewrites']}" for r in manifest["pass_log"]["model"])
+        console.print(f"wrote {out} ({', '.join(summary['entry_points'])}; {fired}; {summary['seconds']} s)")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def inspect(artifact: Path, as_json: bool) -> None:
+    """Show an artifact's entry points, op histograms, fused-op counts, sizes and versions."""
+    from collections import Counter
+
+    import onnx
+
+    from .artifact import open_artifact
+
+    art = open_artifact(artifact, allow_version_mismatch=True)
+    info = {"artifact": str(artifact), "dtype": art.manifest["dtype"], "versions": art.manifest["versions"],
+            "files": {rel: (artifact / rel).stat().st_size for rel in art.manifest["files"]}, "entry_points": {}}
+    for name, entry in art.entry_points.items():
+        proto = onnx.load(str(artifact / entry["onnx"]), load_external_data=False)
+        hist = Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in proto.graph.node)
+        info["entry_points"][name] = {
+            "inputs": entry["inputs"], "outputs": entry["outputs"], "nodes": sum(hist.values()),
+            "fused": {k: v for k, v in hist.items() if k.startswith("zaya.")}, "ops": dict(hist.most_common()),
+            "functions": sorted(f.name for f in proto.functions),
+        }
+    info["validation"] = art.manifest.get("validation")
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{artifact}  dtype={info['dtype']}  " + " ".join(f"{k}={v}" for k, v in info["versions"].items()))
+    for name, e in info["entry_points"].items():
+        fused = ", ".join(f"{k}×{v}" for k, v in e["fused"].items())
+        click.echo(f"  {name}: {e['nodes']} nodes; fused: {fused}; inputs: "
+                   + ", ".join(f"{i['name']}{i['shape']}" for i in e["inputs"]))
+    for rel, size in sorted(info["files"].items()):
+        click.echo(f"  {rel:32s} {size / 2**20:9.2f} MiB")
+    if info["validation"]:
+        for name, v in info["validation"].items():
+            click.echo(f"  {name}: {'PASS' if v['ok'] else 'FAIL'} (max abs {v['worst_logits_max_abs']:.2e}, "
+                       f"greedy {v['greedy_equal']}/{v['prompts']})")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="Source checkpoint (default: the artifact's "
+              "own weights in the eager model).")
+@click.option("--reference", type=click.Choice(["eager", "hf"]), default="eager", show_default=True,
+              help="hf = upstream transformers' ZayaForCausalLM for fresh-sequence logits.")
+@click.option("--backend", type=click.Choice(["ort", "torch"]), default="ort", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def validate(artifact: Path, checkpoint: Path | None, reference: str, backend: str, as_json: bool) -> None:
+    """Check ARTIFACT against the source model; exit 1 when any check fails."""
+    from .artifact import open_artifact
+    from .validate import to_markdown, validate_artifact, write_report
+
+    art = open_artifact(artifact)
+    with _stderr().status(f"validating {artifact} ({backend} vs {reference})"):
+        report = validate_artifact(art, backend=backend, checkpoint=checkpoint, reference=reference)
+        write_report(art, report)
+    click.echo(json.dumps(report) if as_json else to_markdown(report))
+    if not report["ok"]:
+        click.echo("error: validation failed (see the report above)", err=True)
+        raise SystemExit(1)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(["ort"]), default="ort", show_default=True)
+@click.option("--prompt-len", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(min=2), default=128, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench(artifact: Path, backend: str, prompt_len: int, new_tokens: int, repeats: int, as_json: bool) -> None:
+    """AR decode tok/s of a backend vs the eager torch model on the same weights, in one process."""
+    from .artifact import open_artifact
+    from .bench import bench_artifact
+
+    art = open_artifact(artifact)
+    with _stderr().status(f"benchmarking {artifact}"):
+        result = bench_artifact(art, backend, prompt_len, new_tokens, repeats)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    tps = result["decode_tok_per_s"]
+    click.echo(f"decode tok/s: eager {tps['eager']}, {backend} {tps[backend]}; speedup {result['speedup']}x "
+               f"(prompt {prompt_len}, {new_tokens} new, best of {repeats}; same tokens: {result['same_tokens']})")
 
 
 if __name__ == "__main__":  # pragma: no cover

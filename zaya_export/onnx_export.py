@@ -10,6 +10,7 @@ graphs. Graph protos stay small, so models over 2 GB are no special case.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -27,7 +28,9 @@ from .tracing import INPUT_NAMES, OUTPUT_NAMES
 
 OPSET = 20
 WEIGHTS_FILE = "weights.safetensors"
-_PARAM_PREFIX = "model."  # tracing.Entry wraps the model as `.model`
+_PARAM_PREFIX = "model."
+# torch.onnx warns once per torchvision op it cannot register; torchvision is not a dependency.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # tracing.Entry wraps the model as `.model`
 
 
 def write_weights(model: torch.nn.Module, path: Path, dtype: torch.dtype | None = None) -> dict[str, tuple]:

@@ -52,7 +52,8 @@ SPECS = {"prefill": EntrySpec("prefill", 7, True), "decode": EntrySpec("decode",
 
 
 def example_inputs(model: ZayaForCausalLM, B: int, T: int, S: int, seed: int = 0) -> tuple[Tensor, ...]:
-    """Random inputs of the entry signature with a valid state of S cached slots (left padding in row 0)."""
+    """Random inputs of the entry signature: a random state of S cached slots (left padding in row 0), or a
+    fresh sequence's state (zero conv window and ρ) when S = 0."""
     cfg = model.config
     g = torch.Generator().manual_seed(seed)
     L, nkv, d = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
@@ -67,6 +68,8 @@ def example_inputs(model: ZayaForCausalLM, B: int, T: int, S: int, seed: int = 0
     past = [torch.randn(L, B, nkv, S, d, generator=g).to(dtype) for _ in range(2)]
     conv = torch.randn(L, B, cfg.conv_channels, cfg.conv_history, generator=g).to(dtype)
     rho = torch.randn(L, B, cfg.value_half, generator=g).to(dtype)
+    if S == 0:
+        conv, rho = torch.zeros_like(conv), torch.zeros_like(rho)
     return (ids, mask, past[0], past[1], valid, conv, rho)
 
 

@@ -1,0 +1,166 @@
+"""``Session``: one interface over every backend, exposing the entry points of ``zaya_export.tracing``.
+
+Backends take and return numpy arrays with the entry signature. ``ort`` runs the artifact's ONNX graphs with
+onnxruntime; ``torch`` runs the eager reference model (from an artifact's weights or a checkpoint).
+
+The decode state lives in :class:`KVCache`: preallocated buffers of a fixed capacity handed to the graph
+whole, with a validity mask marking unfilled slots, so no step copies the cache. After each forward only the
+T new key/value rows are written into the buffers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from zaya_export.models import ZayaConfig
+
+from .. import tracing
+
+class Backend:
+    name = "base"
+
+    def run(self, entry: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+class OrtBackend(Backend):
+    """onnxruntime on the CPU (or an execution provider given explicitly, asserted to be in use)."""
+
+    name = "ort"
+
+    def __init__(self, artifact, threads: int | None = None, providers: list[str] | None = None) -> None:  # noqa: ANN001
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = providers or ["CPUExecutionProvider"]
+        self.sessions = {}
+        for name, entry in artifact.entry_points.items():
+            session = ort.InferenceSession(str(artifact.path(entry["onnx"])), options, providers=providers)
+            if session.get_providers()[0] != providers[0]:  # ORT silently falls back to CPU
+                raise RuntimeError(f"onnxruntime did not enable {providers[0]} (got {session.get_providers()})")
+            self.sessions[name] = session
+        self.outputs = tracing.OUTPUT_NAMES
+
+    def run(self, entry: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.outputs, self.sessions[entry].run(self.outputs, inputs)))
+
+
+class TorchBackend(Backend):
+    """The eager PyTorch reference model behind the same entry signature. State crosses the boundary as fp32
+    (exact for fp16/bf16 values) because numpy has no bfloat16."""
+
+    name = "torch"
+
+    def __init__(self, model) -> None:  # noqa: ANN001 - ZayaForCausalLM
+        import torch
+
+        self.torch = torch
+        self.entry = tracing.Entry(model).eval()
+
+    def run(self, entry: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self.torch
+        dtype = self.entry.model.dtype
+        args = [torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in tracing.INPUT_NAMES]
+        args = [a.to(dtype) if a.is_floating_point() else a for a in args]
+        with torch.no_grad():
+            out = self.entry(*args)
+        return {n: t.float().numpy() for n, t in zip(tracing.OUTPUT_NAMES, out)}
+
+
+class KVCache:
+    """Decode state of B rows in preallocated numpy buffers of ``capacity`` slots."""
+
+    def __init__(self, config: ZayaConfig, batch: int, capacity: int, dtype: type = np.float32) -> None:
+        L, nkv, d = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+        self.capacity, self.length = capacity, 0
+        self.k = np.zeros((L, batch, nkv, capacity, d), dtype)
+        self.v = np.zeros_like(self.k)
+        self.valid = np.zeros((batch, capacity), bool)
+        self.conv = np.zeros((L, batch, config.conv_channels, config.conv_history), dtype)
+        self.rho = np.zeros((L, batch, config.value_half), dtype)
+
+    def inputs(self, ids: np.ndarray, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Entry inputs for new tokens ``ids`` [B, T]: the whole buffers, unfilled slots marked invalid."""
+        if self.length + ids.shape[1] > self.capacity:
+            raise ValueError(f"cache full: {self.length} + {ids.shape[1]} tokens exceed capacity {self.capacity}")
+        mask = np.ones(ids.shape, bool) if mask is None else mask.astype(bool)
+        return {"input_ids": ids.astype(np.int64), "input_mask": mask, "past_k": self.k, "past_v": self.v,
+                "past_valid": self.valid, "conv_state": self.conv, "rho_state": self.rho}
+
+    def commit(self, out: dict[str, np.ndarray], mask: np.ndarray | None = None) -> None:
+        T = out["new_k"].shape[3]
+        end = self.length + T
+        self.k[:, :, :, self.length : end] = out["new_k"]
+        self.v[:, :, :, self.length : end] = out["new_v"]
+        self.valid[:, self.length : end] = True if mask is None else mask
+        self.conv, self.rho = out["conv_state_out"], out["rho_state_out"]
+        self.length = end
+
+
+class Session:
+    """Open an artifact (``ort`` or ``torch`` backend) or a checkpoint (``torch`` only)."""
+
+    def __init__(self, path: str | Path, backend: str = "ort", threads: int | None = None,
+                 allow_version_mismatch: bool = False, dtype: str | None = None) -> None:
+        from zaya_export.artifact import is_artifact, open_artifact
+        from zaya_export.checkpoint import load_checkpoint
+        from zaya_export.errors import InputError
+        from zaya_export.tokenizer import load_tokenizer
+
+        path = Path(path)
+        self.artifact = open_artifact(path, allow_version_mismatch=allow_version_mismatch) if is_artifact(path) \
+            else None
+        if backend == "ort":
+            if self.artifact is None:
+                raise InputError(f"{path}: the ort backend needs an exported artifact (run `zaya-export export`)")
+            self.backend: Backend = OrtBackend(self.artifact, threads)
+            self.config = self.artifact.config
+        elif backend == "torch":
+            model = load_checkpoint(path, dtype=dtype) if self.artifact is None \
+                else _model_from_artifact(self.artifact, dtype)
+            self.backend = TorchBackend(model)
+            self.config = model.config
+        else:
+            raise InputError(f"unknown backend {backend!r}; choose ort or torch")
+        tok = (self.artifact.tokenizer if self.artifact else (path / "tokenizer.json"))
+        self.tokenizer = load_tokenizer(tok) if tok is not None and tok.is_file() else None
+
+    @classmethod
+    def from_model(cls, model) -> "Session":  # noqa: ANN001 - ZayaForCausalLM
+        self = cls.__new__(cls)
+        self.artifact, self.tokenizer = None, None
+        self.backend, self.config = TorchBackend(model), model.config
+        return self
+
+    def run(self, entry: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.backend.run(entry, inputs)
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        return KVCache(self.config, batch, capacity)
+
+
+def _model_from_artifact(artifact, dtype: str | None):  # noqa: ANN001, ANN202
+    """The eager reference model on the artifact's own weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from zaya_export.models import ZayaForCausalLM
+
+    with torch.device("meta"):
+        model = ZayaForCausalLM(artifact.config)
+    state = load_file(str(artifact.weights))
+    if artifact.config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, assign=True, strict=True)
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if dtype is not None:
+        from zaya_export.checkpoint import DTYPES
+
+        model = model.to(DTYPES[dtype])
+    return model.eval()

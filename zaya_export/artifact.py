@@ -1,0 +1,169 @@
+"""The artifact directory: a self-describing, tamper-evident bundle of exported entry points.
+
+```
+artifact/
+  manifest.json        schema version, config, entry points (input/output names, shapes, dtypes), pass log,
+                       op counts, tool versions, sha256 of every other file, validation summary
+  config.json  generation_config.json  tokenizer.json (when the checkpoint has one)
+  onnx/<entry>.onnx    one graph per entry point
+  onnx/weights.safetensors   the only copy of the weights, shared by every entry (ONNX external data)
+  report/              validation reports (json + md)
+```
+
+Writes are atomic: everything is built in a temporary sibling directory that replaces the target only when
+complete, so a failed or interrupted export leaves nothing behind and never damages a good artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from zaya_export.models import ZayaConfig
+
+from .errors import ZayaError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+FORMAT = "zaya-export-artifact"
+# Versions that must match between the exporting and the loading environment.
+PINNED = ("zaya-export", "torch", "onnx", "onnxruntime", "onnxscript", "onnx-ir")
+
+
+class ArtifactError(ZayaError):
+    """A missing, corrupt, tampered or mismatched artifact."""
+
+
+def tool_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for dist in PINNED:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def rehash(root: Path, manifest: dict[str, Any]) -> None:
+    manifest["files"] = {p.relative_to(root).as_posix(): sha256(p) for p in _files(root)}
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    rehash(root, manifest)
+    tmp = root / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, root / MANIFEST)
+
+
+@contextmanager
+def atomic_directory(out: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary directory that becomes ``out`` when the block finishes without an exception."""
+    if out.exists() and not force:
+        raise ArtifactError(f"{out}: already exists (use --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, old / "artifact")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@dataclass
+class Artifact:
+    root: Path
+    manifest: dict[str, Any]
+
+    @property
+    def config(self) -> ZayaConfig:
+        return ZayaConfig.from_dict(self.manifest["config"], warn_unknown=False)
+
+    @property
+    def entry_points(self) -> dict[str, Any]:
+        return self.manifest["entry_points"]
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+    @property
+    def weights(self) -> Path:
+        return self.root / self.manifest["weights"]
+
+    @property
+    def tokenizer(self) -> Path | None:
+        path = self.root / "tokenizer.json"
+        return path if path.is_file() else None
+
+    def save_manifest(self) -> None:
+        write_manifest(self.root, self.manifest)
+
+
+def is_artifact(path: Path) -> bool:
+    return (path / MANIFEST).is_file()
+
+
+def open_artifact(path: str | Path, verify: bool = True, allow_version_mismatch: bool = False) -> Artifact:
+    """Load and check an artifact: schema, every file's sha256, no unlisted files, tool versions."""
+    root = Path(path)
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise ArtifactError(f"{root}: not an artifact (no {MANIFEST})")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        assert isinstance(manifest, dict) and manifest.get("format") == FORMAT
+    except Exception:
+        raise ArtifactError(f"{mpath}: corrupt manifest") from None
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ArtifactError(f"{mpath}: schema version {manifest.get('schema_version')!r} is not supported "
+                            f"(this zaya-export reads {SCHEMA_VERSION})")
+    if verify:
+        listed = manifest.get("files", {})
+        present = {p.relative_to(root).as_posix() for p in _files(root)}
+        for rel in sorted(set(listed) - present):
+            raise ArtifactError(f"{root / rel}: missing (listed in the manifest)")
+        for rel in sorted(present - set(listed)):
+            raise ArtifactError(f"{root / rel}: not part of the artifact (tampered?)")
+        for rel, digest in sorted(listed.items()):
+            if sha256(root / rel) != digest:
+                raise ArtifactError(f"{root / rel}: sha256 does not match the manifest (tampered or corrupt)")
+    built, here = manifest.get("versions", {}), tool_versions()
+    diffs = [f"{k} {built.get(k)} (artifact) vs {here.get(k)} (here)" for k in PINNED if built.get(k) != here.get(k)]
+    if diffs and not allow_version_mismatch:
+        raise ArtifactError(f"{root}: built with other tool versions: {'; '.join(diffs)} "
+                            "(re-export, or pass --allow-version-mismatch)")
+    try:
+        ZayaConfig.from_dict(manifest["config"], warn_unknown=False)
+    except Exception as exc:
+        raise ArtifactError(f"{mpath}: invalid config ({exc})") from None
+    return Artifact(root, manifest)

@@ -1,0 +1,167 @@
+"""``zaya-export validate``: numerical parity of an artifact's backend with the source model.
+
+Per entry point, on random inputs of several shapes (T=1, empty cache, batch > 1, left padding, chunked
+continuation): max abs / max rel error, KL divergence and top-1 agreement of the logits, max abs error of
+every state output; then greedy-sequence equality over several prompts. Tolerances are keyed by dtype. The
+report (json + markdown) is written into the artifact and summarised in its manifest; any failed check
+makes the command exit non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from zaya_export.runtime.generate import generate, generate_greedy
+from zaya_export.runtime.session import Session, TorchBackend, _model_from_artifact
+
+from .artifact import Artifact
+from .checkpoint import load_checkpoint
+from .errors import ZayaError
+from .tracing import ENTRY_POINTS, INPUT_NAMES, OUTPUT_NAMES, example_inputs
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    logits_max_abs: float
+    state_max_abs: float
+    kl: float
+    top1: float
+    greedy_exact: bool
+
+
+TOLERANCES = {
+    "fp32": Tolerance(logits_max_abs=1e-3, state_max_abs=1e-4, kl=1e-6, top1=1.0, greedy_exact=True),
+    "fp16": Tolerance(logits_max_abs=0.5, state_max_abs=5e-2, kl=1e-2, top1=0.95, greedy_exact=False),
+    "bf16": Tolerance(logits_max_abs=1.0, state_max_abs=1e-1, kl=3e-2, top1=0.9, greedy_exact=False),
+}
+# (batch, new tokens, cached slots): T=1, empty cache, batch > 1 with padding, continuation after a cache
+SHAPES = {"prefill": [(1, 1, 0), (1, 13, 0), (3, 17, 0), (2, 9, 12)], "decode": [(1, 1, 0), (1, 1, 7), (3, 1, 25)]}
+
+
+def logit_metrics(test: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """max abs / max rel error, mean and max KL(ref ‖ test), and top-1 agreement of ``[N, V]`` logits."""
+    t, r = test.astype(np.float64), ref.astype(np.float64)
+    diff = np.abs(t - r)
+    log_r = r - np.logaddexp.reduce(r, -1, keepdims=True)
+    log_t = t - np.logaddexp.reduce(t, -1, keepdims=True)
+    kl = (np.exp(log_r) * (log_r - log_t)).sum(-1)
+    return {"max_abs": float(diff.max()), "max_rel": float((diff / np.maximum(np.abs(r), 1e-6)).max()),
+            "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
+            "top1": float((t.argmax(-1) == r.argmax(-1)).mean())}
+
+
+def _reference_model(artifact: Artifact, checkpoint: Path | None):  # noqa: ANN202
+    if checkpoint is None:
+        return _model_from_artifact(artifact, None)
+    return load_checkpoint(checkpoint, dtype=artifact.manifest["dtype"])
+
+
+def hf_model(model):  # noqa: ANN001, ANN201
+    """Upstream transformers' ZayaForCausalLM holding ``model``'s weights (needs the ``test`` extra)."""
+    try:
+        import transformers
+    except ImportError:
+        raise ZayaError("--reference hf needs transformers==5.23.0 (pip install 'zaya-export[test]')") from None
+    fields = {k: v for k, v in model.config.to_dict().items()
+              if k not in ("architectures", "model_type", "mask_token_id", "diffusion_block_len", "dtype")}
+    hf = transformers.ZayaForCausalLM(transformers.ZayaConfig(**fields)).to(model.dtype).eval()
+    hf.load_state_dict(model.state_dict(), strict=False)
+    for ours, theirs in zip(model.model.layers, hf.model.layers):  # keep the fp32 routing biases
+        theirs.mlp.gate.balancing_biases.copy_(ours.mlp.gate.balancing_biases)
+    return hf
+
+
+def _hf_logits(hf, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:  # noqa: ANN001
+    """Last-position logits of the upstream model, with generate()'s positions for left padding."""
+    pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        return hf(ids, attention_mask=mask.long(), position_ids=pos).logits[:, -1].float().numpy()
+
+
+def validate_artifact(artifact: Artifact, backend: str = "ort", checkpoint: Path | None = None,
+                      reference: str = "eager", prompts: list[list[int]] | None = None,
+                      max_new_tokens: int = 16) -> dict[str, Any]:
+    dtype = artifact.manifest["dtype"]
+    tol = TOLERANCES[dtype]
+    ref_model = _reference_model(artifact, checkpoint)
+    ref = TorchBackend(ref_model)
+    session = Session(artifact.root, backend=backend, allow_version_mismatch=True)
+    hf = hf_model(ref_model) if reference == "hf" else None
+    checks: list[dict[str, Any]] = []
+    for entry in ENTRY_POINTS:
+        for B, T, S in SHAPES[entry]:
+            inputs = dict(zip(INPUT_NAMES, (x.numpy() for x in example_inputs(ref_model, B, T, S, seed=B * 7 + T + S))))
+            got = session.run(entry, inputs)
+            want = ref.run(entry, inputs)
+            if hf is not None and S == 0:  # upstream has no explicit-state entry: compare fresh sequences
+                want = dict(want, logits=_hf_logits(hf, torch.from_numpy(inputs["input_ids"]),
+                                                     torch.from_numpy(inputs["input_mask"])))
+            m = logit_metrics(got["logits"], want["logits"])
+            state = max(float(np.abs(got[n] - want[n]).max()) for n in OUTPUT_NAMES[1:])
+            ok = (m["max_abs"] <= tol.logits_max_abs and m["kl_max"] <= tol.kl and m["top1"] >= tol.top1
+                  and state <= tol.state_max_abs)
+            checks.append({"entry": entry, "shape": {"batch": B, "new": T, "cached": S}, **m,
+                           "state_max_abs": state, "ok": bool(ok)})
+    prompts = prompts or _default_prompts(artifact, ref_model.config.vocab_size)
+    stop = ref_model.config.eos_token_ids
+    greedy = []
+    for p in prompts:
+        got = generate(session, [p], max_new_tokens, stop).tokens[0]
+        want = generate_greedy(ref_model, [p], max_new_tokens, stop).tokens[0]
+        same = sum(1 for a, b in zip(got, want) if a == b) if len(got) == len(want) else 0
+        ok = got == want if tol.greedy_exact else same / max(len(want), 1) >= tol.top1
+        greedy.append({"prompt_len": len(p), "tokens": got, "reference": want, "equal": got == want, "ok": bool(ok)})
+    report = {"backend": backend, "reference": reference, "dtype": dtype, "tolerance": asdict(tol),
+              "checkpoint": str(checkpoint) if checkpoint else None, "entries": checks, "greedy": greedy,
+              "ok": all(c["ok"] for c in checks) and all(g["ok"] for g in greedy)}
+    return report
+
+
+def _default_prompts(artifact: Artifact, vocab: int) -> list[list[int]]:
+    prompts = []
+    if artifact.tokenizer is not None:
+        from .tokenizer import load_tokenizer
+
+        tok = load_tokenizer(artifact.tokenizer)
+        prompts += [tok.encode(t).ids for t in ("def main():", "import os\nimport sys\n", "class Tree:\n    def")]
+    rng = np.random.default_rng(0)
+    prompts += [rng.integers(5, vocab, n).tolist() for n in (1, 5, 33)]
+    return prompts
+
+
+def write_report(artifact: Artifact, report: dict[str, Any]) -> None:
+    """report/validation.{json,md} inside the artifact, a summary in the manifest, hashes refreshed."""
+    folder = artifact.root / "report"
+    folder.mkdir(exist_ok=True)
+    name = f"validation-{report['backend']}-{report['reference']}"
+    (folder / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (folder / f"{name}.md").write_text(to_markdown(report))
+    summary = artifact.manifest.get("validation") or {}
+    summary[name] = {"ok": report["ok"], "worst_logits_max_abs": max(c["max_abs"] for c in report["entries"]),
+                     "worst_kl": max(c["kl_max"] for c in report["entries"]),
+                     "min_top1": min(c["top1"] for c in report["entries"]),
+                     "greedy_equal": sum(g["equal"] for g in report["greedy"]), "prompts": len(report["greedy"])}
+    artifact.manifest["validation"] = summary
+    artifact.save_manifest()
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Validation: {report['backend']} vs {report['reference']} ({report['dtype']})", "",
+             f"Result: **{'PASS' if report['ok'] else 'FAIL'}**", "",
+             "| entry | B | T | S | max abs | max rel | KL max | top-1 | state max abs | ok |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in report["entries"]:
+        s = c["shape"]
+        lines.append(f"| {c['entry']} | {s['batch']} | {s['new']} | {s['cached']} | {c['max_abs']:.2e} | "
+                     f"{c['max_rel']:.2e} | {c['kl_max']:.2e} | {c['top1']:.3f} | {c['state_max_abs']:.2e} | "
+                     f"{'✓' if c['ok'] else '✗'} |")
+    lines += ["", "| prompt tokens | generated | equal to reference | ok |", "|---|---|---|---|"]
+    lines += [f"| {g['prompt_len']} | {len(g['tokens'])} | {g['equal']} | {'✓' if g['ok'] else '✗'} |"
+              for g in report["greedy"]]
+    return "\n".join(lines) + "\n"
