@@ -202,7 +202,7 @@ class ZayaConfig:
             raise ConfigError(f"model_type is {model_type!r}, expected 'zaya'")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in names}
-        extra = {k: v for k, v in data.items() if k not in names}
+        extra = {k: v for k, v in data.items() if k not in names and k not in ("model_type", "architectures")}
         # Resolve the TiDAR mask token the way Zyphra's proposer does (first key present wins).
         for key in MASK_TOKEN_KEYS:
             if key in data and data[key] is not None:

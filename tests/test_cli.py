@@ -29,7 +29,7 @@ def _run(*args):
 
 
 def test_help_on_every_command():
-    for cmd in ([], ["init"], ["run"]):
+    for cmd in ([], ["init"], ["run"], ["export"], ["inspect"], ["validate"], ["bench"]):
         result = _run(*cmd, "--help")
         assert result.exit_code == 0 and "Usage" in result.output
 
@@ -50,7 +50,9 @@ def test_run_json_matches_the_generation_loop(ckpt):
     result = _run("run", ckpt, "--prompt-ids", "2,17,301,44", "--max-new-tokens", "12", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert set(report) == {"tokens", "text", "forwards", "tokens_per_forward", "tok_per_s"}
+    assert set(report) == {"tokens", "text", "forwards", "tokens_per_forward", "tok_per_s", "backend",
+                           "time_to_first_token_s"}
+    assert report["backend"] == "torch"
     model = load_checkpoint(ckpt)
     expected = generate_greedy(model, [[2, 17, 301, 44]], 12, model.config.eos_token_ids)
     assert report["tokens"] == expected.tokens[0]
@@ -61,7 +63,7 @@ def test_run_json_matches_the_generation_loop(ckpt):
 def test_run_text_prompt(ckpt):
     result = _run("run", ckpt, "--prompt", "def main():", "--max-new-tokens", "5")
     assert result.exit_code == 0, result.output
-    assert re.search(r"\[\d+ tokens, \d+ forwards, 1.0 tokens/forward, [\d.]+ tok/s\]", result.stderr)
+    assert re.search(r"\[\d+ tokens, \d+ forwards, 1.0 tokens/forward, [\d.]+ tok/s, torch\]", result.stderr)
 
 
 @pytest.mark.parametrize("args, message", [

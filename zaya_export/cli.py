@@ -171,7 +171,8 @@ def export(checkpoint: Path, out: Path, formats: str, dtype: str, force: bool, d
     wanted = [f.strip() for f in formats.split(",") if f.strip()]
     unsupported = sorted(set(wanted) - {"onnx"})
     if unsupported or not wanted:
-        raise InputError(f"unsupported --format {','.join(unsupported) or formats!r}; available: onnx")
+        named = ",".join(unsupported) or repr(formats)
+        raise InputError(f"unsupported --format {named}; available: onnx")
     console = _stderr()
     with console.status("exporting") as status:
         manifest = export_artifact(checkpoint, out, dtype=dtype, force=force, dump_after=dump_after,

@@ -1,0 +1,197 @@
+"""End to end: checkpoint → artifact (ONNX) → onnxruntime, against the eager model and upstream transformers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from conftest import random_model, small_config
+from zaya_export.artifact import ArtifactError, open_artifact
+from zaya_export.checkpoint import save_checkpoint
+from zaya_export.cli import main
+from zaya_export.exporter import ExportError, export_artifact
+from zaya_export.runtime.generate import generate, generate_greedy
+from zaya_export.runtime.sampling import SamplerConfig
+from zaya_export.runtime.session import Session
+from zaya_export.validate import validate_artifact
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(small_config(num_hidden_layers=3, layer_types=["hybrid", "hybrid_sliding", "hybrid"],
+                                     sliding_window=8), seed=11)
+
+
+@pytest.fixture(scope="module")
+def ckpt(model, tmp_path_factory):
+    return save_checkpoint(model, tmp_path_factory.mktemp("export") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def artifact(ckpt):
+    out = ckpt.parent / "artifact"
+    export_artifact(ckpt, out)
+    return out
+
+
+def test_artifact_layout_and_manifest(artifact, model):
+    art = open_artifact(artifact)
+    m = art.manifest
+    assert set(m["files"]) == {"config.json", "generation_config.json", "onnx/prefill.onnx", "onnx/decode.onnx",
+                               "onnx/weights.safetensors"}
+    assert [(r["name"], r["rewrites"]) for r in m["pass_log"]["model"]] == [
+        ("fuse_cca", 3), ("fuse_attention", 3), ("fuse_moe", 3)]
+    for entry in ("prefill", "decode"):
+        assert m["op_counts"][entry]["zaya.cca"] == 3
+        assert [i["name"] for i in m["entry_points"][entry]["inputs"]][:2] == ["input_ids", "input_mask"]
+        assert {r["name"] for r in m["pass_log"]["onnx"][entry]} == {"fold_constants", "dead_code",
+                                                                     "check_fused_nodes"}
+    assert set(m["versions"]) >= {"torch", "onnx", "onnxruntime", "zaya-export"}
+    assert {**art.config.to_dict(), "dtype": None} == {**model.config.to_dict(), "dtype": None}
+
+
+def test_weights_are_stored_once(artifact, model):
+    weights = artifact / "onnx" / "weights.safetensors"
+    param_bytes = sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if n != "lm_head.weight")
+    assert param_bytes <= weights.stat().st_size < param_bytes + 64 * 1024
+    for entry in ("prefill", "decode"):
+        path = artifact / "onnx" / f"{entry}.onnx"
+        assert path.stat().st_size < param_bytes / 10  # graphs hold references, not weights
+        proto = onnx.load(str(path), load_external_data=False)
+        external = [i for i in proto.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
+        assert {e.value for i in external for e in i.external_data if e.key == "location"} == {"weights.safetensors"}
+        inline = [i for i in proto.graph.initializer if i.data_location != onnx.TensorProto.EXTERNAL]
+        assert max((len(i.raw_data) for i in inline), default=0) <= 4096
+        assert proto.opset_import and any(o.domain == "zaya" for o in proto.opset_import)
+        onnx.checker.check_model(str(path), full_check=True)
+
+
+@pytest.mark.parametrize("reference", ["eager", "hf"])
+def test_ort_matches_the_source_model(artifact, ckpt, reference):
+    report = validate_artifact(open_artifact(artifact), checkpoint=ckpt, reference=reference)
+    assert report["ok"], [c for c in report["entries"] if not c["ok"]]
+    assert max(c["max_abs"] for c in report["entries"]) <= 1e-4
+    assert all(g["equal"] for g in report["greedy"])
+
+
+def test_batched_padded_greedy_generation_matches_eager(artifact, model):
+    prompts = [[5, 9, 31, 200, 7, 7, 8], [44], [300, 301, 302, 303]]
+    ort_result = generate(Session(artifact, "ort"), prompts, 12)
+    assert ort_result.tokens == generate_greedy(model, prompts, 12).tokens
+    assert ort_result.forwards == 12
+
+
+def test_sampling_is_seeded_and_identical_across_backends(artifact):
+    cfg = SamplerConfig(temperature=20.0, top_k=40, top_p=0.95, seed=7)  # flat enough to vary
+    ort_tokens = generate(Session(artifact, "ort"), [[5, 6, 7]], 20, sampler=cfg).tokens
+    torch_tokens = generate(Session(artifact, "torch"), [[5, 6, 7]], 20, sampler=cfg).tokens
+    again = generate(Session(artifact, "ort"), [[5, 6, 7]], 20, sampler=cfg).tokens
+    other = generate(Session(artifact, "ort"), [[5, 6, 7]], 20, sampler=SamplerConfig(temperature=20.0, seed=8)).tokens
+    assert ort_tokens == torch_tokens == again
+    assert other != ort_tokens
+
+
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def _copy(artifact, tmp_path):
+    return shutil.copytree(artifact, tmp_path / "copy")
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda a: _flip_last_byte(a / "onnx" / "decode.onnx"), "decode.onnx: sha256 does not match"),
+    (lambda a: _flip_last_byte(a / "onnx" / "weights.safetensors"), "weights.safetensors: sha256 does not match"),
+    (lambda a: (a / "onnx" / "weights.safetensors").unlink(), "weights.safetensors: missing"),
+    (lambda a: (a / "onnx" / "extra.onnx").write_bytes(b"x"), "extra.onnx: not part of the artifact"),
+    (lambda a: (a / "manifest.json").write_text("{"), "corrupt manifest"),
+    (lambda a: (a / "manifest.json").write_text(
+        (a / "manifest.json").read_text().replace('"schema_version": 1', '"schema_version": 99')), "schema version 99"),
+    (lambda a: (a / "manifest.json").write_text(
+        (a / "manifest.json").read_text().replace('"onnxruntime": "', '"onnxruntime": "0.0.')),
+     "built with other tool versions: onnxruntime"),
+])
+def test_tampered_artifacts_are_refused(artifact, tmp_path, tamper, message):
+    copy = _copy(artifact, tmp_path)
+    tamper(copy)
+    with pytest.raises(ArtifactError, match=message):
+        Session(copy, "ort")
+
+
+def test_export_is_atomic(ckpt, artifact, tmp_path, monkeypatch):
+    import zaya_export.exporter as exporter
+
+    before = {p.name: p.stat().st_mtime_ns for p in (artifact / "onnx").iterdir()}
+    with pytest.raises(ExportError, match="already exists"):
+        export_artifact(ckpt, artifact)
+
+    calls = []
+
+    def failing_save(model, path):
+        calls.append(path)
+        raise KeyboardInterrupt  # interrupted while writing the first graph
+
+    monkeypatch.setattr(exporter, "save_entry", failing_save)
+    with pytest.raises(KeyboardInterrupt):
+        export_artifact(ckpt, tmp_path / "new")
+    with pytest.raises(KeyboardInterrupt):
+        export_artifact(ckpt, artifact, force=True)
+    assert calls and not (tmp_path / "new").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert not [p for p in artifact.parent.iterdir() if p.name.startswith(".artifact")]
+    assert {p.name: p.stat().st_mtime_ns for p in (artifact / "onnx").iterdir()} == before
+    open_artifact(artifact)
+
+
+def test_cli_export_inspect_validate_bench_run(ckpt, artifact, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "cli-artifact"
+    result = runner.invoke(main, ["export", str(ckpt), "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["entry_points"] == ["decode", "prefill"]
+    info = json.loads(runner.invoke(main, ["inspect", str(out), "--json"]).stdout)
+    assert info["entry_points"]["decode"]["fused"] == {"zaya.CCA": 3, "zaya.BlockAttention": 3, "zaya.MoETop1": 3}
+    result = runner.invoke(main, ["validate", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["ok"]
+    assert {p.name for p in (out / "report").iterdir()} == {"validation-ort-eager.json", "validation-ort-eager.md"}
+    open_artifact(out)  # the report files are hashed into the manifest
+    result = runner.invoke(main, ["bench", str(out), "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1",
+                                  "--json"])
+    assert result.exit_code == 0, result.output
+    bench = json.loads(result.stdout)
+    assert bench["same_tokens"] and bench["decode_tok_per_s"]["ort"] > 0 and bench["speedup"] > 0
+    result = runner.invoke(main, ["run", str(out), "--prompt-ids", "2,9,40", "--max-new-tokens", "5", "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["backend"] == "ort"
+    result = runner.invoke(main, ["run", str(ckpt), "--prompt-ids", "2,9", "--backend", "ort"])
+    assert result.exit_code == 2 and "needs an exported artifact" in result.stderr
+
+
+def test_validation_failure_exits_non_zero(artifact, tmp_path, monkeypatch):
+    import zaya_export.validate as validate
+
+    copy = _copy(artifact, tmp_path)
+    monkeypatch.setitem(validate.TOLERANCES, "fp32", validate.Tolerance(0.0, 0.0, -1.0, 1.1, True))
+    result = CliRunner().invoke(main, ["validate", str(copy)])
+    assert result.exit_code == 1 and "validation failed" in result.stderr
+    summary = open_artifact(copy).manifest["validation"]["validation-ort-eager"]
+    assert summary["ok"] is False
+
+
+def test_export_refuses_bad_input(ckpt, tmp_path):
+    runner = CliRunner()
+    broken = shutil.copytree(ckpt, tmp_path / "broken")
+    (broken / "config.json").write_text("{}")  # valid JSON, but the 8B default shapes do not match the weights
+    result = runner.invoke(main, ["export", str(broken), "-o", str(tmp_path / "a")])
+    assert result.exit_code == 2 and "error:" in result.stderr and not (tmp_path / "a").exists()
+    result = runner.invoke(main, ["export", str(ckpt), "-o", str(tmp_path / "b"), "--format", "tflite"])
+    assert result.exit_code == 2 and "unsupported --format tflite" in result.stderr
+    result = runner.invoke(main, ["export", str(ckpt), "-o", str(tmp_path / "c"), "--dump-after", "fuse_all"])
+    assert result.exit_code == 2 and "unknown passes" in result.stderr

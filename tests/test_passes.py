@@ -1,0 +1,87 @@
+"""Pass infrastructure: rewrite counts, pre/postconditions, output verification, dumps, ONNX-level checks."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import pytest
+import torch
+
+from conftest import random_model, small_config
+from zaya_export.passes.base import Pass, PassError, PassManager
+from zaya_export.passes.fusion import FuseCCA, FuseMoE, fusion_pipeline
+from zaya_export.passes.onnx_cleanup import CheckFusedNodes
+from zaya_export.tracing import Entry, example_inputs, export_entry, op_histogram
+
+
+@pytest.fixture
+def model():
+    return random_model(small_config(num_hidden_layers=3, layer_types=["hybrid", "hybrid_sliding", "hybrid"]), seed=6)
+
+
+def _probe(model):
+    inputs = example_inputs(model, 2, 6, 3, seed=0)
+
+    def run(m):
+        with torch.no_grad():
+            return list(Entry(m)(*inputs))
+
+    return run
+
+
+def test_one_fused_op_per_layer_in_every_traced_entry(model):
+    log = PassManager(fusion_pipeline(), probe=_probe(model)).run(model)
+    assert [(r.name, r.rewrites) for r in log] == [("fuse_cca", 3), ("fuse_attention", 3), ("fuse_moe", 3)]
+    for entry in ("prefill", "decode"):
+        hist = op_histogram(export_entry(model, entry))
+        assert (hist["zaya.cca"], hist["zaya.block_attention"], hist["zaya.moe_top1"]) == (3, 3, 3)
+        assert hist["aten.conv1d"] == 0 and hist["aten.topk"] == 0 and hist["aten.softmax"] == 0
+
+
+def test_running_a_pass_twice_is_refused(model):
+    PassManager([FuseCCA()]).run(model)
+    with pytest.raises(PassError, match="already fused"):
+        PassManager([FuseCCA()]).run(model)
+
+
+def test_a_pass_that_finds_nothing_is_an_error(model):
+    class Nothing(Pass):
+        name = "nothing"
+
+        def run(self, ir):
+            return 0
+
+    with pytest.raises(PassError, match="found nothing to rewrite"):
+        PassManager([Nothing()]).run(model)
+
+
+def test_verification_catches_a_wrong_rewrite(model):
+    class BrokenMoE(FuseMoE):
+        def fused(self, moe, m):
+            right = super().fused(moe, m)
+            return lambda x, prev: (lambda out, state: (out * 1.01, state))(*right(x, prev))
+
+    with pytest.raises(PassError, match="fuse_moe changed the outputs"):
+        PassManager([BrokenMoE()], probe=_probe(model)).run(model)
+
+
+def test_attention_bias_models_are_refused_by_fuse_cca():
+    biased = random_model(small_config(attention_bias=True), seed=0)
+    with pytest.raises(PassError, match="attention_bias"):
+        PassManager([FuseCCA()]).run(biased)
+
+
+def test_dump_after(model, tmp_path):
+    manager = PassManager(fusion_pipeline(), dump=lambda m: export_entry(m, "decode").graph_module.code,
+                          dump_after=["fuse_moe"], dump_dir=tmp_path)
+    manager.run(model)
+    (dump,) = tmp_path.iterdir()
+    assert dump.name == "02-fuse_moe.txt" and "zaya.moe_top1" in dump.read_text()
+    with pytest.raises(PassError, match="unknown passes"):
+        PassManager(fusion_pipeline(), dump_after=["fuse_everything"])
+
+
+def test_onnx_check_fails_on_missing_fused_nodes():
+    graph = ir.Graph([], [], nodes=[], name="g")
+    model = ir.Model(graph, ir_version=10)
+    with pytest.raises(PassError, match="expected"):
+        PassManager([CheckFusedNodes({"CCA": 2})]).run(model)
