@@ -195,3 +195,20 @@ def test_export_refuses_bad_input(ckpt, tmp_path):
     assert result.exit_code == 2 and "unsupported --format tflite" in result.stderr
     result = runner.invoke(main, ["export", str(ckpt), "-o", str(tmp_path / "c"), "--dump-after", "fuse_all"])
     assert result.exit_code == 2 and "unknown passes" in result.stderr
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_narrow_weight_storage(ckpt, artifact, tmp_path, dtype):
+    """--dtype bf16/fp16 stores the weights once at half the size; the graphs cast them and compute in fp32."""
+    out = tmp_path / dtype
+    manifest = export_artifact(ckpt, out, dtype=dtype)
+    assert (manifest["dtype"], manifest["compute_dtype"]) == (dtype, "fp32")
+    full = (artifact / "onnx" / "weights.safetensors").stat().st_size
+    assert (out / "onnx" / "weights.safetensors").stat().st_size < 0.55 * full
+    proto = onnx.load(str(out / "onnx" / "decode.onnx"), load_external_data=False)
+    assert sum(n.op_type == "Cast" and n.input[0].endswith(".stored") for n in proto.graph.node) > 20
+    art = open_artifact(out)
+    own = validate_artifact(art)  # against its own (rounded) weights: fp32 tolerances
+    assert own["ok"] and own["tolerance"]["logits_max_abs"] == 1e-3
+    source = validate_artifact(art, checkpoint=ckpt)  # against the fp32 source: the rounding shows
+    assert source["ok"] and max(c["max_abs"] for c in source["entries"]) > 1e-4

@@ -19,7 +19,7 @@ from .artifact import Artifact
 
 def bench_artifact(artifact: Artifact, backend: str = "ort", prompt_len: int = 128, new_tokens: int = 128,
                    repeats: int = 3, threads: int | None = None) -> dict[str, Any]:
-    model = _model_from_artifact(artifact, None)
+    model = _model_from_artifact(artifact, artifact.manifest.get("compute_dtype"))
     session = Session(artifact.root, backend=backend, threads=threads)
     prompt = np.random.default_rng(0).integers(5, artifact.config.vocab_size, prompt_len).tolist()
     runs: dict[str, list[float]] = {"eager": [], backend: []}

@@ -34,8 +34,8 @@ logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(loggin
 
 
 def write_weights(model: torch.nn.Module, path: Path, dtype: torch.dtype | None = None) -> dict[str, tuple]:
-    """Write the model's tensors once (native names; routing biases stay fp32) and return name → (offset,
-    length) of each tensor's bytes in the file."""
+    """Write the model's tensors once (native names, in ``dtype``; routing biases stay fp32) and return
+    name → (offset, length, safetensors dtype) of each tensor's bytes in the file."""
     tensors = {}
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
@@ -45,7 +45,7 @@ def write_weights(model: torch.nn.Module, path: Path, dtype: torch.dtype | None 
     save_file(tensors, str(path), metadata={"format": "pt"})
     header = read_header(path)
     data_start = path.stat().st_size - max((i.end for i in header.values()), default=0)
-    offsets = {name: (data_start + info.start, info.end - info.start) for name, info in header.items()}
+    offsets = {name: (data_start + info.start, info.end - info.start, info.dtype) for name, info in header.items()}
     if model.config.tie_word_embeddings:  # the traced graph names the tied head separately
         offsets["lm_head.weight"] = offsets["model.embed_tokens.weight"]
     return offsets
@@ -74,18 +74,45 @@ def lower_entry(program: torch.export.ExportedProgram, expected_ops: dict[str, i
 _ONNX_OP = {"cca": "CCA", "block_attention": "BlockAttention", "moe_top1": "MoETop1"}
 
 
+_IR_DTYPES = {"F32": ir.DataType.FLOAT, "F16": ir.DataType.FLOAT16, "BF16": ir.DataType.BFLOAT16}
+
+
 def bind_external_weights(model: ir.Model, offsets: dict[str, tuple], folder: Path) -> int:
     """Point every parameter initializer at its bytes in the shared weight file (no bytes are copied into the
-    graph); returns how many were bound."""
+    graph); returns how many were bound.
+
+    Weights stored in a narrower dtype than the graph computes in (``--dtype fp16|bf16``) get one ``Cast`` to
+    the compute dtype right after the initializer: storage halves, the arithmetic stays fp32, which is what
+    onnxruntime's CPU kernels support.
+    """
     bound = 0
-    for value in model.graph.initializers.values():
+    casts = []
+    for value in list(model.graph.initializers.values()):
         name = value.name[len(_PARAM_PREFIX):] if value.name.startswith(_PARAM_PREFIX) else value.name
         if name not in offsets or value.const_value is None:
             continue
-        offset, length = offsets[name]
-        value.const_value = ir.ExternalTensor(WEIGHTS_FILE, offset, length, value.const_value.dtype,
-                                              shape=value.const_value.shape, name=value.name, base_dir=folder)
+        offset, length, stored = offsets[name]
+        stored_dtype, compute = _IR_DTYPES[stored], value.const_value.dtype
+        tensor = ir.ExternalTensor(WEIGHTS_FILE, offset, length, stored_dtype, shape=value.const_value.shape,
+                                   name=value.name, base_dir=folder)
+        if stored_dtype == compute:
+            value.const_value = tensor
+        else:
+            stored_value = ir.Value(name=value.name + ".stored", shape=value.shape, type=ir.TensorType(stored_dtype),
+                                    const_value=tensor)
+            cast = ir.node("Cast", [stored_value], attributes={"to": compute})
+            ir.convenience.replace_all_uses_with(value, cast.outputs[0])
+            model.graph.initializers.pop(value.name)
+            cast.outputs[0].name = value.name
+            model.graph.register_initializer(stored_value)
+            casts.append(cast)
         bound += 1
+    first = next(iter(model.graph), None)
+    for cast in casts:
+        if first is None:
+            model.graph.append(cast)
+        else:
+            model.graph.insert_before(first, cast)
     return bound
 
 

@@ -57,9 +57,12 @@ def logit_metrics(test: np.ndarray, ref: np.ndarray) -> dict[str, float]:
 
 
 def _reference_model(artifact: Artifact, checkpoint: Path | None):  # noqa: ANN202
+    """The eager model in the artifact's compute dtype: on the artifact's own (stored) weights, or on the
+    source checkpoint's."""
+    compute = artifact.manifest.get("compute_dtype", artifact.manifest["dtype"])
     if checkpoint is None:
-        return _model_from_artifact(artifact, None)
-    return load_checkpoint(checkpoint, dtype=artifact.manifest["dtype"])
+        return _model_from_artifact(artifact, compute)
+    return load_checkpoint(checkpoint, dtype=compute)
 
 
 def hf_model(model):  # noqa: ANN001, ANN201
@@ -87,7 +90,9 @@ def _hf_logits(hf, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:  # noqa
 def validate_artifact(artifact: Artifact, backend: str = "ort", checkpoint: Path | None = None,
                       reference: str = "eager", prompts: list[list[int]] | None = None,
                       max_new_tokens: int = 16) -> dict[str, Any]:
-    dtype = artifact.manifest["dtype"]
+    # Against its own weights an artifact must match at its compute precision; against the source checkpoint
+    # the rounding of the stored weights counts too.
+    dtype = artifact.manifest["dtype"] if checkpoint is not None else artifact.manifest.get("compute_dtype", "fp32")
     tol = TOLERANCES[dtype]
     ref_model = _reference_model(artifact, checkpoint)
     ref = TorchBackend(ref_model)
