@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 DEMO_MODEL ?= demo/tiny
+DEMO_ARTIFACT ?= demo/tiny-onnx
 PROMPT ?= def fibonacci(n):
 
 .PHONY: demo test install clean
@@ -24,8 +25,12 @@ $(STAMP): pyproject.toml
 $(DEMO_MODEL)/config.json: | $(STAMP)
 	$(VENV)/bin/zaya-export init --preset tiny --seed 0 --force $(DEMO_MODEL)
 
+# The main job: export the model to an ONNX artifact, generate with onnxruntime, validate against the source.
 demo: $(STAMP) $(DEMO_MODEL)/config.json
-	$(VENV)/bin/zaya-export run $(DEMO_MODEL) --prompt '$(PROMPT)' --max-new-tokens 32
+	$(VENV)/bin/zaya-export export $(DEMO_MODEL) -o $(DEMO_ARTIFACT) --force
+	$(VENV)/bin/zaya-export run $(DEMO_ARTIFACT) --prompt '$(PROMPT)' --max-new-tokens 32
+	$(VENV)/bin/zaya-export validate $(DEMO_ARTIFACT)
+	$(VENV)/bin/zaya-export bench $(DEMO_ARTIFACT) --new-tokens 64 --repeats 2
 
 test: $(STAMP)
 	$(PY) -m pytest tests
