@@ -5,7 +5,8 @@ The mask is never an input: the op derives it from the layout (causal in slot or
 tensor is stored in or fed to the artifact. Softmax runs in fp32 as upstream does.
 
 Shapes: q [B, n_q, T, d], past_k/past_v [B, n_kv, S, d], k/v [B, n_kv, T, d], past_valid [B, S] bool,
-new_valid [B, T] bool → out [B, T, n_q·d]. ``window`` ≤ 0 means no window.
+new_valid [B, T] bool → out [B, T, n_q·d]. ``window`` ≤ 0 means no window; ``causal=False`` lets the new
+block see all of itself (TiDAR draft layout).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ NO_WINDOW = 2**62
 
 @torch.library.custom_op("zaya::block_attention", mutates_args=())
 def block_attention(q: Tensor, past_k: Tensor, past_v: Tensor, k: Tensor, v: Tensor, past_valid: Tensor,
-                    new_valid: Tensor, window: int) -> Tensor:
+                    new_valid: Tensor, window: int, causal: bool = True) -> Tensor:
     """Eager reference (plain torch)."""
     B, n_q, T, d = q.shape
     S, G = past_k.shape[2], n_q // k.shape[1]
@@ -32,7 +33,8 @@ def block_attention(q: Tensor, past_k: Tensor, past_v: Tensor, k: Tensor, v: Ten
     valid = torch.cat([past_valid, new_valid], 1)  # [B, S+T]
     pos = valid.long().cumsum(-1) - 1
     slot = torch.arange(S + T, device=q.device)
-    allowed = (slot[None, :] <= S + torch.arange(T, device=q.device)[:, None])[None] & valid[:, None]
+    order = slot[None, :] <= S + torch.arange(T, device=q.device)[:, None]
+    allowed = (order | (not causal))[None] & valid[:, None]
     if window > 0:
         allowed = allowed & ((pos[:, S:, None] - pos[:, None, :]) < window)
     scores = (q @ keys.transpose(2, 3)) * d**-0.5
@@ -42,7 +44,7 @@ def block_attention(q: Tensor, past_k: Tensor, past_v: Tensor, k: Tensor, v: Ten
 
 
 @block_attention.register_fake
-def _(q, past_k, past_v, k, v, past_valid, new_valid, window):
+def _(q, past_k, past_v, k, v, past_valid, new_valid, window, causal=True):
     B, n_q, T, d = q.shape
     return q.new_empty(B, T, n_q * d)
 
@@ -53,14 +55,14 @@ register_schema(
     inputs=[("q", "T"), ("past_k", "T"), ("past_v", "T"), ("k", "T"), ("v", "T"), ("past_valid", "B"),
             ("new_valid", "B")],
     outputs=[("out", "T")],
-    attributes={"groups": OpSchema.AttrType.INT, "window": OpSchema.AttrType.INT,
+    attributes={"groups": OpSchema.AttrType.INT, "window": OpSchema.AttrType.INT, "causal": OpSchema.AttrType.INT,
                 "scale": OpSchema.AttrType.FLOAT, "fill": OpSchema.AttrType.FLOAT},
 )
 
 
 @onnxscript.script(ZAYA, default_opset=op)
-def BlockAttention(q, past_k, past_v, k, v, past_valid, new_valid, groups: int, window: int, scale: float,
-                   fill: float):
+def BlockAttention(q, past_k, past_v, k, v, past_valid, new_valid, groups: int, window: int, causal: int,
+                   scale: float, fill: float):
     zero = op.Constant(value_ints=[0])
     one = op.Constant(value_ints=[1])
     neg1 = op.Constant(value_ints=[-1])
@@ -81,8 +83,9 @@ def BlockAttention(q, past_k, past_v, k, v, past_valid, new_valid, groups: int, 
     n = op.Add(S, T)
     slot = op.Range(op.Constant(value_int=0), op.Squeeze(n), op.Constant(value_int=1))
     q_slot = op.Range(op.Squeeze(S), op.Squeeze(n), op.Constant(value_int=1))
-    causal = op.LessOrEqual(op.Unsqueeze(slot, zero), op.Unsqueeze(q_slot, one))  # [T, S+T]
-    allowed = op.And(op.Unsqueeze(causal, zero), op.Unsqueeze(valid, one))  # [B, T, S+T]
+    order = op.LessOrEqual(op.Unsqueeze(slot, zero), op.Unsqueeze(q_slot, one))  # [T, S+T]
+    order = op.Or(order, op.Not(op.Cast(op.Constant(value_int=causal), to=9)))  # causal=0: whole block visible
+    allowed = op.And(op.Unsqueeze(order, zero), op.Unsqueeze(valid, one))  # [B, T, S+T]
     q_pos = op.Slice(pos, S, n, one)  # [B, T]
     distance = op.Sub(op.Unsqueeze(q_pos, op.Constant(value_ints=[2])), op.Unsqueeze(pos, one))
     allowed = op.And(allowed, op.Less(distance, op.Constant(value_int=window)))
@@ -92,10 +95,10 @@ def BlockAttention(q, past_k, past_v, k, v, past_valid, new_valid, groups: int, 
     return op.Reshape(out, op.Concat(zero, zero, neg1, axis=0))
 
 
-def _translate(q, past_k, past_v, k, v, past_valid, new_valid, window: int):
+def _translate(q, past_k, past_v, k, v, past_valid, new_valid, window: int, causal: bool = True):
     fill = float(torch.finfo({1: torch.float32, 10: torch.float16, 16: torch.bfloat16}[int(q.dtype)]).min)
     return ZAYA.BlockAttention(q, past_k, past_v, k, v, past_valid, new_valid, groups=q.shape[1] // k.shape[1],
-                               window=window if window > 0 else NO_WINDOW, scale=q.shape[3] ** -0.5, fill=fill)
+                               window=window if window > 0 else NO_WINDOW, causal=int(causal), scale=q.shape[3] ** -0.5, fill=fill)
 
 
 register_onnx("BlockAttention", OnnxFace(torch.ops.zaya.block_attention.default, _translate, BlockAttention))

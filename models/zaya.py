@@ -134,6 +134,7 @@ class AttnLayout:
     past_valid: Tensor  # [B, S] bool
     new_valid: Tensor  # [B, T] bool
     window: int  # sliding window on positions; 0 = none
+    causal: bool = True  # False: the new block attends bidirectionally (TiDAR draft)
 
 
 class CCAAttention(nn.Module):
@@ -302,9 +303,11 @@ class ZayaModel(nn.Module):
         self.input_hidden_states_bias = nn.Parameter(torch.zeros(config.hidden_size))
 
 
-def attention_allowed(past_valid: Tensor, new_valid: Tensor, window: int | None) -> tuple[Tensor, Tensor]:
-    """Key predicate ``[B, T, S+T]`` for causal (optionally sliding-window) attention over [cache ; new], and
-    the positions ``[B, T]`` of the new tokens.
+def attention_allowed(past_valid: Tensor, new_valid: Tensor, window: int | None,
+                      causal: bool = True) -> tuple[Tensor, Tensor]:
+    """Key predicate ``[B, T, S+T]`` for attention over [cache ; new], and the positions ``[B, T]`` of the new
+    tokens. ``causal=False`` makes the new block bidirectional (TiDAR drafting): every new token sees the
+    whole cache and every other new token.
 
     Positions count real tokens only (``cumsum(valid) − 1``), as ``generate`` does for left padding, so a
     left-padded row computes exactly what the unpadded sequence computes.
@@ -315,8 +318,8 @@ def attention_allowed(past_valid: Tensor, new_valid: Tensor, window: int | None)
     key_pos = valid.long().cumsum(-1) - 1  # [B, S+T]
     q_pos = key_pos[:, S:]  # [B, T]
     slot = torch.arange(S + T, device=valid.device)
-    causal = slot[None, :] <= (S + torch.arange(T, device=valid.device))[:, None]  # [T, S+T]
-    allowed = causal[None] & valid[:, None, :]
+    order = slot[None, :] <= (S + torch.arange(T, device=valid.device))[:, None]  # [T, S+T]
+    allowed = (order if causal else torch.ones_like(order))[None] & valid[:, None, :]
     if window is not None:
         allowed = allowed & ((q_pos[:, :, None] - key_pos[:, None, :]) < window)
     return allowed, q_pos.clamp_min(0)
@@ -356,11 +359,13 @@ class ZayaForCausalLM(nn.Module):
         return None if biases[0] is None else torch.stack([b.detach() for b in biases])
 
     def step(self, input_ids: Tensor, past: Past, input_mask: Tensor | None = None,
-             last_only: bool = False) -> tuple[Tensor, Update]:
+             last_only: bool = False, causal: bool = True) -> tuple[Tensor, Update]:
         """Forward T new tokens after the committed state ``past``.
 
         input_ids [B, T]; input_mask [B, T] bool (False = left padding) or None → logits [B, T, V] (or
-        [B, 1, V] with ``last_only``) and the uncommitted :class:`Update`.
+        [B, 1, V] with ``last_only``) and the uncommitted :class:`Update`. ``causal=False`` is the TiDAR draft
+        layout: the block attends to the cache and bidirectionally to itself, while the CCA conv and delayed
+        value still continue from the committed state (they are sequence-local, not mask-driven).
         """
         cfg, m = self.config, self.model
         B, T = input_ids.shape
@@ -371,9 +376,9 @@ class ZayaForCausalLM(nn.Module):
         per_type = {}
         for layer_type in set(cfg.layer_types):
             window = cfg.sliding_window if layer_type == "hybrid_sliding" else None
-            allowed, pos = attention_allowed(past.valid, new_valid, window)
+            allowed, pos = attention_allowed(past.valid, new_valid, window, causal)
             cos, sin = rope_cos_sin(pos, cfg.rotary_dim(layer_type), cfg.rope_theta(layer_type), dtype)
-            per_type[layer_type] = (AttnLayout(allowed, past.valid, new_valid, window or 0), cos, sin)
+            per_type[layer_type] = (AttnLayout(allowed, past.valid, new_valid, window or 0, causal), cos, sin)
         router_state = None
         ks, vs, convs, omegas = [], [], [], []
         for i, layer in enumerate(m.layers):

@@ -96,7 +96,7 @@ class FuseAttention(_LayerFusion):
     def fused(self, attn, model):  # noqa: ANN001, ANN201
         def attend(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor, layout: AttnLayout) -> Tensor:
             return torch.ops.zaya.block_attention(q, past_k, past_v, k, v, layout.past_valid, layout.new_valid,
-                                                  layout.window)
+                                                  layout.window, layout.causal)
 
         return attend
 

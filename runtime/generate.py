@@ -52,6 +52,11 @@ class _Stopper:
         self.out: list[list[int]] = [[] for _ in range(batch)]
         self.active = np.ones(batch, bool)
 
+    def emit_row(self, b: int, token: int) -> None:
+        self.out[b].append(token)
+        if token in self.stop:
+            self.active[b] = False
+
     def emit(self, tokens: np.ndarray) -> bool:
         """Record one token per active row; True while any row is still active."""
         for i in np.flatnonzero(self.active):
@@ -69,7 +74,7 @@ def generate(session: Session, prompts: list[list[int]], max_new_tokens: int, st
     padded = bool((mask == 0).any())
     cache = session.new_cache(len(prompts), ids.shape[1] + max_new_tokens)
     out = session.run("prefill", cache.inputs(ids, mask if padded else None))
-    cache.commit(out, mask.astype(bool) if padded else None)
+    cache.commit(out, mask=mask.astype(bool) if padded else None)
     first = time.perf_counter() - start
     forwards, stopper = 1, _Stopper(len(prompts), stop_ids)
     for step in range(max_new_tokens):

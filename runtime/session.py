@@ -44,10 +44,11 @@ class OrtBackend(Backend):
             if session.get_providers()[0] != providers[0]:  # ORT silently falls back to CPU
                 raise RuntimeError(f"onnxruntime did not enable {providers[0]} (got {session.get_providers()})")
             self.sessions[name] = session
-        self.outputs = tracing.OUTPUT_NAMES
+        self.outputs = {name: [o.name for o in s.get_outputs()] for name, s in self.sessions.items()}
 
     def run(self, entry: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.outputs, self.sessions[entry].run(self.outputs, inputs)))
+        names = self.outputs[entry]
+        return dict(zip(names, self.sessions[entry].run(names, inputs)))
 
 
 class TorchBackend(Backend):
@@ -56,33 +57,44 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, model) -> None:  # noqa: ANN001 - ZayaForCausalLM
+    def __init__(self, model, block_len: int | None = None) -> None:  # noqa: ANN001 - ZayaForCausalLM
         import torch
 
-        self.torch = torch
-        self.entry = tracing.Entry(model).eval()
+        self.torch, self.model = torch, model
+        specs = tracing.entry_specs(block_len or model.config.diffusion_block_len)
+        self.entries = {name: tracing.Entry(model, spec).eval() for name, spec in specs.items()}
 
     def run(self, entry: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self.torch
-        dtype = self.entry.model.dtype
+        module = self.entries[entry]
         args = [torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in tracing.INPUT_NAMES]
-        args = [a.to(dtype) if a.is_floating_point() else a for a in args]
+        args = [a.to(self.model.dtype) if a.is_floating_point() else a for a in args]
         with torch.no_grad():
-            out = self.entry(*args)
-        return {n: t.float().numpy() for n, t in zip(tracing.OUTPUT_NAMES, out)}
+            out = module(*args)
+        return {n: t.float().numpy() for n, t in zip(module.spec.outputs, out)}
 
 
 class KVCache:
-    """Decode state of B rows in preallocated numpy buffers of ``capacity`` slots."""
+    """Decode state of B rows in preallocated numpy buffers of ``capacity`` slots.
+
+    Each row has its own length (TiDAR accepts a different number of drafts per row). Rows are written at
+    their own offsets; slots a row has not filled stay invalid, which the graphs mask, so the buffers can be
+    handed over whole without copying or compacting them.
+    """
 
     def __init__(self, config: ZayaConfig, batch: int, capacity: int, dtype: type = np.float32) -> None:
         L, nkv, d = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
-        self.capacity, self.length = capacity, 0
+        self.capacity = capacity
+        self.lengths = np.zeros(batch, np.int64)
         self.k = np.zeros((L, batch, nkv, capacity, d), dtype)
         self.v = np.zeros_like(self.k)
         self.valid = np.zeros((batch, capacity), bool)
         self.conv = np.zeros((L, batch, config.conv_channels, config.conv_history), dtype)
         self.rho = np.zeros((L, batch, config.value_half), dtype)
+
+    @property
+    def length(self) -> int:
+        return int(self.lengths.max())
 
     def inputs(self, ids: np.ndarray, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Entry inputs for new tokens ``ids`` [B, T]: the whole buffers, unfilled slots marked invalid."""
@@ -92,14 +104,21 @@ class KVCache:
         return {"input_ids": ids.astype(np.int64), "input_mask": mask, "past_k": self.k, "past_v": self.v,
                 "past_valid": self.valid, "conv_state": self.conv, "rho_state": self.rho}
 
-    def commit(self, out: dict[str, np.ndarray], mask: np.ndarray | None = None) -> None:
+    def commit(self, out: dict[str, np.ndarray], counts: np.ndarray | None = None,
+               mask: np.ndarray | None = None) -> None:
+        """Keep the first ``counts[b]`` new tokens of row b (all T by default); ``mask`` marks left padding."""
         T = out["new_k"].shape[3]
-        end = self.length + T
-        self.k[:, :, :, self.length : end] = out["new_k"]
-        self.v[:, :, :, self.length : end] = out["new_v"]
-        self.valid[:, self.length : end] = True if mask is None else mask
-        self.conv, self.rho = out["conv_state_out"], out["rho_state_out"]
-        self.length = end
+        counts = np.full(len(self.lengths), T) if counts is None else np.asarray(counts)
+        kappa = self.conv.shape[-1]
+        for b, n in enumerate(counts.tolist()):
+            start, end = self.lengths[b], self.lengths[b] + n
+            self.k[:, b, :, start:end] = out["new_k"][:, b, :, :n]
+            self.v[:, b, :, start:end] = out["new_v"][:, b, :, :n]
+            self.valid[b, start:end] = True if mask is None else mask[b, :n]
+            self.conv[:, b] = out["conv_rows"][:, b, :, n : n + kappa]
+            if n > 0:
+                self.rho[:, b] = out["omega"][:, b, n - 1]
+            self.lengths[b] = end
 
 
 class Session:
@@ -120,21 +139,25 @@ class Session:
                 raise InputError(f"{path}: the ort backend needs an exported artifact (run `zaya-export export`)")
             self.backend: Backend = OrtBackend(self.artifact, threads)
             self.config = self.artifact.config
+            self.block_len = self.artifact.manifest.get("tidar", {}).get("block_len")
         elif backend == "torch":
             model = load_checkpoint(path, dtype=dtype) if self.artifact is None \
                 else _model_from_artifact(self.artifact, dtype)
-            self.backend = TorchBackend(model)
+            block_len = self.artifact.manifest.get("tidar", {}).get("block_len") if self.artifact else None
+            self.backend = TorchBackend(model, block_len)
             self.config = model.config
+            self.block_len = block_len or model.config.diffusion_block_len
         else:
             raise InputError(f"unknown backend {backend!r}; choose ort or torch")
         tok = (self.artifact.tokenizer if self.artifact else (path / "tokenizer.json"))
         self.tokenizer = load_tokenizer(tok) if tok is not None and tok.is_file() else None
 
     @classmethod
-    def from_model(cls, model) -> "Session":  # noqa: ANN001 - ZayaForCausalLM
+    def from_model(cls, model, block_len: int | None = None) -> "Session":  # noqa: ANN001 - ZayaForCausalLM
         self = cls.__new__(cls)
         self.artifact, self.tokenizer = None, None
-        self.backend, self.config = TorchBackend(model), model.config
+        self.block_len = block_len or model.config.diffusion_block_len
+        self.backend, self.config = TorchBackend(model, self.block_len), model.config
         return self
 
     def run(self, entry: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -42,11 +42,12 @@ def artifact(ckpt):
 def test_artifact_layout_and_manifest(artifact, model):
     art = open_artifact(artifact)
     m = art.manifest
-    assert set(m["files"]) == {"config.json", "generation_config.json", "onnx/prefill.onnx", "onnx/decode.onnx",
-                               "onnx/weights.safetensors"}
+    assert set(m["files"]) == {"config.json", "generation_config.json", "onnx/weights.safetensors",
+                               *(f"onnx/{e}.onnx" for e in ("prefill", "decode", "verify", "draft"))}
+    assert m["tidar"] == {"block_len": model.config.diffusion_block_len, "mask_token_id": 4}
     assert [(r["name"], r["rewrites"]) for r in m["pass_log"]["model"]] == [
         ("fuse_cca", 3), ("fuse_attention", 3), ("fuse_moe", 3)]
-    for entry in ("prefill", "decode"):
+    for entry in ("prefill", "decode", "verify", "draft"):
         assert m["op_counts"][entry]["zaya.cca"] == 3
         assert [i["name"] for i in m["entry_points"][entry]["inputs"]][:2] == ["input_ids", "input_mask"]
         assert {r["name"] for r in m["pass_log"]["onnx"][entry]} == {"fold_constants", "dead_code",
@@ -59,7 +60,7 @@ def test_weights_are_stored_once(artifact, model):
     weights = artifact / "onnx" / "weights.safetensors"
     param_bytes = sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if n != "lm_head.weight")
     assert param_bytes <= weights.stat().st_size < param_bytes + 64 * 1024
-    for entry in ("prefill", "decode"):
+    for entry in ("prefill", "decode", "verify", "draft"):
         path = artifact / "onnx" / f"{entry}.onnx"
         assert path.stat().st_size < param_bytes / 10  # graphs hold references, not weights
         proto = onnx.load(str(path), load_external_data=False)
@@ -155,7 +156,7 @@ def test_cli_export_inspect_validate_bench_run(ckpt, artifact, tmp_path):
     out = tmp_path / "cli-artifact"
     result = runner.invoke(main, ["export", str(ckpt), "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["entry_points"] == ["decode", "prefill"]
+    assert json.loads(result.stdout)["entry_points"] == ["decode", "draft", "prefill", "verify"]
     info = json.loads(runner.invoke(main, ["inspect", str(out), "--json"]).stdout)
     assert info["entry_points"]["decode"]["fused"] == {"zaya.CCA": 3, "zaya.BlockAttention": 3, "zaya.MoETop1": 3}
     result = runner.invoke(main, ["validate", str(out), "--json"])

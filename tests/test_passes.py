@@ -10,7 +10,7 @@ from conftest import random_model, small_config
 from zaya_export.passes.base import Pass, PassError, PassManager
 from zaya_export.passes.fusion import FuseCCA, FuseMoE, fusion_pipeline
 from zaya_export.passes.onnx_cleanup import CheckFusedNodes
-from zaya_export.tracing import Entry, example_inputs, export_entry, op_histogram
+from zaya_export.tracing import Entry, entry_specs, example_inputs, export_entry, op_histogram
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def _probe(model):
 
     def run(m):
         with torch.no_grad():
-            return list(Entry(m)(*inputs))
+            return [*Entry(m, entry_specs(4)["prefill"])(*inputs), *Entry(m, entry_specs(4)["draft"])(*inputs)]
 
     return run
 
@@ -31,8 +31,8 @@ def _probe(model):
 def test_one_fused_op_per_layer_in_every_traced_entry(model):
     log = PassManager(fusion_pipeline(), probe=_probe(model)).run(model)
     assert [(r.name, r.rewrites) for r in log] == [("fuse_cca", 3), ("fuse_attention", 3), ("fuse_moe", 3)]
-    for entry in ("prefill", "decode"):
-        hist = op_histogram(export_entry(model, entry))
+    for spec in entry_specs(4).values():
+        hist = op_histogram(export_entry(model, spec))
         assert (hist["zaya.cca"], hist["zaya.block_attention"], hist["zaya.moe_top1"]) == (3, 3, 3)
         assert hist["aten.conv1d"] == 0 and hist["aten.topk"] == 0 and hist["aten.softmax"] == 0
 
@@ -71,7 +71,7 @@ def test_attention_bias_models_are_refused_by_fuse_cca():
 
 
 def test_dump_after(model, tmp_path):
-    manager = PassManager(fusion_pipeline(), dump=lambda m: export_entry(m, "decode").graph_module.code,
+    manager = PassManager(fusion_pipeline(), dump=lambda m: export_entry(m, entry_specs(1)["decode"]).graph_module.code,
                           dump_after=["fuse_moe"], dump_dir=tmp_path)
     manager.run(model)
     (dump,) = tmp_path.iterdir()

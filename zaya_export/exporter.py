@@ -25,7 +25,7 @@ from .artifact import FORMAT, SCHEMA_VERSION, atomic_directory, tool_versions, w
 from .checkpoint import DTYPES, load_checkpoint
 from .errors import ZayaError
 from .onnx_export import WEIGHTS_FILE, bind_external_weights, lower_entry, save_entry, write_weights
-from .tracing import ENTRY_POINTS, Entry, example_inputs, export_entry, op_histogram
+from .tracing import Entry, entry_specs, example_inputs, export_entry, op_histogram
 
 PASS_TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 2e-1}
 
@@ -35,23 +35,26 @@ class ExportError(ZayaError):
 
 
 def _probe(model: torch.nn.Module) -> Callable[[Any], list]:
+    """Outputs of the causal (prefill) and the bidirectional (draft) layouts on one fixed random input."""
     inputs = example_inputs(model, 2, 5, 4, seed=123)
+    specs = entry_specs(4)
 
     def run(m: torch.nn.Module) -> list:
         with torch.no_grad():
-            return list(Entry(m)(*inputs))
+            return [*Entry(m, specs["prefill"])(*inputs), *Entry(m, specs["draft"])(*inputs)]
 
     return run
 
 
 def _dump(model: torch.nn.Module) -> str:
-    return export_entry(model, "prefill").graph_module.print_readable(print_output=False)
+    return export_entry(model, entry_specs(1)["prefill"]).graph_module.print_readable(print_output=False)
 
 
 def export_artifact(checkpoint: Path, out: Path, dtype: str | None = None, force: bool = False,
-                    dump_after: tuple[str, ...] = (), dump_dir: Path | None = None,
+                    dump_after: tuple[str, ...] = (), dump_dir: Path | None = None, block_len: int | None = None,
                     status: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
-    """Run the whole pipeline; returns the manifest written to ``out/manifest.json``."""
+    """Run the whole pipeline; returns the manifest written to ``out/manifest.json``. ``block_len`` is the TiDAR
+    draft count K of the verify/draft entries (default: the config's ``diffusion_block_len``)."""
     start = time.perf_counter()
     status(f"loading {checkpoint}")
     if out.exists() and not force:
@@ -67,6 +70,10 @@ def export_artifact(checkpoint: Path, out: Path, dtype: str | None = None, force
             for p in model.parameters():
                 p.copy_(p.to(DTYPES[stored]).float())
     model_dtype = model.dtype
+    block_len = block_len or model.config.diffusion_block_len
+    if block_len < 1:
+        raise ExportError(f"--block-len must be >= 1, got {block_len}")
+    specs = entry_specs(block_len)
     status("fusing (fuse_cca, fuse_attention, fuse_moe)")
     passes = fusion_pipeline()
     try:
@@ -83,21 +90,22 @@ def export_artifact(checkpoint: Path, out: Path, dtype: str | None = None, force
         status("writing the shared weights")
         offsets = write_weights(model, tmp / "onnx" / WEIGHTS_FILE, DTYPES[stored])
         entries, onnx_logs, op_counts = {}, {}, {}
-        for name in ENTRY_POINTS:
+        for name, spec in specs.items():
             status(f"tracing {name}")
-            program = export_entry(model, name)
+            program = export_entry(model, spec)
             hist = op_histogram(program)
             wrong = {op: hist.get(op, 0) for op, n in expected.items() if hist.get(op, 0) != n}
             if wrong:
                 raise ExportError(f"{name}: traced graph has {wrong} fused ops, expected {expected}")
             status(f"lowering {name} to ONNX")
             try:
-                onnx_model, log = lower_entry(program, expected)
+                onnx_model, log = lower_entry(program, expected, spec.outputs)
             except PassError as exc:
                 raise ExportError(f"{name}: {exc}") from None
             bind_external_weights(onnx_model, offsets, tmp / "onnx")
             save_entry(onnx_model, tmp / "onnx" / f"{name}.onnx")
-            entries[name] = {"onnx": f"onnx/{name}.onnx", "inputs": _signature(onnx_model.graph.inputs),
+            entries[name] = {"onnx": f"onnx/{name}.onnx", "tokens": spec.tokens,
+                             "inputs": _signature(onnx_model.graph.inputs),
                              "outputs": _signature(onnx_model.graph.outputs)}
             onnx_logs[name] = [r.to_json() for r in log]
             op_counts[name] = dict(sorted(hist.items()))
@@ -110,7 +118,7 @@ def export_artifact(checkpoint: Path, out: Path, dtype: str | None = None, force
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "source": str(checkpoint), "dtype": stored, "compute_dtype": "fp32",
             "config": model.config.to_dict(), "weights": f"onnx/{WEIGHTS_FILE}", "formats": ["onnx"],
-            "entry_points": entries,
+            "entry_points": entries, "tidar": {"block_len": block_len, "mask_token_id": model.config.mask_token_id},
             "pass_log": {"model": [r.to_json() for r in model_log], "onnx": onnx_logs},
             "op_counts": op_counts, "versions": tool_versions(), "validation": None,
             "export_seconds": round(time.perf_counter() - start, 2),

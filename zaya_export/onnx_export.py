@@ -24,7 +24,7 @@ from zaya_export.passes.base import PassManager, PassRecord
 from zaya_export.passes.onnx_cleanup import onnx_pipeline
 
 from .safetensors_header import read_header
-from .tracing import INPUT_NAMES, OUTPUT_NAMES
+from .tracing import INPUT_NAMES
 
 OPSET = 20
 WEIGHTS_FILE = "weights.safetensors"
@@ -51,14 +51,14 @@ def write_weights(model: torch.nn.Module, path: Path, dtype: torch.dtype | None 
     return offsets
 
 
-def lower_entry(program: torch.export.ExportedProgram, expected_ops: dict[str, int]) -> tuple[ir.Model,
-                                                                                              list[PassRecord]]:
+def lower_entry(program: torch.export.ExportedProgram, expected_ops: dict[str, int],
+                output_names: list[str]) -> tuple[ir.Model, list[PassRecord]]:
     """ExportedProgram → ONNX IR model with function bodies attached and the cleanup pipeline applied."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         onnx_program = torch.onnx.export(
             program, dynamo=True, custom_translation_table=kernels.translation_table(), opset_version=OPSET,
-            optimize=False, verbose=False, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+            optimize=False, verbose=False, input_names=INPUT_NAMES, output_names=output_names,
         )
     model = onnx_program.model
     for proto in kernels.function_protos():

@@ -1,13 +1,21 @@
 """Entry points as ``torch.export`` programs with flat, explicit state.
 
-Every entry has the same signature, so backends and the runtime treat them alike:
+Every entry takes the same inputs, so backends and the runtime treat them alike:
 
 inputs   input_ids [B, T] int64, input_mask [B, T] bool (False = left padding),
          past_k / past_v [L, B, n_kv, S, d], past_valid [B, S] bool, conv_state [L, B, C, κ], rho_state [L, B, dv]
-outputs  logits [B, V] (last position), new_k / new_v [L, B, n_kv, T, d], conv_state_out, rho_state_out
 
-``prefill`` has dynamic T (and S, for chunked prefill); ``decode`` has T = 1. B and S are dynamic in both.
-The runtime appends ``new_k``/``new_v`` into its own preallocated cache, so no graph copies the whole cache.
+| entry   | T            | outputs                                                                        |
+| ------- | ------------ | ------------------------------------------------------------------------------ |
+| prefill | dynamic      | logits [B, V] (last position), new_k/new_v [L, B, n_kv, T, d], conv_rows       |
+|         |              | [L, B, C, κ+T], omega [L, B, T, dv]                                            |
+| decode  | 1            | as prefill                                                                     |
+| verify  | K+1          | logits [B, K+1, V] (every row), new_k/new_v, conv_rows, omega                  |
+| draft   | K+1          | logits [B, K+1, V]; the block attends bidirectionally; state is read only      |
+
+``conv_rows``/``omega`` let the runtime commit any prefix of the new tokens (all of them for prefill and
+decode, ℓ+1 after a TiDAR verify) without another forward. B and S are dynamic everywhere. The runtime
+appends ``new_k``/``new_v`` into its own preallocated cache, so no graph copies the whole cache.
 """
 
 from __future__ import annotations
@@ -21,34 +29,47 @@ from torch import Tensor, nn
 from zaya_export.models import Past, ZayaForCausalLM
 
 INPUT_NAMES = ["input_ids", "input_mask", "past_k", "past_v", "past_valid", "conv_state", "rho_state"]
-OUTPUT_NAMES = ["logits", "new_k", "new_v", "conv_state_out", "rho_state_out"]
-ENTRY_POINTS = ("prefill", "decode")
+STATE_OUTPUTS = ["new_k", "new_v", "conv_rows", "omega"]
 MAX_BATCH, MAX_SEQ = 64, 1 << 20
-
-
-class Entry(nn.Module):
-    """``model.step`` with the flat signature above."""
-
-    def __init__(self, model: ZayaForCausalLM) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: Tensor, input_mask: Tensor, past_k: Tensor, past_v: Tensor, past_valid: Tensor,
-                conv_state: Tensor, rho_state: Tensor) -> tuple[Tensor, ...]:
-        T = input_ids.shape[1]
-        logits, u = self.model.step(input_ids, Past(past_k, past_v, past_valid, conv_state, rho_state), input_mask,
-                                    last_only=True)
-        return logits[:, -1], u.k, u.v, u.conv_rows[..., T:], u.omega[:, :, -1]
 
 
 @dataclass(frozen=True)
 class EntrySpec:
     name: str
-    example_T: int
-    dynamic_T: bool
+    tokens: int | None  # static T (None = dynamic)
+    all_rows: bool  # logits for every new token, not just the last
+    causal: bool  # False: bidirectional block (draft)
+    state: bool  # returns the state update
+
+    @property
+    def outputs(self) -> list[str]:
+        return ["logits", *STATE_OUTPUTS] if self.state else ["logits"]
 
 
-SPECS = {"prefill": EntrySpec("prefill", 7, True), "decode": EntrySpec("decode", 1, False)}
+def entry_specs(block_len: int) -> dict[str, EntrySpec]:
+    K1 = block_len + 1
+    return {
+        "prefill": EntrySpec("prefill", None, False, True, True),
+        "decode": EntrySpec("decode", 1, False, True, True),
+        "verify": EntrySpec("verify", K1, True, True, True),
+        "draft": EntrySpec("draft", K1, True, False, False),
+    }
+
+
+class Entry(nn.Module):
+    """``model.step`` with the flat signature above, for one entry."""
+
+    def __init__(self, model: ZayaForCausalLM, spec: EntrySpec) -> None:
+        super().__init__()
+        self.model, self.spec = model, spec
+
+    def forward(self, input_ids: Tensor, input_mask: Tensor, past_k: Tensor, past_v: Tensor, past_valid: Tensor,
+                conv_state: Tensor, rho_state: Tensor) -> tuple[Tensor, ...]:
+        spec = self.spec
+        logits, u = self.model.step(input_ids, Past(past_k, past_v, past_valid, conv_state, rho_state), input_mask,
+                                    last_only=not spec.all_rows, causal=spec.causal)
+        logits = logits if spec.all_rows else logits[:, -1]
+        return (logits, u.k, u.v, u.conv_rows, u.omega) if spec.state else (logits,)
 
 
 def example_inputs(model: ZayaForCausalLM, B: int, T: int, S: int, seed: int = 0) -> tuple[Tensor, ...]:
@@ -73,16 +94,15 @@ def example_inputs(model: ZayaForCausalLM, B: int, T: int, S: int, seed: int = 0
     return (ids, mask, past[0], past[1], valid, conv, rho)
 
 
-def export_entry(model: ZayaForCausalLM, name: str) -> torch.export.ExportedProgram:
+def export_entry(model: ZayaForCausalLM, spec: EntrySpec) -> torch.export.ExportedProgram:
     """Trace one entry point with its dynamic dims (examples avoid 0/1 so no dim gets specialised)."""
-    spec = SPECS[name]
     B = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     S = torch.export.Dim("past", min=0, max=MAX_SEQ)
-    T = torch.export.Dim("seq", min=1, max=MAX_SEQ) if spec.dynamic_T else None
-    seq = {0: B, 1: T} if T is not None else {0: B}
+    seq = {0: B, 1: torch.export.Dim("seq", min=1, max=MAX_SEQ)} if spec.tokens is None else {0: B}
     dynamic = (seq, seq, {1: B, 3: S}, {1: B, 3: S}, {0: B, 1: S}, {1: B}, {1: B})
     with torch.no_grad():
-        return torch.export.export(Entry(model), example_inputs(model, 2, spec.example_T, 3), dynamic_shapes=dynamic)
+        return torch.export.export(Entry(model, spec), example_inputs(model, 2, spec.tokens or 7, 3),
+                                   dynamic_shapes=dynamic)
 
 
 def op_histogram(program: torch.export.ExportedProgram) -> Counter:

@@ -23,25 +23,31 @@ from zaya_export.runtime.session import Session, TorchBackend, _model_from_artif
 from .artifact import Artifact
 from .checkpoint import load_checkpoint
 from .errors import ZayaError
-from .tracing import ENTRY_POINTS, INPUT_NAMES, OUTPUT_NAMES, example_inputs
+from .tracing import INPUT_NAMES, example_inputs
 
 
 @dataclass(frozen=True)
 class Tolerance:
-    logits_max_abs: float
+    logits_max_abs: float  # absolute, or relative to the largest reference value when ``relative``
     state_max_abs: float
     kl: float
     top1: float
     greedy_exact: bool
+    relative: bool = False
 
 
 TOLERANCES = {
     "fp32": Tolerance(logits_max_abs=1e-3, state_max_abs=1e-4, kl=1e-6, top1=1.0, greedy_exact=True),
-    "fp16": Tolerance(logits_max_abs=0.5, state_max_abs=5e-2, kl=1e-2, top1=0.95, greedy_exact=False),
-    "bf16": Tolerance(logits_max_abs=1.0, state_max_abs=1e-1, kl=3e-2, top1=0.9, greedy_exact=False),
+    # narrow weights: a rounded weight can flip a near-tied top-1 routing choice, which moves that token's
+    # hidden state a lot; the distribution metrics (KL, top-1) are the gate, max errors are relative.
+    "fp16": Tolerance(logits_max_abs=5e-2, state_max_abs=1e-1, kl=1e-2, top1=0.95, greedy_exact=False,
+                      relative=True),
+    "bf16": Tolerance(logits_max_abs=1e-1, state_max_abs=2.5e-1, kl=3e-2, top1=0.9, greedy_exact=False,
+                      relative=True),
 }
-# (batch, new tokens, cached slots): T=1, empty cache, batch > 1 with padding, continuation after a cache
-SHAPES = {"prefill": [(1, 1, 0), (1, 13, 0), (3, 17, 0), (2, 9, 12)], "decode": [(1, 1, 0), (1, 1, 7), (3, 1, 25)]}
+# (batch, new tokens, cached slots): T=1, empty cache, batch > 1 with padding, continuation after a cache.
+# Entries with a fixed T (decode, verify, draft) use their own T.
+SHAPES = [(1, 1, 0), (1, 13, 0), (3, 17, 0), (2, 9, 12), (3, 1, 25)]
 
 
 def logit_metrics(test: np.ndarray, ref: np.ndarray) -> dict[str, float]:
@@ -80,11 +86,12 @@ def hf_model(model):  # noqa: ANN001, ANN201
     return hf
 
 
-def _hf_logits(hf, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:  # noqa: ANN001
-    """Last-position logits of the upstream model, with generate()'s positions for left padding."""
+def _hf_logits(hf, ids: torch.Tensor, mask: torch.Tensor, all_rows: bool) -> np.ndarray:  # noqa: ANN001
+    """Logits of the upstream model (last position, or every row), with generate()'s positions for padding."""
     pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
     with torch.no_grad():
-        return hf(ids, attention_mask=mask.long(), position_ids=pos).logits[:, -1].float().numpy()
+        logits = hf(ids, attention_mask=mask.long(), position_ids=pos).logits.float().numpy()
+    return logits if all_rows else logits[:, -1]
 
 
 def validate_artifact(artifact: Artifact, backend: str = "ort", checkpoint: Path | None = None,
@@ -99,18 +106,23 @@ def validate_artifact(artifact: Artifact, backend: str = "ort", checkpoint: Path
     session = Session(artifact.root, backend=backend, allow_version_mismatch=True)
     hf = hf_model(ref_model) if reference == "hf" else None
     checks: list[dict[str, Any]] = []
-    for entry in ENTRY_POINTS:
-        for B, T, S in SHAPES[entry]:
+    for entry, info in artifact.entry_points.items():
+        shapes = SHAPES if info.get("tokens") is None else sorted({(B, info["tokens"], S) for B, _, S in SHAPES})
+        for B, T, S in shapes:
             inputs = dict(zip(INPUT_NAMES, (x.numpy() for x in example_inputs(ref_model, B, T, S, seed=B * 7 + T + S))))
             got = session.run(entry, inputs)
             want = ref.run(entry, inputs)
-            if hf is not None and S == 0:  # upstream has no explicit-state entry: compare fresh sequences
+            if hf is not None and S == 0 and entry != "draft":  # upstream: fresh, causal sequences only
                 want = dict(want, logits=_hf_logits(hf, torch.from_numpy(inputs["input_ids"]),
-                                                     torch.from_numpy(inputs["input_mask"])))
-            m = logit_metrics(got["logits"], want["logits"])
-            state = max(float(np.abs(got[n] - want[n]).max()) for n in OUTPUT_NAMES[1:])
-            ok = (m["max_abs"] <= tol.logits_max_abs and m["kl_max"] <= tol.kl and m["top1"] >= tol.top1
-                  and state <= tol.state_max_abs)
+                                                     torch.from_numpy(inputs["input_mask"]), want["logits"].ndim == 3))
+            rows = inputs["input_mask"] if got["logits"].ndim == 3 else slice(None)  # every-row logits: real rows
+            m = logit_metrics(got["logits"][rows], want["logits"][rows])
+            state_names = [n for n in got if n != "logits"]
+            state = max([float(np.abs(got[n] - want[n]).max()) for n in state_names], default=0.0)
+            logit_scale = max(1.0, float(np.abs(want["logits"][rows]).max())) if tol.relative else 1.0
+            state_scale = max([1.0] + [float(np.abs(want[n]).max()) for n in state_names]) if tol.relative else 1.0
+            ok = (m["max_abs"] <= tol.logits_max_abs * logit_scale and m["kl_max"] <= tol.kl
+                  and m["top1"] >= tol.top1 and state <= tol.state_max_abs * state_scale)
             checks.append({"entry": entry, "shape": {"batch": B, "new": T, "cached": S}, **m,
                            "state_max_abs": state, "ok": bool(ok)})
     prompts = prompts or _default_prompts(artifact, ref_model.config.vocab_size)

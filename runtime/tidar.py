@@ -1,0 +1,122 @@
+"""TiDAR decoding, two-forward mode (``shared/docs/tidar-decoding.md`` §3, §5–§7).
+
+Each step verifies the previous K drafts with one causal forward over ``[a, d_1..d_K]`` (the AR rows decide
+what is emitted) and drafts the next K with one bidirectional forward over ``[a', MASK×K]``. Acceptance runs
+on the host with explicit uniforms from the seeded generator, so every backend makes the same decisions.
+
+Samplers (all with Dirac drafts, d_i = argmax of the draft logits ζ_i):
+
+* greedy lossless (temperature 0): accept while d_i = argmax z_{i−1}; then a' = argmax z_ℓ. Output equals
+  greedy AR token for token.
+* stochastic lossless (temperature > 0): accept d_i with probability p_{i−1}(d_i); at the first rejection
+  sample a' from p_ℓ with d_{ℓ+1} removed and renormalised; bonus a' ~ p_K when all K are accepted. Output is
+  distributed exactly as AR sampling from warp(z).
+* logit mixing (``w`` < 1): the K draft rows use z̃_{i−1} = w·z_{i−1} + (1−w)·ζ_i before warping (the bonus
+  row stays pure AR); w = 1 is exactly lossless, lower w accepts more and is lossy.
+
+State commit: the verify forward returns every candidate row; committing ℓ+1 of them (anchor + accepted
+drafts) leaves the KV cache, conv window and delayed value exactly as AR decoding of those tokens would.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .generate import GenerationResult, _Stopper, left_pad
+from .sampling import Sampler, SamplerConfig, sample, warp
+from .session import Session
+
+
+@dataclass
+class TidarResult(GenerationResult):
+    steps: int = 0  # verify forwards
+    acceptance: list[int] = field(default_factory=list)  # histogram: acceptance[ℓ] = steps that accepted ℓ drafts
+
+    @property
+    def mean_accepted(self) -> float:
+        total = sum(self.acceptance)
+        return sum(i * n for i, n in enumerate(self.acceptance)) / total if total else 0.0
+
+
+def mixed_targets(z: np.ndarray, zeta: np.ndarray, w: float) -> np.ndarray:
+    """z̃ [B, K+1, V]: rows 0..K−1 mixed with the draft logits of the token they judge, row K pure AR."""
+    if w == 1.0:
+        return z
+    out = z.astype(np.float64).copy()
+    out[:, :-1] = w * z[:, :-1] + (1.0 - w) * zeta
+    return out
+
+
+def accept(z: np.ndarray, drafts: np.ndarray, zeta: np.ndarray, cfg: SamplerConfig, w: float,
+           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Accepted count ℓ [B] and the correction/bonus token a' [B] for verify logits z [B, K+1, V]."""
+    B, K1, V = z.shape
+    K = K1 - 1
+    target = mixed_targets(z, zeta, w)
+    if cfg.greedy:
+        best = target.argmax(-1)  # [B, K+1]
+        ok = drafts == best[:, :K]
+        ell = np.cumprod(ok, axis=1).sum(1)
+        return ell, best[np.arange(B), ell]
+    p = warp(target.reshape(B * K1, V), cfg).reshape(B, K1, V)
+    u = rng.random((B, K))
+    ok = u <= np.take_along_axis(p[:, :K], drafts[..., None], -1)[..., 0]
+    ell = np.cumprod(ok, axis=1).sum(1)
+    row = p[np.arange(B), ell].copy()  # p_ℓ
+    rejected = ell < K
+    row[rejected, drafts[rejected, ell[rejected]]] = 0.0  # residual of a Dirac draft: p_ℓ without d_{ℓ+1}
+    total = row.sum(-1, keepdims=True)
+    row = np.where(total > 0, row / np.where(total > 0, total, 1.0), p[np.arange(B), ell])
+    return ell, sample(row, rng.random(B))
+
+
+def _draft(session: Session, cache, anchor: np.ndarray, K: int, mask_id: int):  # noqa: ANN001
+    ids = np.concatenate([anchor[:, None], np.full((len(anchor), K), mask_id)], 1)
+    logits = session.run("draft", cache.inputs(ids))["logits"][:, 1:]  # [B, K, V]; slot 0 is discarded
+    return logits.argmax(-1), logits
+
+
+def generate_tidar(session: Session, prompts: list[list[int]], max_new_tokens: int,
+                   stop_ids: list[int] | None = None, sampler: SamplerConfig = SamplerConfig(),
+                   w: float = 1.0) -> TidarResult:
+    """Two-forward TiDAR decoding with ``session``'s ``verify`` and ``draft`` entries."""
+    if not 0.0 <= w <= 1.0:
+        raise ValueError(f"the mixing weight w must be in [0, 1], got {w}")
+    start = time.perf_counter()
+    K, mask_id = session.block_len, session.config.mask_token_id
+    rng = np.random.default_rng(sampler.seed)
+    ids, mask = left_pad(prompts, session.config.pad_token_id or 0)
+    padded = bool((mask == 0).any())
+    cache = session.new_cache(len(prompts), ids.shape[1] + max_new_tokens + K + 1)
+    out = session.run("prefill", cache.inputs(ids, mask if padded else None))
+    cache.commit(out, mask=mask.astype(bool) if padded else None)
+    anchor = Sampler(sampler)(out["logits"]) if sampler.greedy else sample(warp(out["logits"], sampler),
+                                                                              rng.random(len(prompts)))
+    first = time.perf_counter() - start
+    stopper = _Stopper(len(prompts), stop_ids)
+    hist = [0] * (K + 1)
+    forwards, steps = 1, 0
+    live = stopper.emit(anchor) and max_new_tokens > 1
+    drafts, zeta = _draft(session, cache, anchor, K, mask_id)
+    forwards += 1
+    while live:
+        out = session.run("verify", cache.inputs(np.concatenate([anchor[:, None], drafts], 1)))
+        forwards, steps = forwards + 1, steps + 1
+        ell, anchor = accept(out["logits"], drafts, zeta, sampler, w, rng)
+        active = stopper.active.copy()
+        cache.commit(out, counts=np.where(active, ell + 1, 0))
+        for b in np.flatnonzero(active):
+            hist[ell[b]] += 1
+            for token in [*drafts[b, : ell[b]].tolist(), int(anchor[b])]:
+                if not stopper.active[b] or len(stopper.out[b]) >= max_new_tokens:
+                    break
+                stopper.emit_row(b, token)
+        stopper.active &= np.array([len(t) < max_new_tokens for t in stopper.out])
+        live = bool(stopper.active.any())
+        if live:
+            drafts, zeta = _draft(session, cache, anchor, K, mask_id)
+            forwards += 1
+    return TidarResult(stopper.out, forwards, time.perf_counter() - start, first, steps=steps, acceptance=hist)
