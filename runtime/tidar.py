@@ -90,7 +90,8 @@ def generate_tidar(session: Session, prompts: list[list[int]], max_new_tokens: i
     rng = np.random.default_rng(sampler.seed)
     ids, mask = left_pad(prompts, session.config.pad_token_id or 0)
     padded = bool((mask == 0).any())
-    cache = session.new_cache(len(prompts), ids.shape[1] + max_new_tokens + K + 1)
+    # committed ≤ prompt + emitted + K accepted-but-truncated drafts, and a verify writes K+1 more
+    cache = session.new_cache(len(prompts), ids.shape[1] + max_new_tokens + 2 * (K + 1))
     out = session.run("prefill", cache.inputs(ids, mask if padded else None))
     cache.commit(out, mask=mask.astype(bool) if padded else None)
     anchor = Sampler(sampler)(out["logits"]) if sampler.greedy else sample(warp(out["logits"], sampler),

@@ -50,7 +50,7 @@ def test_run_json_matches_the_generation_loop(ckpt):
     result = _run("run", ckpt, "--prompt-ids", "2,17,301,44", "--max-new-tokens", "12", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert set(report) == {"tokens", "text", "forwards", "tokens_per_forward", "tok_per_s", "backend",
+    assert set(report) == {"tokens", "text", "forwards", "tokens_per_forward", "tok_per_s", "backend", "mode",
                            "time_to_first_token_s"}
     assert report["backend"] == "torch"
     model = load_checkpoint(ckpt)
@@ -63,7 +63,7 @@ def test_run_json_matches_the_generation_loop(ckpt):
 def test_run_text_prompt(ckpt):
     result = _run("run", ckpt, "--prompt", "def main():", "--max-new-tokens", "5")
     assert result.exit_code == 0, result.output
-    assert re.search(r"\[\d+ tokens, \d+ forwards, 1.0 tokens/forward, [\d.]+ tok/s, torch\]", result.stderr)
+    assert re.search(r"\[\d+ tokens, \d+ forwards, 1.0 tokens/forward, [\d.]+ tok/s, torch, ar\]", result.stderr)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -97,6 +97,13 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--backend", type=click.Choice(["ort", "torch"]), default=None,
               help="ort (artifacts; the default for them) or torch (eager; the default for checkpoints).")
+@click.option("--mode", type=click.Choice(["ar", "tidar"]), default="ar", show_default=True,
+              help="ar: one token per forward; tidar: verify K drafts and draft K more per step.")
+@click.option("--sampler", "sampler_name", type=click.Choice(["greedy", "lossless", "mix"]), default="lossless",
+              show_default=True, help="TiDAR acceptance: greedy (argmax), lossless (rejection sampling; greedy "
+              "at temperature 0), mix (logit mixing with --w, lossy below 1).")
+@click.option("--w", "mix_w", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Weight of the AR logits under --sampler mix (1 = lossless).")
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="0 = greedy.")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, help="Keep the k most likely tokens (0 = all).")
@@ -107,13 +114,14 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--allow-version-mismatch", is_flag=True, help="Run an artifact built with other tool versions.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens: int, backend: str | None,
-        temperature: float, top_k: int, top_p: float, seed: int, dtype: str | None, allow_version_mismatch: bool,
-        as_json: bool) -> None:
+        mode: str, sampler_name: str, mix_w: float, temperature: float, top_k: int, top_p: float, seed: int,
+        dtype: str | None, allow_version_mismatch: bool, as_json: bool) -> None:
     """Generate from SOURCE, an exported artifact or a checkpoint directory."""
     from .artifact import is_artifact
     from .runtime.generate import generate
     from .runtime.sampling import SamplerConfig
     from .runtime.session import Session
+    from .runtime.tidar import generate_tidar
 
     if (prompt is None) == (prompt_ids is None):
         raise InputError("give exactly one of --prompt or --prompt-ids")
@@ -137,22 +145,35 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
     if len(ids) + max_new_tokens > config.max_position_embeddings:
         raise InputError(f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the context of "
                          f"{config.max_position_embeddings}")
-    sampler = SamplerConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    result = generate(session, [ids], max_new_tokens, config.eos_token_ids, sampler)
+    if mode == "ar" and sampler_name == "mix":
+        raise InputError("--sampler mix needs --mode tidar")
+    if mode == "tidar" and session.artifact is not None and "verify" not in session.artifact.entry_points:
+        raise InputError(f"{source}: no verify/draft entry points (re-export it with this zaya-export)")
+    greedy = sampler_name == "greedy"
+    sampler = SamplerConfig(temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p, seed=seed)
+    if mode == "tidar":
+        w = mix_w if sampler_name == "mix" else 1.0
+        result = generate_tidar(session, [ids], max_new_tokens, config.eos_token_ids, sampler, w)
+    else:
+        result = generate(session, [ids], max_new_tokens, config.eos_token_ids, sampler)
     tokens = result.tokens[0]
     text = tokenizer.decode(tokens) if tokenizer is not None else None
     report = {
         "tokens": tokens, "text": text, "forwards": result.forwards,
         "tokens_per_forward": round(result.tokens_per_forward, 4),
         "tok_per_s": round(len(tokens) / result.seconds, 2) if result.seconds else None,
-        "backend": backend, "time_to_first_token_s": round(result.first_token_seconds, 4),
+        "backend": backend, "mode": mode, "time_to_first_token_s": round(result.first_token_seconds, 4),
     }
+    if mode == "tidar":
+        report.update(steps=result.steps, acceptance=result.acceptance, mean_accepted=round(result.mean_accepted, 3),
+                      sampler=sampler_name, w=w)
     if as_json:
         click.echo(json.dumps(report))
         return
     click.echo(text if text is not None else " ".join(map(str, tokens)))
+    extra = f", mean accepted {report['mean_accepted']}" if mode == "tidar" else ""
     click.echo(f"[{len(tokens)} tokens, {result.forwards} forwards, {report['tokens_per_forward']} tokens/forward, "
-               f"{report['tok_per_s']} tok/s, {backend}]", err=True)
+               f"{report['tok_per_s']} tok/s, {backend}, {mode}{extra}]", err=True)
 
 
 @main.command()

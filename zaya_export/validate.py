@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from zaya_export.runtime.generate import generate, generate_greedy
+from zaya_export.runtime.sampling import SamplerConfig
+from zaya_export.runtime.tidar import generate_tidar
 from zaya_export.runtime.session import Session, TorchBackend, _model_from_artifact
 
 from .artifact import Artifact
@@ -134,10 +136,33 @@ def validate_artifact(artifact: Artifact, backend: str = "ort", checkpoint: Path
         same = sum(1 for a, b in zip(got, want) if a == b) if len(got) == len(want) else 0
         ok = got == want if tol.greedy_exact else same / max(len(want), 1) >= tol.top1
         greedy.append({"prompt_len": len(p), "tokens": got, "reference": want, "equal": got == want, "ok": bool(ok)})
+    tidar = _tidar_checks(session, ref_model, prompts, max_new_tokens, tol) if "verify" in artifact.entry_points \
+        else []
     report = {"backend": backend, "reference": reference, "dtype": dtype, "tolerance": asdict(tol),
               "checkpoint": str(checkpoint) if checkpoint else None, "entries": checks, "greedy": greedy,
-              "ok": all(c["ok"] for c in checks) and all(g["ok"] for g in greedy)}
+              "tidar": tidar, "ok": all(c["ok"] for c in checks + greedy + tidar)}
     return report
+
+
+def _tidar_checks(session: Session, ref_model, prompts: list[list[int]], max_new_tokens: int,  # noqa: ANN001
+                  tol: Tolerance) -> list[dict[str, Any]]:
+    """Greedy TiDAR == greedy AR (eager), and the same acceptance lengths as the eager model for seeded
+    stochastic lossless sampling."""
+    eager = Session.from_model(ref_model, session.block_len)
+    stop = ref_model.config.eos_token_ids
+    out = []
+    for p in prompts:
+        ar = generate_greedy(ref_model, [p], max_new_tokens, stop).tokens[0]
+        td = generate_tidar(session, [p], max_new_tokens, stop)
+        cfg = SamplerConfig(temperature=1.0, seed=len(p))
+        got = generate_tidar(session, [p], max_new_tokens, stop, cfg)
+        want = generate_tidar(eager, [p], max_new_tokens, stop, cfg)
+        greedy_ok = td.tokens[0] == ar if tol.greedy_exact else True
+        out.append({"prompt_len": len(p), "greedy_equals_ar": td.tokens[0] == ar,
+                    "acceptance": got.acceptance, "eager_acceptance": want.acceptance,
+                    "same_acceptance": got.acceptance == want.acceptance,
+                    "ok": bool(greedy_ok and (got.acceptance == want.acceptance or not tol.greedy_exact))})
+    return out
 
 
 def _default_prompts(artifact: Artifact, vocab: int) -> list[list[int]]:
@@ -181,4 +206,9 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines += ["", "| prompt tokens | generated | equal to reference | ok |", "|---|---|---|---|"]
     lines += [f"| {g['prompt_len']} | {len(g['tokens'])} | {g['equal']} | {'✓' if g['ok'] else '✗'} |"
               for g in report["greedy"]]
+    if report.get("tidar"):
+        lines += ["", "| prompt tokens | greedy TiDAR == AR | acceptance (backend) | acceptance (eager) | ok |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {t['prompt_len']} | {t['greedy_equals_ar']} | {t['acceptance']} | {t['eager_acceptance']} | "
+                  f"{'✓' if t['ok'] else '✗'} |" for t in report["tidar"]]
     return "\n".join(lines) + "\n"
