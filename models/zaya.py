@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ZayaConfig
+from .packed import PackedLayout, Segments
 from .state import Past, Update, empty_past
 
 
@@ -87,9 +88,11 @@ class CCAProjection(nn.Module):
         self.conv_qk_depthwise = nn.Conv1d(C, C, config.cca_time0, groups=C)
         self.conv_qk_grouped = nn.Conv1d(C, C, config.cca_time1, groups=self.n_q + self.n_kv)
 
-    def forward(self, x: Tensor, conv: Tensor, rho: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, conv: Tensor, rho: Tensor, segments: Segments | None = None
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """x [B, T, H], conv [B, C, κ], rho [B, dv] → q [B,T,n_q,d], k [B,T,n_kv,d], v [B,T,n_kv,d],
-        conv_rows [B, C, κ+T], omega [B, T, dv]."""
+        conv_rows [B, C, κ+T], omega [B, T, dv]. With ``segments`` (TiDAR packed step) each segment runs the
+        conv and delayed value over its own history, gathered from the shared rows."""
         B, T, _ = x.shape
         G = self.n_q // self.n_kv
         q_hat = self.q_proj(x)  # [B, T, n_q·d]
@@ -100,12 +103,20 @@ class CCAProjection(nn.Module):
         k_res = q_res.view(B, T, self.n_kv, G, self.d).mean(dim=-2)
         # Two-stage causal conv over [history ; new rows]: depthwise then one dense d×d matrix per head and tap.
         conv_rows = torch.cat([conv, torch.cat([q_hat, k_hat], dim=-1).transpose(1, 2)], dim=-1)  # [B, C, κ+T]
-        z = self.conv_qk_grouped(self.conv_qk_depthwise(conv_rows)).transpose(1, 2)  # [B, T, C]
+        if segments is None:
+            z = self.conv_qk_grouped(self.conv_qk_depthwise(conv_rows)).transpose(1, 2)  # [B, T, C]
+        else:
+            G, W = segments.conv_index.shape  # segments, κ + rows per segment
+            C = conv_rows.shape[1]
+            seg_rows = conv_rows[:, :, segments.conv_index.flatten()].view(B, C, G, W).permute(0, 2, 1, 3)
+            z = self.conv_qk_grouped(self.conv_qk_depthwise(seg_rows.reshape(B * G, C, W)))  # [B·G, C, W−κ]
+            z = z.view(B, G, C, -1).permute(0, 1, 3, 2).reshape(B, T, C)
         q = z[..., : self.n_q * self.d].view(B, T, self.n_q, self.d) + q_res
         k = z[..., self.n_q * self.d :].view(B, T, self.n_kv, self.d) + k_res
         # Value: current-token half and previous-token (delayed) half, one whole KV head group each.
         omega = self.v_proj_delayed(x)  # [B, T, dv]
-        v_delayed = torch.cat([rho[:, None, :], omega], dim=1)[:, :T]  # [ρ, ω_0..ω_{T-2}]
+        v_ext = torch.cat([rho[:, None, :], omega], dim=1)  # [ρ, ω_0..ω_{T-1}]
+        v_delayed = v_ext[:, :T] if segments is None else v_ext[:, segments.value_index.flatten()]
         v = torch.cat([self.v_proj_current(x), v_delayed], dim=-1).view(B, T, self.n_kv, self.d)
         return q, k, v, conv_rows, omega
 
@@ -135,6 +146,7 @@ class AttnLayout:
     new_valid: Tensor  # [B, T] bool
     window: int  # sliding window on positions; 0 = none
     causal: bool = True  # False: the new block attends bidirectionally (TiDAR draft)
+    segments: Segments | None = None  # TiDAR packed step: per-segment CCA history
 
 
 class CCAAttention(nn.Module):
@@ -154,13 +166,18 @@ class CCAAttention(nn.Module):
     def forward(self, x: Tensor, past_k: Tensor, past_v: Tensor, conv: Tensor, rho: Tensor, layout: AttnLayout,
                 cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """x [B, T, H]; past_k/v [B, n_kv, S, d] → out [B, T, H] and this layer's k, v, conv_rows, omega."""
+        if layout.segments is not None:  # packed TiDAR step: the reference path (the fused ops are one-segment)
+            q, k, v, conv_rows, omega = CCAAttention.project(self, x, conv, rho, cos, sin, layout.segments)
+            out = CCAAttention.attend(self, q, k, v, past_k, past_v, layout)
+            return self.o_proj(out), k, v, conv_rows, omega
         q, k, v, conv_rows, omega = self.project(x, conv, rho, cos, sin)
         out = self.attend(q, k, v, past_k, past_v, layout)
         return self.o_proj(out), k, v, conv_rows, omega
 
-    def project(self, x: Tensor, conv: Tensor, rho: Tensor, cos: Tensor, sin: Tensor):  # noqa: ANN201
+    def project(self, x: Tensor, conv: Tensor, rho: Tensor, cos: Tensor, sin: Tensor,  # noqa: ANN201
+                segments: Segments | None = None):
         """→ q [B, n_q, T, d], k/v [B, n_kv, T, d] (q, k normed and rotated), conv_rows, omega."""
-        q, k, v, conv_rows, omega = self.qkv_proj(x, conv, rho)
+        q, k, v, conv_rows, omega = self.qkv_proj(x, conv, rho, segments)
         q, k = self.qk_norm(q, k)
         q = apply_partial_rope(q.transpose(1, 2), cos, sin)
         k = apply_partial_rope(k.transpose(1, 2), cos, sin)
@@ -168,14 +185,15 @@ class CCAAttention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor, layout: AttnLayout) -> Tensor:
         """Softmax attention of q over [past ; new] keys → [B, T, n_q·d]."""
-        B, _, T, _ = q.shape
-        keys = torch.cat([past_k, k], dim=2).repeat_interleave(self.G, dim=1)  # [B, n_q, S+T, d]
-        values = torch.cat([past_v, v], dim=2).repeat_interleave(self.G, dim=1)
-        scores = torch.matmul(q, keys.transpose(2, 3)) * (q.shape[-1] ** -0.5)  # [B, n_q, T, S+T]
+        B, n_q, T, d = q.shape
+        keys = torch.cat([past_k, k], dim=2)[:, :, None]  # [B, n_kv, 1, S+T, d], shared by the G q heads
+        values = torch.cat([past_v, v], dim=2)[:, :, None]
+        q = q.view(B, n_q // self.G, self.G, T, d)  # q head h reads KV head h // G
+        scores = torch.matmul(q, keys.transpose(-1, -2)) * (d**-0.5)  # [B, n_kv, G, T, S+T]
         # A finite fill (not -inf) keeps fully masked rows (left padding) finite instead of NaN.
-        scores = scores.masked_fill(~layout.allowed[:, None], torch.finfo(scores.dtype).min)
+        scores = scores.masked_fill(~layout.allowed[:, None, None], torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.matmul(probs, values).transpose(1, 2).reshape(B, T, -1)
+        return torch.matmul(probs, values).view(B, n_q, T, d).transpose(1, 2).reshape(B, T, -1)
 
 
 class RouterMLP(nn.Module):
@@ -325,6 +343,20 @@ def attention_allowed(past_valid: Tensor, new_valid: Tensor, window: int | None,
     return allowed, q_pos.clamp_min(0)
 
 
+def packed_allowed(past_valid: Tensor, packed: PackedLayout, window: int | None) -> tuple[Tensor, Tensor]:
+    """Key predicate ``[B, N, S+N]`` and positions ``[B, N]`` of a packed TiDAR step after the cache: every
+    step token sees the whole (valid) cache, and the static template among step tokens."""
+    B, S = past_valid.shape
+    N = packed.size
+    pos = past_valid.long().sum(-1, keepdim=True) + packed.offsets.to(past_valid.device)[None]  # [B, N]
+    allowed = torch.cat([past_valid[:, None, :].expand(B, N, S),
+                         packed.template.to(past_valid.device)[None].expand(B, N, N)], dim=-1)
+    if window is not None:
+        key_pos = torch.cat([past_valid.long().cumsum(-1) - 1, pos], dim=-1)  # [B, S+N]
+        allowed = allowed & ((pos[:, :, None] - key_pos[:, None, :]) < window)
+    return allowed, pos
+
+
 class ZayaForCausalLM(nn.Module):
     """ZAYA1 with a tied (or untied) LM head. ``forward`` is the plain full-sequence model; ``step`` is the
     state-explicit forward used by prefill, decode and every exported entry point."""
@@ -359,13 +391,15 @@ class ZayaForCausalLM(nn.Module):
         return None if biases[0] is None else torch.stack([b.detach() for b in biases])
 
     def step(self, input_ids: Tensor, past: Past, input_mask: Tensor | None = None,
-             last_only: bool = False, causal: bool = True) -> tuple[Tensor, Update]:
+             last_only: bool = False, causal: bool = True, packed: PackedLayout | None = None
+             ) -> tuple[Tensor, Update]:
         """Forward T new tokens after the committed state ``past``.
 
         input_ids [B, T]; input_mask [B, T] bool (False = left padding) or None → logits [B, T, V] (or
         [B, 1, V] with ``last_only``) and the uncommitted :class:`Update`. ``causal=False`` is the TiDAR draft
         layout: the block attends to the cache and bidirectionally to itself, while the CCA conv and delayed
         value still continue from the committed state (they are sequence-local, not mask-driven).
+        ``packed`` is the single-forward TiDAR layout (verify + proposals, ``packed.py``); T must be its size.
         """
         cfg, m = self.config, self.model
         B, T = input_ids.shape
@@ -376,9 +410,14 @@ class ZayaForCausalLM(nn.Module):
         per_type = {}
         for layer_type in set(cfg.layer_types):
             window = cfg.sliding_window if layer_type == "hybrid_sliding" else None
-            allowed, pos = attention_allowed(past.valid, new_valid, window, causal)
+            if packed is None:
+                allowed, pos = attention_allowed(past.valid, new_valid, window, causal)
+            else:
+                allowed, pos = packed_allowed(past.valid, packed, window)
             cos, sin = rope_cos_sin(pos, cfg.rotary_dim(layer_type), cfg.rope_theta(layer_type), dtype)
-            per_type[layer_type] = (AttnLayout(allowed, past.valid, new_valid, window or 0, causal), cos, sin)
+            layout = AttnLayout(allowed, past.valid, new_valid, window or 0, causal,
+                                None if packed is None else packed.segments)
+            per_type[layer_type] = (layout, cos, sin)
         router_state = None
         ks, vs, convs, omegas = [], [], [], []
         for i, layer in enumerate(m.layers):

@@ -57,11 +57,11 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, model, block_len: int | None = None) -> None:  # noqa: ANN001 - ZayaForCausalLM
+    def __init__(self, model, block_len: int | None = None, levels: tuple[int, ...] | None = None) -> None:  # noqa: ANN001
         import torch
 
         self.torch, self.model = torch, model
-        specs = tracing.entry_specs(block_len or model.config.diffusion_block_len)
+        specs = tracing.entry_specs(block_len or model.config.diffusion_block_len, levels, model.config.conv_history)
         self.entries = {name: tracing.Entry(model, spec).eval() for name, spec in specs.items()}
 
     def run(self, entry: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -98,8 +98,6 @@ class KVCache:
 
     def inputs(self, ids: np.ndarray, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Entry inputs for new tokens ``ids`` [B, T]: the whole buffers, unfilled slots marked invalid."""
-        if self.length + ids.shape[1] > self.capacity:
-            raise ValueError(f"cache full: {self.length} + {ids.shape[1]} tokens exceed capacity {self.capacity}")
         mask = np.ones(ids.shape, bool) if mask is None else mask.astype(bool)
         return {"input_ids": ids.astype(np.int64), "input_mask": mask, "past_k": self.k, "past_v": self.v,
                 "past_valid": self.valid, "conv_state": self.conv, "rho_state": self.rho}
@@ -109,6 +107,8 @@ class KVCache:
         """Keep the first ``counts[b]`` new tokens of row b (all T by default); ``mask`` marks left padding."""
         T = out["new_k"].shape[3]
         counts = np.full(len(self.lengths), T) if counts is None else np.asarray(counts)
+        if (self.lengths + counts).max() > self.capacity:
+            raise ValueError(f"cache full: committing {counts.max()} more tokens exceeds capacity {self.capacity}")
         kappa = self.conv.shape[-1]
         for b, n in enumerate(counts.tolist()):
             start, end = self.lengths[b], self.lengths[b] + n
@@ -139,25 +139,29 @@ class Session:
                 raise InputError(f"{path}: the ort backend needs an exported artifact (run `zaya-export export`)")
             self.backend: Backend = OrtBackend(self.artifact, threads)
             self.config = self.artifact.config
-            self.block_len = self.artifact.manifest.get("tidar", {}).get("block_len")
+            tidar = self.artifact.manifest.get("tidar", {})
+            self.block_len, self.levels = tidar.get("block_len"), tuple(tidar.get("levels", ()))
         elif backend == "torch":
             model = load_checkpoint(path, dtype=dtype) if self.artifact is None \
                 else _model_from_artifact(self.artifact, dtype)
-            block_len = self.artifact.manifest.get("tidar", {}).get("block_len") if self.artifact else None
-            self.backend = TorchBackend(model, block_len)
+            tidar = self.artifact.manifest.get("tidar", {}) if self.artifact else {}
+            self.block_len = tidar.get("block_len") or model.config.diffusion_block_len
+            self.levels = tuple(tidar.get("levels", ())) or tracing.default_levels(self.block_len)
+            self.backend = TorchBackend(model, self.block_len, self.levels)
             self.config = model.config
-            self.block_len = block_len or model.config.diffusion_block_len
         else:
             raise InputError(f"unknown backend {backend!r}; choose ort or torch")
         tok = (self.artifact.tokenizer if self.artifact else (path / "tokenizer.json"))
         self.tokenizer = load_tokenizer(tok) if tok is not None and tok.is_file() else None
 
     @classmethod
-    def from_model(cls, model, block_len: int | None = None) -> "Session":  # noqa: ANN001 - ZayaForCausalLM
+    def from_model(cls, model, block_len: int | None = None,  # noqa: ANN001 - ZayaForCausalLM
+                   levels: tuple[int, ...] | None = None) -> "Session":
         self = cls.__new__(cls)
         self.artifact, self.tokenizer = None, None
         self.block_len = block_len or model.config.diffusion_block_len
-        self.backend, self.config = TorchBackend(model, self.block_len), model.config
+        self.levels = tuple(levels or tracing.default_levels(self.block_len))
+        self.backend, self.config = TorchBackend(model, self.block_len, self.levels), model.config
         return self
 
     def run(self, entry: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

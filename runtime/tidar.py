@@ -51,22 +51,27 @@ def mixed_targets(z: np.ndarray, zeta: np.ndarray, w: float) -> np.ndarray:
 
 
 def accept(z: np.ndarray, drafts: np.ndarray, zeta: np.ndarray, cfg: SamplerConfig, w: float,
-           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Accepted count ℓ [B] and the correction/bonus token a' [B] for verify logits z [B, K+1, V]."""
+           rng: np.random.Generator, valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Accepted count ℓ [B] and the correction/bonus token a' [B] for verify logits z [B, K+1, V].
+
+    ``valid`` [B, K] marks drafts that exist (the packed step may lack a tail, §4.4): an invalid draft is
+    rejected and, having probability 0 under its drafter, leaves the residual equal to p itself (exact)."""
     B, K1, V = z.shape
     K = K1 - 1
+    valid = np.ones((B, K), bool) if valid is None else valid
     target = mixed_targets(z, zeta, w)
     if cfg.greedy:
         best = target.argmax(-1)  # [B, K+1]
-        ok = drafts == best[:, :K]
+        ok = (drafts == best[:, :K]) & valid
         ell = np.cumprod(ok, axis=1).sum(1)
         return ell, best[np.arange(B), ell]
     p = warp(target.reshape(B * K1, V), cfg).reshape(B, K1, V)
     u = rng.random((B, K))
-    ok = u <= np.take_along_axis(p[:, :K], drafts[..., None], -1)[..., 0]
+    ok = (u <= np.take_along_axis(p[:, :K], drafts[..., None], -1)[..., 0]) & valid
     ell = np.cumprod(ok, axis=1).sum(1)
     row = p[np.arange(B), ell].copy()  # p_ℓ
-    rejected = ell < K
+    rejected = np.flatnonzero(ell < K)
+    rejected = rejected[valid[rejected, ell[rejected]]]
     row[rejected, drafts[rejected, ell[rejected]]] = 0.0  # residual of a Dirac draft: p_ℓ without d_{ℓ+1}
     total = row.sum(-1, keepdims=True)
     row = np.where(total > 0, row / np.where(total > 0, total, 1.0), p[np.arange(B), ell])
@@ -79,14 +84,28 @@ def _draft(session: Session, cache, anchor: np.ndarray, K: int, mask_id: int):  
     return logits.argmax(-1), logits
 
 
+def _select_proposals(logits: np.ndarray, ell: np.ndarray, levels: tuple[int, ...], K: int):  # noqa: ANN202
+    """Next drafts from a packed step (§4.4): proposal p* = max{p : λ_p ≤ ℓ}, realigned by s = ℓ − λ_p* so
+    draft i comes from slot s+i (position b'+i); slots past K do not exist and are marked invalid."""
+    lam = np.asarray(levels)
+    p_star = (lam[None, :] <= ell[:, None]).sum(1)  # 1-based proposal index
+    slot = (ell - lam[p_star - 1])[:, None] + np.arange(1, K + 1)[None]  # [B, K]
+    valid = slot <= K
+    rows = (K + 1) * p_star[:, None] + np.minimum(slot, K)
+    zeta = np.take_along_axis(logits, rows[..., None], 1)  # [B, K, V]
+    return zeta.argmax(-1), zeta, valid
+
+
 def generate_tidar(session: Session, prompts: list[list[int]], max_new_tokens: int,
                    stop_ids: list[int] | None = None, sampler: SamplerConfig = SamplerConfig(),
-                   w: float = 1.0) -> TidarResult:
-    """Two-forward TiDAR decoding with ``session``'s ``verify`` and ``draft`` entries."""
+                   w: float = 1.0, fused: bool = False) -> TidarResult:
+    """TiDAR decoding with ``session``'s entries: two forwards per step (``verify`` + ``draft``), or with
+    ``fused`` one packed ``step`` forward that verifies and proposes drafts for every acceptance level."""
     if not 0.0 <= w <= 1.0:
         raise ValueError(f"the mixing weight w must be in [0, 1], got {w}")
     start = time.perf_counter()
     K, mask_id = session.block_len, session.config.mask_token_id
+    levels = session.levels
     rng = np.random.default_rng(sampler.seed)
     ids, mask = left_pad(prompts, session.config.pad_token_id or 0)
     padded = bool((mask == 0).any())
@@ -102,11 +121,15 @@ def generate_tidar(session: Session, prompts: list[list[int]], max_new_tokens: i
     forwards, steps = 1, 0
     live = stopper.emit(anchor) and max_new_tokens > 1
     drafts, zeta = _draft(session, cache, anchor, K, mask_id)
+    valid = np.ones(drafts.shape, bool)
     forwards += 1
     while live:
-        out = session.run("verify", cache.inputs(np.concatenate([anchor[:, None], drafts], 1)))
+        block = np.concatenate([anchor[:, None], drafts], 1)
+        if fused:
+            block = np.concatenate([block, np.full((len(block), (K + 1) * len(levels)), mask_id)], 1)
+        out = session.run("step" if fused else "verify", cache.inputs(block))
         forwards, steps = forwards + 1, steps + 1
-        ell, anchor = accept(out["logits"], drafts, zeta, sampler, w, rng)
+        ell, anchor = accept(out["logits"][:, : K + 1], drafts, zeta, sampler, w, rng, valid)
         active = stopper.active.copy()
         cache.commit(out, counts=np.where(active, ell + 1, 0))
         for b in np.flatnonzero(active):
@@ -117,7 +140,9 @@ def generate_tidar(session: Session, prompts: list[list[int]], max_new_tokens: i
                 stopper.emit_row(b, token)
         stopper.active &= np.array([len(t) < max_new_tokens for t in stopper.out])
         live = bool(stopper.active.any())
-        if live:
+        if live and fused:
+            drafts, zeta, valid = _select_proposals(out["logits"], ell, levels, K)
+        elif live:
             drafts, zeta = _draft(session, cache, anchor, K, mask_id)
             forwards += 1
     return TidarResult(stopper.out, forwards, time.perf_counter() - start, first, steps=steps, acceptance=hist)

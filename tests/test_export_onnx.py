@@ -43,8 +43,9 @@ def test_artifact_layout_and_manifest(artifact, model):
     art = open_artifact(artifact)
     m = art.manifest
     assert set(m["files"]) == {"config.json", "generation_config.json", "onnx/weights.safetensors",
-                               *(f"onnx/{e}.onnx" for e in ("prefill", "decode", "verify", "draft"))}
-    assert m["tidar"] == {"block_len": model.config.diffusion_block_len, "mask_token_id": 4}
+                               *(f"onnx/{e}.onnx" for e in ("prefill", "decode", "verify", "draft", "step"))}
+    assert m["tidar"] == {"block_len": model.config.diffusion_block_len, "levels": [0, 6, 16], "mask_token_id": 4}
+    assert m["op_counts"]["step"]["zaya.moe_top1"] == 3 and "zaya.cca" not in m["op_counts"]["step"]
     assert [(r["name"], r["rewrites"]) for r in m["pass_log"]["model"]] == [
         ("fuse_cca", 3), ("fuse_attention", 3), ("fuse_moe", 3)]
     for entry in ("prefill", "decode", "verify", "draft"):
@@ -60,14 +61,14 @@ def test_weights_are_stored_once(artifact, model):
     weights = artifact / "onnx" / "weights.safetensors"
     param_bytes = sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if n != "lm_head.weight")
     assert param_bytes <= weights.stat().st_size < param_bytes + 64 * 1024
-    for entry in ("prefill", "decode", "verify", "draft"):
+    for entry in ("prefill", "decode", "verify", "draft", "step"):
         path = artifact / "onnx" / f"{entry}.onnx"
         assert path.stat().st_size < param_bytes / 10  # graphs hold references, not weights
         proto = onnx.load(str(path), load_external_data=False)
         external = [i for i in proto.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
         assert {e.value for i in external for e in i.external_data if e.key == "location"} == {"weights.safetensors"}
         inline = [i for i in proto.graph.initializer if i.data_location != onnx.TensorProto.EXTERNAL]
-        assert max((len(i.raw_data) for i in inline), default=0) <= 4096
+        assert max((len(i.raw_data) for i in inline), default=0) <= 68 * 68  # at most the step mask template
         assert proto.opset_import and any(o.domain == "zaya" for o in proto.opset_import)
         onnx.checker.check_model(str(path), full_check=True)
 
@@ -156,7 +157,7 @@ def test_cli_export_inspect_validate_bench_run(ckpt, artifact, tmp_path):
     out = tmp_path / "cli-artifact"
     result = runner.invoke(main, ["export", str(ckpt), "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["entry_points"] == ["decode", "draft", "prefill", "verify"]
+    assert json.loads(result.stdout)["entry_points"] == ["decode", "draft", "prefill", "step", "verify"]
     info = json.loads(runner.invoke(main, ["inspect", str(out), "--json"]).stdout)
     assert info["entry_points"]["decode"]["fused"] == {"zaya.CCA": 3, "zaya.BlockAttention": 3, "zaya.MoETop1": 3}
     result = runner.invoke(main, ["validate", str(out), "--json"])
@@ -222,18 +223,21 @@ def test_tidar_on_onnxruntime(artifact, model):
 
     prompts = [[5, 9, 31, 200, 7, 7, 8], [44], [300, 301]]
     ort_session = Session(artifact, "ort")
-    assert generate_tidar(ort_session, prompts, 20).tokens == generate_greedy(model, prompts, 20).tokens
-    cfg = SamplerConfig(temperature=1.0, seed=3)
-    got = generate_tidar(ort_session, prompts, 20, sampler=cfg)
-    want = generate_tidar(Session.from_model(model), prompts, 20, sampler=cfg)
-    assert (got.tokens, got.acceptance) == (want.tokens, want.acceptance)
-    mixed = generate_tidar(ort_session, prompts, 20, w=0.0)
-    assert mixed.mean_accepted == model.config.diffusion_block_len  # w = 0 accepts every draft
-    result = CliRunner().invoke(main, ["run", str(artifact), "--prompt-ids", "5,9,31", "--mode", "tidar",
+    assert ort_session.levels == (0, 6, 16)
+    for fused in (False, True):
+        greedy = generate_tidar(ort_session, prompts, 20, fused=fused)
+        assert greedy.tokens == generate_greedy(model, prompts, 20).tokens
+        cfg = SamplerConfig(temperature=1.0, seed=3)
+        got = generate_tidar(ort_session, prompts, 20, sampler=cfg, fused=fused)
+        want = generate_tidar(Session.from_model(model), prompts, 20, sampler=cfg, fused=fused)
+        assert (got.tokens, got.acceptance) == (want.tokens, want.acceptance)
+        mixed = generate_tidar(ort_session, prompts, 20, w=0.0, fused=fused)
+        assert mixed.mean_accepted == model.config.diffusion_block_len  # w = 0 accepts every draft
+    result = CliRunner().invoke(main, ["run", str(artifact), "--prompt-ids", "5,9,31", "--mode", "tidar-fused",
                                        "--sampler", "mix", "--w", "0", "--max-new-tokens", "12", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["mode"] == "tidar" and report["acceptance"][-1] == report["steps"]
+    assert report["mode"] == "tidar-fused" and report["acceptance"][-1] == report["steps"]
     assert report["tokens_per_forward"] > 1
     result = CliRunner().invoke(main, ["run", str(artifact), "--prompt-ids", "5", "--sampler", "mix"])
     assert result.exit_code == 2 and "needs --mode tidar" in result.stderr

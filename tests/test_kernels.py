@@ -109,18 +109,22 @@ def test_moe_top1_onnx_body_matches_reference(N, E, skip, seed):
 
 
 def test_reference_ops_equal_the_model_regions():
-    """Each fusion pass swaps a region for its op; the whole model's outputs must not move at all."""
+    """Each fusion pass swaps a region for its op; the whole model's outputs (every entry, the packed step
+    included) stay within fp32 rounding."""
     from zaya_export.passes.base import PassManager
     from zaya_export.passes.fusion import fusion_pipeline
     from zaya_export.tracing import Entry, entry_specs, example_inputs
 
     model = random_model(small_config(), seed=4)
-    cases = [example_inputs(model, B, T, S, seed=i) for i, (B, T, S) in enumerate([(1, 1, 0), (2, 9, 0), (3, 1, 6)])]
+    specs = entry_specs(3).values()
+    cases = [(spec, example_inputs(model, B, spec.tokens or T, S, seed=i)) for spec in specs
+             for i, (B, T, S) in enumerate([(1, 1, 0), (2, 9, 0), (3, 1, 6)])]
 
     def probe(m):
         with torch.no_grad():
-            return [t for inputs in cases for spec in entry_specs(3).values() for t in Entry(m, spec)(*inputs)]
+            return [t for spec, inputs in cases for t in Entry(m, spec)(*inputs)]
 
-    log = PassManager(fusion_pipeline(), probe=probe, atol=0.0).run(model)
-    assert [(r.name, r.rewrites, r.max_abs_diff) for r in log] == [
-        ("fuse_cca", 2, 0.0), ("fuse_attention", 2, 0.0), ("fuse_moe", 2, 0.0)]
+    log = PassManager(fusion_pipeline(), probe=probe, atol=1e-4).run(model)
+    assert [(r.name, r.rewrites) for r in log] == [("fuse_cca", 2), ("fuse_attention", 2), ("fuse_moe", 2)]
+    assert log[0].max_abs_diff == 0.0  # same arithmetic, different summation order only in attention
+    assert all(r.max_abs_diff <= 1e-4 for r in log)

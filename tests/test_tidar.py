@@ -25,13 +25,37 @@ PROMPTS = [[5, 9, 31, 200, 7, 7, 8, 99, 12], [44], [300, 301]]  # lengths 9, 1 a
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_greedy_tidar_equals_greedy_ar(name):
+@pytest.mark.parametrize("fused", [False, True], ids=["tidar", "tidar-fused"])
+def test_greedy_tidar_equals_greedy_ar(name, fused):
     model = random_model(small_config(**CONFIGS[name], eos_token_id=None), seed=len(name))
     session = Session.from_model(model)
     ar = generate_greedy(model, PROMPTS, 30)
-    td = tidar.generate_tidar(session, PROMPTS, 30)
+    td = tidar.generate_tidar(session, PROMPTS, 30, fused=fused)
     assert td.tokens == ar.tokens
-    assert sum(td.acceptance) >= td.steps and td.forwards == 2 + 2 * td.steps - 1
+    assert sum(td.acceptance) >= td.steps
+    assert td.forwards == (2 + td.steps if fused else 2 + 2 * td.steps - 1)
+
+
+def test_packed_step_rows_equal_verify_and_drafts_after_each_level():
+    """The exactness property of the packed layout: verify rows are AR rows, and proposal p's rows equal a
+    bidirectional draft of K+1 masks made after committing the anchor and λ_p drafts (per-segment CCA)."""
+    from zaya_export.models.packed import packed_layout
+
+    model = random_model(small_config(diffusion_block_len=5, num_hidden_layers=3,
+                                      layer_types=["hybrid", "hybrid_sliding", "hybrid"], sliding_window=7), seed=8)
+    K, levels, M = 5, (0, 2, 3, 5), model.config.mask_token_id
+    layout = packed_layout(K, levels, model.config.conv_history)
+    prompt, block = torch.tensor([[5, 9, 31, 200, 7, 8, 3]]), torch.tensor([[17, 18, 19, 20, 21, 22]])
+    with torch.no_grad():
+        _, state = prefill(model, prompt)
+        ids = torch.cat([block] + [torch.full((1, K + 1), M)] * len(levels), 1)
+        logits, _ = model.step(ids, state.past(), packed=layout)
+        verify, _ = model.step(block, state.past())
+        assert (logits[:, : K + 1] - verify).abs().max().item() <= 1e-4
+        for p, lam in enumerate(levels, 1):
+            _, after = prefill(model, torch.cat([prompt, block[:, : lam + 1]], 1))
+            draft, _ = model.step(torch.full((1, K + 1), M), after.past(), causal=False)
+            assert (logits[:, (K + 1) * p : (K + 1) * (p + 1)] - draft).abs().max().item() <= 1e-4, lam
 
 
 def test_commit_reproduces_ar_state_at_every_acceptance_length():
@@ -84,18 +108,19 @@ def stats_model():
     return model
 
 
-def _sampled(stats_model, rule=None, n=3000, w=1.0):
-    session = Session.from_model(stats_model)
+def _sampled(stats_model, rule=None, n=3000, w=1.0, fused=False):
+    session = Session.from_model(stats_model, levels=(0, 2))  # K = 3: level 3 missing, so tails get rejected
     prompts = [[2, 7, 9]] * n
     cfg = SamplerConfig(temperature=1.0, seed=11)
     if rule is None:
         return _first_tokens(generate(session, prompts, 3, sampler=cfg), 3)
-    return _first_tokens(tidar.generate_tidar(session, prompts, 3, sampler=cfg, w=w), 3)
+    return _first_tokens(tidar.generate_tidar(session, prompts, 3, sampler=cfg, w=w, fused=fused), 3)
 
 
-def test_stochastic_lossless_is_distributed_as_ar_sampling(stats_model, monkeypatch):
+@pytest.mark.parametrize("fused", [False, True], ids=["tidar", "tidar-fused"])
+def test_stochastic_lossless_is_distributed_as_ar_sampling(stats_model, monkeypatch, fused):
     ar = _sampled(stats_model)
-    td = _sampled(stats_model, rule="lossless")
+    td = _sampled(stats_model, rule="lossless", fused=fused)
     for pos in (1, 2):  # the tokens decided by acceptance (position 0 is a plain AR sample in both)
         stat, dof = _chi2_homogeneity(ar[:, pos], td[:, pos])
         assert stat < CHI2_999[dof], (pos, stat, dof)
@@ -104,12 +129,12 @@ def test_stochastic_lossless_is_distributed_as_ar_sampling(stats_model, monkeypa
     assert stat < CHI2_999[min(dof, 20)] * max(1, dof / 20), (stat, dof)
 
     # A broken acceptance rule (always accept the drafts) must fail the same test.
-    def always_accept(z, drafts, zeta, cfg, w, rng):
+    def always_accept(z, drafts, zeta, cfg, w, rng, valid=None):
         K = drafts.shape[1]
         return np.full(len(z), K), z[:, K].argmax(-1)
 
     monkeypatch.setattr(tidar, "accept", always_accept)
-    broken = _sampled(stats_model, rule="broken")
+    broken = _sampled(stats_model, rule="broken", fused=fused)
     stat, dof = _chi2_homogeneity(ar[:, 1], broken[:, 1])
     assert stat > CHI2_999[dof], (stat, dof)
 
@@ -135,7 +160,9 @@ def test_right_drafts_give_many_tokens_per_forward():
         model.lm_head.bias.zero_()
         model.lm_head.bias[77] = 1e4
     K = model.config.diffusion_block_len
-    result = tidar.generate_tidar(Session.from_model(model), [[5, 6, 7]], 4 * (K + 1))
-    assert result.tokens == [[77] * (4 * (K + 1))]
-    assert result.acceptance[K] == result.steps and sum(result.acceptance) == result.steps
-    assert result.tokens_per_forward >= 0.8 * (K + 1) / 2  # two forwards per step in this mode
+    session = Session.from_model(model)
+    for fused, per_step in ((False, 2), (True, 1)):
+        result = tidar.generate_tidar(session, [[5, 6, 7]], 16 * (K + 1), fused=fused)
+        assert result.tokens == [[77] * (16 * (K + 1))]
+        assert result.acceptance[K] == result.steps and sum(result.acceptance) == result.steps
+        assert result.tokens_per_forward >= 0.8 * (K + 1) / per_step, (fused, result.tokens_per_forward)

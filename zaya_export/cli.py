@@ -97,8 +97,9 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--backend", type=click.Choice(["ort", "torch"]), default=None,
               help="ort (artifacts; the default for them) or torch (eager; the default for checkpoints).")
-@click.option("--mode", type=click.Choice(["ar", "tidar"]), default="ar", show_default=True,
-              help="ar: one token per forward; tidar: verify K drafts and draft K more per step.")
+@click.option("--mode", type=click.Choice(["ar", "tidar", "tidar-fused"]), default="ar", show_default=True,
+              help="ar: one token per forward; tidar: verify K drafts and draft K more (two forwards per step); "
+              "tidar-fused: one packed forward per step.")
 @click.option("--sampler", "sampler_name", type=click.Choice(["greedy", "lossless", "mix"]), default="lossless",
               show_default=True, help="TiDAR acceptance: greedy (argmax), lossless (rejection sampling; greedy "
               "at temperature 0), mix (logit mixing with --w, lossy below 1).")
@@ -147,13 +148,14 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
                          f"{config.max_position_embeddings}")
     if mode == "ar" and sampler_name == "mix":
         raise InputError("--sampler mix needs --mode tidar")
-    if mode == "tidar" and session.artifact is not None and "verify" not in session.artifact.entry_points:
-        raise InputError(f"{source}: no verify/draft entry points (re-export it with this zaya-export)")
+    if mode != "ar" and session.artifact is not None and "step" not in session.artifact.entry_points:
+        raise InputError(f"{source}: no TiDAR entry points (re-export it with this zaya-export)")
     greedy = sampler_name == "greedy"
     sampler = SamplerConfig(temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p, seed=seed)
-    if mode == "tidar":
+    if mode != "ar":
         w = mix_w if sampler_name == "mix" else 1.0
-        result = generate_tidar(session, [ids], max_new_tokens, config.eos_token_ids, sampler, w)
+        result = generate_tidar(session, [ids], max_new_tokens, config.eos_token_ids, sampler, w,
+                                fused=mode == "tidar-fused")
     else:
         result = generate(session, [ids], max_new_tokens, config.eos_token_ids, sampler)
     tokens = result.tokens[0]
@@ -164,14 +166,14 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
         "tok_per_s": round(len(tokens) / result.seconds, 2) if result.seconds else None,
         "backend": backend, "mode": mode, "time_to_first_token_s": round(result.first_token_seconds, 4),
     }
-    if mode == "tidar":
+    if mode != "ar":
         report.update(steps=result.steps, acceptance=result.acceptance, mean_accepted=round(result.mean_accepted, 3),
                       sampler=sampler_name, w=w)
     if as_json:
         click.echo(json.dumps(report))
         return
     click.echo(text if text is not None else " ".join(map(str, tokens)))
-    extra = f", mean accepted {report['mean_accepted']}" if mode == "tidar" else ""
+    extra = f", mean accepted {report['mean_accepted']}" if mode != "ar" else ""
     click.echo(f"[{len(tokens)} tokens, {result.forwards} forwards, {report['tokens_per_forward']} tokens/forward, "
                f"{report['tok_per_s']} tok/s, {backend}, {mode}{extra}]", err=True)
 

@@ -12,6 +12,8 @@ inputs   input_ids [B, T] int64, input_mask [B, T] bool (False = left padding),
 | decode  | 1            | as prefill                                                                     |
 | verify  | K+1          | logits [B, K+1, V] (every row), new_k/new_v, conv_rows, omega                  |
 | draft   | K+1          | logits [B, K+1, V]; the block attends bidirectionally; state is read only      |
+| step    | (K+1)(1+P)   | logits [B, N, V], new_k/new_v, conv_rows, omega of the packed TiDAR layout     |
+|         |              | (verify segment first, then P proposals; ``models/packed.py``)                 |
 
 ``conv_rows``/``omega`` let the runtime commit any prefix of the new tokens (all of them for prefill and
 decode, ℓ+1 after a TiDAR verify) without another forward. B and S are dynamic everywhere. The runtime
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from zaya_export.models import Past, ZayaForCausalLM
+from zaya_export.models.packed import PackedLayout, packed_layout
 
 INPUT_NAMES = ["input_ids", "input_mask", "past_k", "past_v", "past_valid", "conv_state", "rho_state"]
 STATE_OUTPUTS = ["new_k", "new_v", "conv_rows", "omega"]
@@ -40,19 +43,27 @@ class EntrySpec:
     all_rows: bool  # logits for every new token, not just the last
     causal: bool  # False: bidirectional block (draft)
     state: bool  # returns the state update
+    packed: PackedLayout | None = None  # the single-forward TiDAR step
 
     @property
     def outputs(self) -> list[str]:
         return ["logits", *STATE_OUTPUTS] if self.state else ["logits"]
 
 
-def entry_specs(block_len: int) -> dict[str, EntrySpec]:
+def default_levels(block_len: int) -> tuple[int, ...]:
+    """Λ = (0, 6, 16) at K = 16 (the project default), scaled to other K."""
+    return tuple(sorted({0, round(6 * block_len / 16), block_len}))
+
+
+def entry_specs(block_len: int, levels: tuple[int, ...] | None = None, kappa: int = 2) -> dict[str, EntrySpec]:
     K1 = block_len + 1
+    packed = packed_layout(block_len, levels or default_levels(block_len), kappa)
     return {
         "prefill": EntrySpec("prefill", None, False, True, True),
         "decode": EntrySpec("decode", 1, False, True, True),
         "verify": EntrySpec("verify", K1, True, True, True),
         "draft": EntrySpec("draft", K1, True, False, False),
+        "step": EntrySpec("step", packed.size, True, True, True, packed),
     }
 
 
@@ -67,7 +78,7 @@ class Entry(nn.Module):
                 conv_state: Tensor, rho_state: Tensor) -> tuple[Tensor, ...]:
         spec = self.spec
         logits, u = self.model.step(input_ids, Past(past_k, past_v, past_valid, conv_state, rho_state), input_mask,
-                                    last_only=not spec.all_rows, causal=spec.causal)
+                                    last_only=not spec.all_rows, causal=spec.causal, packed=spec.packed)
         logits = logits if spec.all_rows else logits[:, -1]
         return (logits, u.k, u.v, u.conv_rows, u.omega) if spec.state else (logits,)
 

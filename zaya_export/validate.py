@@ -114,7 +114,7 @@ def validate_artifact(artifact: Artifact, backend: str = "ort", checkpoint: Path
             inputs = dict(zip(INPUT_NAMES, (x.numpy() for x in example_inputs(ref_model, B, T, S, seed=B * 7 + T + S))))
             got = session.run(entry, inputs)
             want = ref.run(entry, inputs)
-            if hf is not None and S == 0 and entry != "draft":  # upstream: fresh, causal sequences only
+            if hf is not None and S == 0 and entry in ("prefill", "decode", "verify"):  # upstream: causal only
                 want = dict(want, logits=_hf_logits(hf, torch.from_numpy(inputs["input_ids"]),
                                                      torch.from_numpy(inputs["input_mask"]), want["logits"].ndim == 3))
             rows = inputs["input_mask"] if got["logits"].ndim == 3 else slice(None)  # every-row logits: real rows
@@ -153,15 +153,16 @@ def _tidar_checks(session: Session, ref_model, prompts: list[list[int]], max_new
     out = []
     for p in prompts:
         ar = generate_greedy(ref_model, [p], max_new_tokens, stop).tokens[0]
-        td = generate_tidar(session, [p], max_new_tokens, stop)
-        cfg = SamplerConfig(temperature=1.0, seed=len(p))
-        got = generate_tidar(session, [p], max_new_tokens, stop, cfg)
-        want = generate_tidar(eager, [p], max_new_tokens, stop, cfg)
-        greedy_ok = td.tokens[0] == ar if tol.greedy_exact else True
-        out.append({"prompt_len": len(p), "greedy_equals_ar": td.tokens[0] == ar,
-                    "acceptance": got.acceptance, "eager_acceptance": want.acceptance,
-                    "same_acceptance": got.acceptance == want.acceptance,
-                    "ok": bool(greedy_ok and (got.acceptance == want.acceptance or not tol.greedy_exact))})
+        for fused in (False, True):
+            td = generate_tidar(session, [p], max_new_tokens, stop, fused=fused)
+            cfg = SamplerConfig(temperature=1.0, seed=len(p))
+            got = generate_tidar(session, [p], max_new_tokens, stop, cfg, fused=fused)
+            want = generate_tidar(eager, [p], max_new_tokens, stop, cfg, fused=fused)
+            greedy_ok = td.tokens[0] == ar if tol.greedy_exact else True
+            out.append({"prompt_len": len(p), "mode": "tidar-fused" if fused else "tidar",
+                        "greedy_equals_ar": td.tokens[0] == ar, "acceptance": got.acceptance,
+                        "eager_acceptance": want.acceptance, "same_acceptance": got.acceptance == want.acceptance,
+                        "ok": bool(greedy_ok and (got.acceptance == want.acceptance or not tol.greedy_exact))})
     return out
 
 
@@ -207,8 +208,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines += [f"| {g['prompt_len']} | {len(g['tokens'])} | {g['equal']} | {'✓' if g['ok'] else '✗'} |"
               for g in report["greedy"]]
     if report.get("tidar"):
-        lines += ["", "| prompt tokens | greedy TiDAR == AR | acceptance (backend) | acceptance (eager) | ok |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {t['prompt_len']} | {t['greedy_equals_ar']} | {t['acceptance']} | {t['eager_acceptance']} | "
-                  f"{'✓' if t['ok'] else '✗'} |" for t in report["tidar"]]
+        lines += ["", "| mode | prompt tokens | greedy TiDAR == AR | acceptance (backend) | acceptance (eager) | ok |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {t['mode']} | {t['prompt_len']} | {t['greedy_equals_ar']} | {t['acceptance']} | "
+                  f"{t['eager_acceptance']} | {'✓' if t['ok'] else '✗'} |" for t in report["tidar"]]
     return "\n".join(lines) + "\n"
