@@ -13,6 +13,7 @@ import numpy as np
 
 from zaya_export.runtime.generate import generate, generate_greedy
 from zaya_export.runtime.session import Session, _model_from_artifact
+from zaya_export.runtime.tidar import generate_tidar
 
 from .artifact import Artifact
 
@@ -39,3 +40,30 @@ def bench_artifact(artifact: Artifact, backend: str = "ort", prompt_len: int = 1
             "decode_tok_per_s": {k: round(v, 2) for k, v in best.items()},
             "prefill_seconds": {k: round(min(v), 4) for k, v in ttft.items()},
             "speedup": round(best[backend] / best["eager"], 3), "same_tokens": tokens["eager"] == tokens[backend]}
+
+
+def bench_modes(artifact: Artifact, backend: str = "ort", prompt_len: int = 128, new_tokens: int = 128,
+                repeats: int = 2, modes: tuple[str, ...] = ("ar", "tidar", "tidar-fused"), w: float = 1.0
+                ) -> dict[str, Any]:
+    """AR vs TiDAR (two-forward) vs TiDAR fused on one backend: tok/s, forwards, tokens per forward and the
+    speedup over AR, greedy (w = 1 lossless, or logit mixing with w < 1)."""
+    session = Session(artifact.root, backend=backend)
+    prompt = np.random.default_rng(0).integers(5, artifact.config.vocab_size, prompt_len).tolist()
+
+    def once(mode: str):  # noqa: ANN202
+        if mode == "ar":
+            return generate(session, [prompt], new_tokens)
+        return generate_tidar(session, [prompt], new_tokens, w=w, fused=mode == "tidar-fused")
+
+    rows = {}
+    for mode in modes:
+        once(mode)  # warm-up
+        best = max((once(mode) for _ in range(repeats)), key=lambda r: len(r.tokens[0]) / r.seconds)
+        rows[mode] = {"tok_per_s": round(len(best.tokens[0]) / best.seconds, 2), "forwards": best.forwards,
+                      "tokens_per_forward": round(best.tokens_per_forward, 3),
+                      "mean_accepted": round(getattr(best, "mean_accepted", 0.0), 3)}
+    base = rows.get("ar", {}).get("tok_per_s")
+    for row in rows.values():
+        row["speedup_vs_ar"] = round(row["tok_per_s"] / base, 3) if base else None
+    return {"backend": backend, "prompt_len": prompt_len, "new_tokens": new_tokens, "w": w,
+            "levels": list(session.levels), "block_len": session.block_len, "modes": rows}

@@ -185,9 +185,13 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
 @click.option("--dump-after", multiple=True, help="Dump the traced prefill graph after this pass (repeatable).")
+@click.option("--block-len", type=click.IntRange(min=1), default=None,
+              help="TiDAR drafts per step K (default: the config's diffusion_block_len).")
+@click.option("--levels", default=None, help="Acceptance levels of the packed TiDAR step, e.g. 0,6,16 "
+              "(must start at 0; default 0,6,16 scaled to K).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
 def export(checkpoint: Path, out: Path, formats: str, dtype: str, force: bool, dump_after: tuple[str, ...],
-           as_json: bool) -> None:
+           block_len: int | None, levels: str | None, as_json: bool) -> None:
     """Export CHECKPOINT to an artifact: fused, traced entry points lowered to ONNX, weights stored once."""
     from .exporter import export_artifact
 
@@ -199,6 +203,7 @@ def export(checkpoint: Path, out: Path, formats: str, dtype: str, force: bool, d
     console = _stderr()
     with console.status("exporting") as status:
         manifest = export_artifact(checkpoint, out, dtype=dtype, force=force, dump_after=dump_after,
+                                   block_len=block_len, levels=tuple(_parse_ids(levels)) if levels else None,
                                    status=lambda msg: status.update(msg))
     summary = {"artifact": str(out), "entry_points": sorted(manifest["entry_points"]), "dtype": manifest["dtype"],
                "pass_log": manifest["pass_log"]["model"], "seconds": manifest["export_seconds"]}
@@ -273,21 +278,41 @@ def validate(artifact: Path, checkpoint: Path | None, reference: str, backend: s
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--backend", type=click.Choice(["ort"]), default="ort", show_default=True)
+@click.option("--backend", type=click.Choice(["ort", "torch"]), default="ort", show_default=True)
 @click.option("--prompt-len", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(min=2), default=128, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--modes", default=None, help="Compare decode modes on the backend instead, e.g. "
+              "ar,tidar,tidar-fused (speedups over ar).")
+@click.option("--w", "mix_w", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+              help="TiDAR mixing weight for --modes (1 = lossless).")
 @click.option("--json", "as_json", is_flag=True)
-def bench(artifact: Path, backend: str, prompt_len: int, new_tokens: int, repeats: int, as_json: bool) -> None:
-    """AR decode tok/s of a backend vs the eager torch model on the same weights, in one process."""
+def bench(artifact: Path, backend: str, prompt_len: int, new_tokens: int, repeats: int, modes: str | None,
+          mix_w: float, as_json: bool) -> None:
+    """Decode tok/s: a backend vs the eager torch model (AR), or AR vs TiDAR modes on one backend (--modes)."""
     from .artifact import open_artifact
-    from .bench import bench_artifact
+    from .bench import bench_artifact, bench_modes
 
     art = open_artifact(artifact)
     with _stderr().status(f"benchmarking {artifact}"):
-        result = bench_artifact(art, backend, prompt_len, new_tokens, repeats)
+        if modes:
+            wanted = tuple(m.strip() for m in modes.split(",") if m.strip())
+            bad = sorted(set(wanted) - {"ar", "tidar", "tidar-fused"})
+            if bad:
+                raise InputError(f"unknown --modes {bad}; choose from ar, tidar, tidar-fused")
+            result = bench_modes(art, backend, prompt_len, new_tokens, repeats, wanted, mix_w)
+        else:
+            if backend != "ort":
+                raise InputError("the eager comparison benchmarks --backend ort; use --modes for torch")
+            result = bench_artifact(art, backend, prompt_len, new_tokens, repeats)
     if as_json:
         click.echo(json.dumps(result))
+        return
+    if modes:
+        for mode, row in result["modes"].items():
+            click.echo(f"{mode:12s} {row['tok_per_s']:9.2f} tok/s  {row['forwards']:4d} forwards  "
+                       f"{row['tokens_per_forward']:6.3f} tokens/forward  mean accepted {row['mean_accepted']:6.3f}"
+                       f"  speedup {row['speedup_vs_ar']}x")
         return
     tps = result["decode_tok_per_s"]
     click.echo(f"decode tok/s: eager {tps['eager']}, {backend} {tps[backend]}; speedup {result['speedup']}x "
