@@ -25,12 +25,15 @@ $(STAMP): pyproject.toml
 $(DEMO_MODEL)/config.json: | $(STAMP)
 	$(VENV)/bin/zaya-export init --preset tiny --seed 0 --force $(DEMO_MODEL)
 
-# The main job: export the model to an ONNX artifact, generate with onnxruntime, validate against the source.
+# The main job: export the model to an ONNX artifact, generate with onnxruntime (AR and TiDAR), validate against
+# the source, and print speed figures.
 demo: $(STAMP) $(DEMO_MODEL)/config.json
 	$(VENV)/bin/zaya-export export $(DEMO_MODEL) -o $(DEMO_ARTIFACT) --force
 	$(VENV)/bin/zaya-export run $(DEMO_ARTIFACT) --prompt '$(PROMPT)' --max-new-tokens 32
 	$(VENV)/bin/zaya-export validate $(DEMO_ARTIFACT)
+	$(VENV)/bin/zaya-export run $(DEMO_ARTIFACT) --prompt '$(PROMPT)' --max-new-tokens 32 --mode tidar-fused
 	$(VENV)/bin/zaya-export bench $(DEMO_ARTIFACT) --new-tokens 64 --repeats 2
+	$(VENV)/bin/zaya-export bench $(DEMO_ARTIFACT) --new-tokens 64 --repeats 1 --modes ar,tidar,tidar-fused
 
 test: $(STAMP)
 	$(PY) -m pytest tests
