@@ -115,7 +115,7 @@ def _copy(artifact, tmp_path):
     (lambda a: (a / "onnx" / "extra.onnx").write_bytes(b"x"), "extra.onnx: not part of the artifact"),
     (lambda a: (a / "manifest.json").write_text("{"), "corrupt manifest"),
     (lambda a: (a / "manifest.json").write_text(
-        (a / "manifest.json").read_text().replace('"schema_version": 1', '"schema_version": 99')), "schema version 99"),
+        (a / "manifest.json").read_text().replace('"schema_version": 2', '"schema_version": 99')), "schema version 99"),
     (lambda a: (a / "manifest.json").write_text(
         (a / "manifest.json").read_text().replace('"onnxruntime": "', '"onnxruntime": "0.0.')),
      "built with other tool versions: onnxruntime"),

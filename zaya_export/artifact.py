@@ -32,7 +32,7 @@ from zaya_export.models import ZayaConfig
 
 from .errors import ZayaError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: TiDAR entries; state outputs conv_rows/omega
 MANIFEST = "manifest.json"
 FORMAT = "zaya-export-artifact"
 # Versions that must match between the exporting and the loading environment.
