@@ -25,14 +25,16 @@ def _fused(fn, op: str):  # noqa: ANN001, ANN202
 
 
 class _LayerFusion(Pass[ZayaForCausalLM]):
+    """Replaces method ``attr`` of each layer's submodule ``owner_path`` by a call to the fused op ``op``."""
+
     op: str = ""
-
-    def owner(self, layer):  # noqa: ANN001, ANN201 - the module whose method is replaced
-        raise NotImplementedError
-
+    owner_path: str = ""
     attr: str = ""
 
-    def fused(self, owner, model):  # noqa: ANN001, ANN201
+    def owner(self, layer):  # noqa: ANN001, ANN201 - the module whose method is replaced
+        return getattr(layer, self.owner_path)
+
+    def fused(self, owner, model):  # noqa: ANN001, ANN201 - the replacement, bound to owner's weights
         raise NotImplementedError
 
     def _is_fused(self, owner) -> bool:  # noqa: ANN001
@@ -62,10 +64,7 @@ class _LayerFusion(Pass[ZayaForCausalLM]):
 class FuseCCA(_LayerFusion):
     """q/k/v projections + q/k mean residual + two-stage conv + L2 norm·τ + partial RoPE → ``zaya.cca``."""
 
-    name, op, attr = "fuse_cca", "zaya.cca", "project"
-
-    def owner(self, layer):  # noqa: ANN001, ANN201
-        return layer.self_attn
+    name, op, owner_path, attr = "fuse_cca", "zaya.cca", "self_attn", "project"
 
     def requires(self, model: ZayaForCausalLM) -> None:
         if model.config.attention_bias:
@@ -88,10 +87,7 @@ class FuseCCA(_LayerFusion):
 class FuseAttention(_LayerFusion):
     """Masked GQA attention → ``zaya.block_attention`` (mask rebuilt inside the op from the layout)."""
 
-    name, op, attr = "fuse_attention", "zaya.block_attention", "attend"
-
-    def owner(self, layer):  # noqa: ANN001, ANN201
-        return layer.self_attn
+    name, op, owner_path, attr = "fuse_attention", "zaya.block_attention", "self_attn", "attend"
 
     def fused(self, attn, model):  # noqa: ANN001, ANN201
         def attend(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor, layout: AttnLayout) -> Tensor:
@@ -104,10 +100,7 @@ class FuseAttention(_LayerFusion):
 class FuseMoE(_LayerFusion):
     """Router MLP with EDA state + biased top-1 with skip class + SwiGLU experts → ``zaya.moe_top1``."""
 
-    name, op, attr = "fuse_moe", "zaya.moe_top1", "forward"
-
-    def owner(self, layer):  # noqa: ANN001, ANN201
-        return layer.mlp
+    name, op, owner_path, attr = "fuse_moe", "zaya.moe_top1", "mlp", "forward"
 
     def fused(self, moe, model):  # noqa: ANN001, ANN201
         gate, experts, eps = moe.gate, moe.experts, model.config.rms_norm_eps
