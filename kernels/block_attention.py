@@ -98,7 +98,8 @@ def BlockAttention(q, past_k, past_v, k, v, past_valid, new_valid, groups: int, 
 def _translate(q, past_k, past_v, k, v, past_valid, new_valid, window: int, causal: bool = True):
     fill = float(torch.finfo({1: torch.float32, 10: torch.float16, 16: torch.bfloat16}[int(q.dtype)]).min)
     return ZAYA.BlockAttention(q, past_k, past_v, k, v, past_valid, new_valid, groups=q.shape[1] // k.shape[1],
-                               window=window if window > 0 else NO_WINDOW, causal=int(causal), scale=q.shape[3] ** -0.5, fill=fill)
+                               window=window if window > 0 else NO_WINDOW, causal=int(causal),
+                               scale=q.shape[3] ** -0.5, fill=fill)
 
 
 register_onnx("BlockAttention", OnnxFace(torch.ops.zaya.block_attention.default, _translate, BlockAttention))
