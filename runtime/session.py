@@ -78,11 +78,11 @@ class TorchBackend(Backend):
     def run(self, entry: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self.torch
         module = self.entries[entry]
-        args = [torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in tracing.INPUT_NAMES]
+        args = [torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in module.spec.inputs]
         args = [a.to(self.model.dtype) if a.is_floating_point() else a for a in args]
         with torch.no_grad():
             out = module(*args)
-        return {n: t.float().numpy() for n, t in zip(module.spec.outputs, out)}
+        return {n: (t.float() if t.is_floating_point() else t).numpy() for n, t in zip(module.spec.outputs, out)}
 
 
 class KVCache:
@@ -126,9 +126,13 @@ class KVCache:
             self.k[:, b, :, start:end] = out["new_k"][:, b, :, :n]
             self.v[:, b, :, start:end] = out["new_v"][:, b, :, :n]
             self.valid[b, start:end] = True if mask is None else mask[b, :n]
-            self.conv[:, b] = out["conv_rows"][:, b, :, n : n + kappa]
-            if n > 0:
-                self.rho[:, b] = out["omega"][:, b, n - 1]
+            if "conv_state_out" in out:  # committed in-graph (step_greedy)
+                if n > 0:
+                    self.conv[:, b], self.rho[:, b] = out["conv_state_out"][:, b], out["rho_state_out"][:, b]
+            else:
+                self.conv[:, b] = out["conv_rows"][:, b, :, n : n + kappa]
+                if n > 0:
+                    self.rho[:, b] = out["omega"][:, b, n - 1]
             self.lengths[b] = end
 
 
@@ -177,6 +181,11 @@ class Session:
 
     def run(self, entry: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.backend.run(entry, inputs)
+
+    def has(self, entry: str) -> bool:
+        if isinstance(self.backend, TorchBackend):
+            return entry in self.backend.entries
+        return entry in self.artifact.entry_points
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return KVCache(self.config, batch, capacity)

@@ -123,13 +123,20 @@ def generate_tidar(session: Session, prompts: list[list[int]], max_new_tokens: i
     drafts, zeta = _draft(session, cache, anchor, K, mask_id)
     valid = np.ones(drafts.shape, bool)
     forwards += 1
+    # Greedy lossless fused steps run acceptance, commit and draft selection inside the graph.
+    in_graph = fused and sampler.greedy and w == 1.0 and session.has("step_greedy")
     while live:
         block = np.concatenate([anchor[:, None], drafts], 1)
         if fused:
             block = np.concatenate([block, np.full((len(block), (K + 1) * len(levels)), mask_id)], 1)
-        out = session.run("step" if fused else "verify", cache.inputs(block))
         forwards, steps = forwards + 1, steps + 1
-        ell, anchor = accept(out["logits"][:, : K + 1], drafts, zeta, sampler, w, rng, valid)
+        if in_graph:
+            out = session.run("step_greedy", {**cache.inputs(block), "draft_valid": valid})
+            ell = out["count"] - 1
+            anchor = out["tokens"][np.arange(len(ell)), ell]
+        else:
+            out = session.run("step" if fused else "verify", cache.inputs(block))
+            ell, anchor = accept(out["logits"][:, : K + 1], drafts, zeta, sampler, w, rng, valid)
         active = stopper.active.copy()
         cache.commit(out, counts=np.where(active, ell + 1, 0))
         for b in np.flatnonzero(active):
@@ -140,7 +147,9 @@ def generate_tidar(session: Session, prompts: list[list[int]], max_new_tokens: i
                 stopper.emit_row(b, token)
         stopper.active &= np.array([len(t) < max_new_tokens for t in stopper.out])
         live = bool(stopper.active.any())
-        if live and fused:
+        if live and in_graph:
+            drafts, valid = out["next_drafts"], out["next_valid"]
+        elif live and fused:
             drafts, zeta, valid = _select_proposals(out["logits"], ell, levels, K)
         elif live:
             drafts, zeta = _draft(session, cache, anchor, K, mask_id)

@@ -43,7 +43,7 @@ def test_artifact_layout_and_manifest(artifact, model):
     art = open_artifact(artifact)
     m = art.manifest
     assert set(m["files"]) == {"config.json", "generation_config.json", "onnx/weights.safetensors",
-                               *(f"onnx/{e}.onnx" for e in ("prefill", "decode", "verify", "draft", "step"))}
+                               *(f"onnx/{e}.onnx" for e in ("prefill", "decode", "verify", "draft", "step", "step_greedy"))}
     assert m["tidar"] == {"block_len": model.config.diffusion_block_len, "levels": [0, 6, 16], "mask_token_id": 4}
     assert m["op_counts"]["step"]["zaya.moe_top1"] == 3 and "zaya.cca" not in m["op_counts"]["step"]
     assert [(r["name"], r["rewrites"]) for r in m["pass_log"]["model"]] == [
@@ -61,7 +61,7 @@ def test_weights_are_stored_once(artifact, model):
     weights = artifact / "onnx" / "weights.safetensors"
     param_bytes = sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if n != "lm_head.weight")
     assert param_bytes <= weights.stat().st_size < param_bytes + 64 * 1024
-    for entry in ("prefill", "decode", "verify", "draft", "step"):
+    for entry in ("prefill", "decode", "verify", "draft", "step", "step_greedy"):
         path = artifact / "onnx" / f"{entry}.onnx"
         assert path.stat().st_size < param_bytes / 10  # graphs hold references, not weights
         proto = onnx.load(str(path), load_external_data=False)
@@ -157,7 +157,7 @@ def test_cli_export_inspect_validate_bench_run(ckpt, artifact, tmp_path):
     out = tmp_path / "cli-artifact"
     result = runner.invoke(main, ["export", str(ckpt), "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["entry_points"] == ["decode", "draft", "prefill", "step", "verify"]
+    assert json.loads(result.stdout)["entry_points"] == ["decode", "draft", "prefill", "step", "step_greedy", "verify"]
     info = json.loads(runner.invoke(main, ["inspect", str(out), "--json"]).stdout)
     assert info["entry_points"]["decode"]["fused"] == {"zaya.CCA": 3, "zaya.BlockAttention": 3, "zaya.MoETop1": 3}
     result = runner.invoke(main, ["validate", str(out), "--json"])
@@ -231,7 +231,7 @@ def test_tidar_on_onnxruntime(artifact, model):
     ort_session = Session(artifact, "ort")
     assert ort_session.levels == (0, 6, 16)
     for fused in (False, True):
-        greedy = generate_tidar(ort_session, prompts, 20, fused=fused)
+        greedy = generate_tidar(ort_session, prompts, 20, fused=fused)  # fused greedy: in-graph step_greedy
         assert greedy.tokens == generate_greedy(model, prompts, 20).tokens
         cfg = SamplerConfig(temperature=1.0, seed=3)
         got = generate_tidar(ort_session, prompts, 20, sampler=cfg, fused=fused)

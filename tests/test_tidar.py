@@ -166,3 +166,20 @@ def test_right_drafts_give_many_tokens_per_forward():
         assert result.tokens == [[77] * (16 * (K + 1))]
         assert result.acceptance[K] == result.steps and sum(result.acceptance) == result.steps
         assert result.tokens_per_forward >= 0.8 * (K + 1) / per_step, (fused, result.tokens_per_forward)
+
+
+def test_in_graph_greedy_step_equals_host_acceptance(monkeypatch):
+    """step_greedy (acceptance, commit, proposal selection inside the graph) decides exactly like the host path,
+    with drafts rejected (random weights) and with every draft accepted (weights that make drafts right)."""
+    right = random_model(small_config(lm_head_bias=True, eos_token_id=None), seed=1)
+    with torch.no_grad():
+        right.lm_head.bias.zero_()
+        right.lm_head.bias[77] = 1e4
+    for model in (random_model(small_config(eos_token_id=None), seed=4), right):
+        session = Session.from_model(model, levels=(0, 3, 16))
+        in_graph = tidar.generate_tidar(session, PROMPTS, 40, fused=True)
+        monkeypatch.setattr(Session, "has", lambda self, entry: False)
+        host = tidar.generate_tidar(session, PROMPTS, 40, fused=True)
+        monkeypatch.undo()
+        assert (in_graph.tokens, in_graph.acceptance) == (host.tokens, host.acceptance)
+        assert in_graph.tokens == generate_greedy(model, PROMPTS, 40).tokens

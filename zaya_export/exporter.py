@@ -106,7 +106,7 @@ def export_artifact(checkpoint: Path, out: Path, dtype: str | None = None, force
                 raise ExportError(f"{name}: traced graph has {wrong} fused ops, expected {want}")
             status(f"lowering {name} to ONNX")
             try:
-                onnx_model, log = lower_entry(program, want, spec.outputs)
+                onnx_model, log = lower_entry(program, want, spec.outputs, spec.inputs)
             except PassError as exc:
                 raise ExportError(f"{name}: {exc}") from None
             bind_external_weights(onnx_model, offsets, tmp / "onnx")

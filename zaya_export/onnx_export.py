@@ -52,13 +52,13 @@ def write_weights(model: torch.nn.Module, path: Path, dtype: torch.dtype | None 
 
 
 def lower_entry(program: torch.export.ExportedProgram, expected_ops: dict[str, int],
-                output_names: list[str]) -> tuple[ir.Model, list[PassRecord]]:
+                output_names: list[str], input_names: list[str] = INPUT_NAMES) -> tuple[ir.Model, list[PassRecord]]:
     """ExportedProgram → ONNX IR model with function bodies attached and the cleanup pipeline applied."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         onnx_program = torch.onnx.export(
             program, dynamo=True, custom_translation_table=kernels.translation_table(), opset_version=OPSET,
-            optimize=False, verbose=False, input_names=INPUT_NAMES, output_names=output_names,
+            optimize=False, verbose=False, input_names=input_names, output_names=output_names,
         )
     model = onnx_program.model
     for proto in kernels.function_protos():

@@ -14,6 +14,9 @@ inputs   input_ids [B, T] int64, input_mask [B, T] bool (False = left padding),
 | draft   | K+1          | logits [B, K+1, V]; the block attends bidirectionally; state is read only      |
 | step    | (K+1)(1+P)   | logits [B, N, V], new_k/new_v, conv_rows, omega of the packed TiDAR layout     |
 |         |              | (verify segment first, then P proposals; ``models/packed.py``)                 |
+| step_greedy | (K+1)(1+P) | the whole greedy lossless TiDAR step in-graph: extra input draft_valid [B, K]; |
+|         |              | outputs count [B], tokens [B, K+1], next_drafts/next_valid [B, K], new_k/new_v |
+|         |              | (K+1 verify rows), conv_state_out, rho_state_out (committed by gather at ℓ)    |
 
 ``conv_rows``/``omega`` let the runtime commit any prefix of the new tokens (all of them for prefill and
 decode, ℓ+1 after a TiDAR verify) without another forward. B and S are dynamic everywhere. The runtime
@@ -44,9 +47,17 @@ class EntrySpec:
     causal: bool  # False: bidirectional block (draft)
     state: bool  # returns the state update
     packed: PackedLayout | None = None  # the single-forward TiDAR step
+    accept: bool = False  # greedy acceptance, commit and next-draft selection inside the graph
+
+    @property
+    def inputs(self) -> list[str]:
+        return [*INPUT_NAMES, "draft_valid"] if self.accept else INPUT_NAMES
 
     @property
     def outputs(self) -> list[str]:
+        if self.accept:
+            return ["count", "tokens", "next_drafts", "next_valid", "new_k", "new_v", "conv_state_out",
+                    "rho_state_out"]
         return ["logits", *STATE_OUTPUTS] if self.state else ["logits"]
 
 
@@ -64,6 +75,7 @@ def entry_specs(block_len: int, levels: tuple[int, ...] | None = None, kappa: in
         "verify": EntrySpec("verify", K1, True, True, True),
         "draft": EntrySpec("draft", K1, True, False, False),
         "step": EntrySpec("step", packed.size, True, True, True, packed),
+        "step_greedy": EntrySpec("step_greedy", packed.size, True, True, True, packed, accept=True),
     }
 
 
@@ -75,12 +87,46 @@ class Entry(nn.Module):
         self.model, self.spec = model, spec
 
     def forward(self, input_ids: Tensor, input_mask: Tensor, past_k: Tensor, past_v: Tensor, past_valid: Tensor,
-                conv_state: Tensor, rho_state: Tensor) -> tuple[Tensor, ...]:
+                conv_state: Tensor, rho_state: Tensor, draft_valid: Tensor | None = None) -> tuple[Tensor, ...]:
         spec = self.spec
         logits, u = self.model.step(input_ids, Past(past_k, past_v, past_valid, conv_state, rho_state), input_mask,
                                     last_only=not spec.all_rows, causal=spec.causal, packed=spec.packed)
+        if spec.accept:
+            return greedy_step(input_ids, logits, u, draft_valid, spec.packed)
         logits = logits if spec.all_rows else logits[:, -1]
         return (logits, u.k, u.v, u.conv_rows, u.omega) if spec.state else (logits,)
+
+
+def greedy_step(ids: Tensor, logits: Tensor, u, draft_valid: Tensor, packed: PackedLayout) -> tuple[Tensor, ...]:  # noqa: ANN001
+    """Greedy lossless acceptance, state commit and next-draft selection with fixed-shape ops only
+    (``shared/docs/tidar-decoding.md`` §9.3), so a whole TiDAR step is one graph launch."""
+    K = packed.block_len
+    K1 = K + 1
+    B = ids.shape[0]
+    best = logits[:, :K1].argmax(-1)  # [B, K+1] AR argmax of the verify rows
+    drafts = ids[:, 1:K1]
+    ok = (drafts == best[:, :K]) & draft_valid
+    # ℓ = length of the leading run of accepted drafts = index of the first rejection (an argmax, not a
+    # cumprod, which has no ONNX translation)
+    stop = torch.cat([~ok, torch.ones_like(ok[:, :1])], 1).int()
+    ell = stop.argmax(1)  # [B]
+    nxt = best.gather(1, ell[:, None])  # [B, 1] correction or bonus token
+    i = torch.arange(K1, device=ids.device)[None]
+    padded = torch.cat([drafts, torch.full_like(nxt, -1)], 1)
+    tokens = torch.where(i < ell[:, None], padded, torch.where(i == ell[:, None], nxt, torch.full_like(padded, -1)))
+    lam = torch.tensor(packed.levels, device=ids.device)
+    p_star = (lam[None] <= ell[:, None]).sum(1)  # [B] proposal index (1-based)
+    slot = (ell - lam[p_star - 1])[:, None] + torch.arange(1, K1, device=ids.device)[None]  # [B, K]
+    rows = K1 * p_star[:, None] + slot.clamp(max=K)
+    V = logits.shape[-1]
+    next_drafts = logits.gather(1, rows[..., None].expand(B, K, V)).argmax(-1)
+    L, _, C, _ = u.conv_rows.shape
+    kappa = u.conv_rows.shape[-1] - ids.shape[1]
+    at = (ell[:, None] + 1 + torch.arange(kappa, device=ids.device)[None])  # [B, κ] rows ℓ+1 .. ℓ+κ
+    conv = u.conv_rows.gather(3, at[None, :, None, :].expand(L, B, C, kappa))
+    dv = u.omega.shape[-1]
+    rho = u.omega.gather(2, ell[None, :, None, None].expand(L, B, 1, dv)).squeeze(2)
+    return (ell + 1, tokens, next_drafts, slot <= K, u.k[:, :, :, :K1], u.v[:, :, :, :K1], conv, rho)
 
 
 def example_inputs(model: ZayaForCausalLM, B: int, T: int, S: int, seed: int = 0) -> tuple[Tensor, ...]:
@@ -111,9 +157,11 @@ def export_entry(model: ZayaForCausalLM, spec: EntrySpec) -> torch.export.Export
     S = torch.export.Dim("past", min=0, max=MAX_SEQ)
     seq = {0: B, 1: torch.export.Dim("seq", min=1, max=MAX_SEQ)} if spec.tokens is None else {0: B}
     dynamic = (seq, seq, {1: B, 3: S}, {1: B, 3: S}, {0: B, 1: S}, {1: B}, {1: B})
+    inputs = example_inputs(model, 2, spec.tokens or 7, 3)
+    if spec.accept:
+        dynamic, inputs = (*dynamic, {0: B}), (*inputs, torch.ones(2, spec.packed.block_len, dtype=torch.bool))
     with torch.no_grad():
-        return torch.export.export(Entry(model, spec), example_inputs(model, 2, spec.tokens or 7, 3),
-                                   dynamic_shapes=dynamic)
+        return torch.export.export(Entry(model, spec), inputs, dynamic_shapes=dynamic)
 
 
 def op_histogram(program: torch.export.ExportedProgram) -> Counter:
