@@ -28,18 +28,9 @@ def random_model(config: ZayaConfig, seed: int = 0, dtype: torch.dtype = torch.f
 
 def hf_model(model: ZayaForCausalLM, attn_implementation: str = "eager"):
     """Upstream ``transformers.ZayaForCausalLM`` holding exactly ``model``'s weights."""
-    import transformers
+    from zaya_export.validate import hf_model as build
 
-    fields = {k: v for k, v in model.config.to_dict().items()
-              if k not in ("architectures", "model_type", "mask_token_id", "diffusion_block_len", "dtype")}
-    config = transformers.ZayaConfig(**fields)
-    config._attn_implementation = attn_implementation
-    hf = transformers.ZayaForCausalLM(config).to(model.dtype).eval()
-    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
-    assert not missing and not unexpected, (missing, unexpected)
-    for ours, theirs in zip(model.model.layers, hf.model.layers):  # keep fp32 routing biases identical
-        theirs.mlp.gate.balancing_biases.copy_(ours.mlp.gate.balancing_biases)
-    return hf
+    return build(model, attn_implementation)
 
 
 @pytest.fixture

@@ -117,8 +117,9 @@ def test_reference_ops_equal_the_model_regions():
 
     model = random_model(small_config(), seed=4)
     specs = entry_specs(3).values()
-    cases = [(spec, example_inputs(model, B, spec.tokens or T, S, seed=i)) for spec in specs
-             for i, (B, T, S) in enumerate([(1, 1, 0), (2, 9, 0), (3, 1, 6)])]
+    cases = [(spec, example_inputs(model, B, spec.tokens or T, S, seed=i)
+              + ((torch.ones(B, 3, dtype=torch.bool),) if spec.accept else ()))
+             for spec in specs for i, (B, T, S) in enumerate([(1, 1, 0), (2, 9, 0), (3, 1, 6)])]
 
     def probe(m):
         with torch.no_grad():

@@ -73,7 +73,7 @@ def _reference_model(artifact: Artifact, checkpoint: Path | None):  # noqa: ANN2
     return load_checkpoint(checkpoint, dtype=compute)
 
 
-def hf_model(model):  # noqa: ANN001, ANN201
+def hf_model(model, attn_implementation: str | None = None):  # noqa: ANN001, ANN201
     """Upstream transformers' ZayaForCausalLM holding ``model``'s weights (needs the ``test`` extra)."""
     try:
         import transformers
@@ -81,8 +81,13 @@ def hf_model(model):  # noqa: ANN001, ANN201
         raise ZayaError("--reference hf needs transformers==5.23.0 (pip install 'zaya-export[test]')") from None
     fields = {k: v for k, v in model.config.to_dict().items()
               if k not in ("architectures", "model_type", "mask_token_id", "diffusion_block_len", "dtype")}
-    hf = transformers.ZayaForCausalLM(transformers.ZayaConfig(**fields)).to(model.dtype).eval()
-    hf.load_state_dict(model.state_dict(), strict=False)
+    config = transformers.ZayaConfig(**fields)
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    hf = transformers.ZayaForCausalLM(config).to(model.dtype).eval()
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    if missing or unexpected:
+        raise ZayaError(f"upstream model does not take these weights: missing {missing}, unexpected {unexpected}")
     for ours, theirs in zip(model.model.layers, hf.model.layers):  # keep the fp32 routing biases
         theirs.mlp.gate.balancing_biases.copy_(ours.mlp.gate.balancing_biases)
     return hf
