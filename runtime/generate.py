@@ -60,8 +60,7 @@ class _Stopper:
     def emit(self, tokens: np.ndarray) -> bool:
         """Record one token per active row; True while any row is still active."""
         for i in np.flatnonzero(self.active):
-            self.out[i].append(int(tokens[i]))
-        self.active &= ~np.isin(tokens, self.stop)
+            self.emit_row(i, int(tokens[i]))
         return bool(self.active.any())
 
 

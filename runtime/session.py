@@ -192,22 +192,7 @@ class Session:
 
 
 def _model_from_artifact(artifact, dtype: str | None):  # noqa: ANN001, ANN202
-    """The eager reference model on the artifact's own weights."""
-    import torch
-    from safetensors.torch import load_file
+    """The eager reference model on the artifact's own weights (the checkpoint loader, pointed at them)."""
+    from zaya_export.checkpoint import load_checkpoint
 
-    from zaya_export.models import ZayaForCausalLM
-
-    with torch.device("meta"):
-        model = ZayaForCausalLM(artifact.config)
-    state = load_file(str(artifact.weights))
-    if artifact.config.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, assign=True, strict=True)
-    if model.config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    if dtype is not None:
-        from zaya_export.checkpoint import DTYPES
-
-        model = model.to(DTYPES[dtype])
-    return model.eval()
+    return load_checkpoint(artifact.root, dtype=dtype, weights_dir=artifact.weights.parent)

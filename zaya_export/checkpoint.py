@@ -144,17 +144,20 @@ def _plan(config: ZayaConfig, table: dict[str, TensorInfo], ckpt: Path) -> dict[
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype | str | None = None,
-                    progress: Callable[[int, int], None] | None = None) -> ZayaForCausalLM:
+                    progress: Callable[[int, int], None] | None = None,
+                    weights_dir: str | Path | None = None) -> ZayaForCausalLM:
     """Load a checkpoint directory (native or legacy layout) into an eval-mode :class:`ZayaForCausalLM`.
 
     ``dtype`` (torch dtype or "fp32"/"fp16"/"bf16") defaults to the dtype the embedding is stored in.
-    ``progress(done, total)`` is called after each tensor.
+    ``progress(done, total)`` is called after each tensor. ``weights_dir`` is where the safetensors live when
+    not next to ``config.json`` (an artifact keeps them in ``onnx/``).
     """
     ckpt = Path(path)
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt}: not a checkpoint directory")
     config, _ = read_config(ckpt)
-    plan = _plan(config, _tensor_table(ckpt), ckpt)
+    weights = ckpt if weights_dir is None else Path(weights_dir)
+    plan = _plan(config, _tensor_table(weights), weights)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise CheckpointError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
