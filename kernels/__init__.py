@@ -1,8 +1,9 @@
 """Fused ``zaya.*`` ops. Each has an eager reference (a ``torch.library`` custom op) and an ONNX face (a
-``zaya``-domain node plus an ONNX function body that stock onnxruntime inlines). Importing this package
+``zaya``-domain node plus an ONNX function body that stock onnxruntime inlines) and an MLIR face (a
+decomposition IREE's importer legalizes). Importing this package
 registers them all."""
 
 from . import block_attention, cca, moe_top1  # noqa: F401 - registration side effects
-from .registry import function_protos, registered, translation_table
+from .registry import call, function_protos, mlir_decompositions, mlir_faces, registered, translation_table
 
-__all__ = ["function_protos", "registered", "translation_table"]
+__all__ = ["call", "function_protos", "mlir_decompositions", "mlir_faces", "registered", "translation_table"]

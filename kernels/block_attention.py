@@ -17,30 +17,34 @@ from onnx.defs import OpSchema
 from onnxscript import opset20 as op
 from torch import Tensor
 
-from .registry import ZAYA, OnnxFace, register_onnx, register_schema
+from .registry import ZAYA, OnnxFace, register_mlir, register_onnx, register_schema
 
 NO_WINDOW = 2**62
 
 
-@torch.library.custom_op("zaya::block_attention", mutates_args=())
-def block_attention(q: Tensor, past_k: Tensor, past_v: Tensor, k: Tensor, v: Tensor, past_valid: Tensor,
-                    new_valid: Tensor, window: int, causal: bool = True) -> Tensor:
+def block_attention_reference(q: Tensor, past_k: Tensor, past_v: Tensor, k: Tensor, v: Tensor,
+                              past_valid: Tensor, new_valid: Tensor, window: int, causal: bool = True) -> Tensor:
     """Eager reference (plain torch)."""
     B, n_q, T, d = q.shape
-    S, G = past_k.shape[2], n_q // k.shape[1]
-    keys = torch.cat([past_k, k], 2).repeat_interleave(G, dim=1)
-    values = torch.cat([past_v, v], 2).repeat_interleave(G, dim=1)
+    n_kv = k.shape[1]
+    S, G = past_k.shape[2], n_q // n_kv
+    keys = torch.cat([past_k, k], 2)[:, :, None]  # [B, n_kv, 1, S+T, d], shared by the G q heads of a group
+    values = torch.cat([past_v, v], 2)[:, :, None]
     valid = torch.cat([past_valid, new_valid], 1)  # [B, S+T]
     pos = valid.long().cumsum(-1) - 1
     slot = torch.arange(S + T, device=q.device)
     order = slot[None, :] <= S + torch.arange(T, device=q.device)[:, None]
-    allowed = (order | (not causal))[None] & valid[:, None]
+    # logical_* rather than &, ~: the same graph, and the spelling every MLIR importer legalizes
+    allowed = torch.logical_and(order[None], valid[:, None]) if causal else valid[:, None].expand(B, T, S + T)
     if window > 0:
-        allowed = allowed & ((pos[:, S:, None] - pos[:, None, :]) < window)
-    scores = (q @ keys.transpose(2, 3)) * d**-0.5
-    scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
+        allowed = torch.logical_and(allowed, (pos[:, S:, None] - pos[:, None, :]) < window)
+    scores = (q.view(B, n_kv, G, T, d) @ keys.transpose(-1, -2)) * d**-0.5  # [B, n_kv, G, T, S+T]
+    scores = scores.masked_fill(torch.logical_not(allowed[:, None, None]), torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype)
-    return (probs @ values).transpose(1, 2).reshape(B, T, n_q * d)
+    return (probs @ values).view(B, n_q, T, d).transpose(1, 2).reshape(B, T, n_q * d)
+
+
+block_attention = torch.library.custom_op("zaya::block_attention", mutates_args=())(block_attention_reference)
 
 
 @block_attention.register_fake
@@ -103,3 +107,4 @@ def _translate(q, past_k, past_v, k, v, past_valid, new_valid, window: int, caus
 
 
 register_onnx("BlockAttention", OnnxFace(torch.ops.zaya.block_attention.default, _translate, BlockAttention))
+register_mlir("block_attention", block_attention_reference)

@@ -17,14 +17,13 @@ from onnx.defs import OpSchema
 from onnxscript import opset20 as op
 from torch import Tensor
 
-from .registry import ZAYA, OnnxFace, register_onnx, register_schema
+from .registry import ZAYA, OnnxFace, register_mlir, register_onnx, register_schema
 
 _WEIGHTS = ["q_w", "k_w", "vc_w", "vd_w", "dw_w", "dw_b", "g_w", "g_b", "temp"]
 
 
-@torch.library.custom_op("zaya::cca", mutates_args=())
-def cca(x: Tensor, conv: Tensor, rho: Tensor, cos: Tensor, sin: Tensor, q_w: Tensor, k_w: Tensor, vc_w: Tensor,
-        vd_w: Tensor, dw_w: Tensor, dw_b: Tensor, g_w: Tensor, g_b: Tensor, temp: Tensor
+def cca_reference(x: Tensor, conv: Tensor, rho: Tensor, cos: Tensor, sin: Tensor, q_w: Tensor, k_w: Tensor,
+                  vc_w: Tensor, vd_w: Tensor, dw_w: Tensor, dw_b: Tensor, g_w: Tensor, g_b: Tensor, temp: Tensor
         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Eager reference (plain torch)."""
     B, T, _ = x.shape
@@ -52,6 +51,9 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x_rot = x[..., :rot]
     rotated = torch.cat([-x_rot[..., rot // 2 :], x_rot[..., : rot // 2]], -1)
     return torch.cat([x_rot * cos[:, None] + rotated * sin[:, None], x[..., rot:]], -1)
+
+
+cca = torch.library.custom_op("zaya::cca", mutates_args=())(cca_reference)
 
 
 @cca.register_fake
@@ -136,3 +138,4 @@ def _translate(x, conv, rho, cos, sin, q_w, k_w, vc_w, vd_w, dw_w, dw_b, g_w, g_
 
 
 register_onnx("CCA", OnnxFace(torch.ops.zaya.cca.default, _translate, CCA))
+register_mlir("cca", cca_reference)

@@ -19,7 +19,7 @@ from onnx.defs import OpSchema
 from onnxscript import opset20 as op
 from torch import Tensor
 
-from .registry import ZAYA, OnnxFace, register_onnx, register_schema
+from .registry import ZAYA, OnnxFace, register_mlir, register_onnx, register_schema
 
 _ROUTER = ["down_w", "down_b", "eda_scale", "norm_w", "fc1_w", "fc1_b", "fc2_w", "fc2_b", "out_w", "balancing"]
 
@@ -29,12 +29,8 @@ def moe_top1(x: Tensor, prev: Tensor, down_w: Tensor, down_b: Tensor, eda_scale:
              fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor, out_w: Tensor, balancing: Tensor,
              gate_up: Tensor, down: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """Eager reference (plain torch, sparse dispatch)."""
-    r = F.linear(x, down_w, down_b) + prev * eda_scale  # [N, R]
-    rf = r.float()
-    a = norm_w * (rf * torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + eps)).to(r.dtype)
-    probs = torch.softmax(F.linear(F.gelu(F.linear(F.gelu(F.linear(a, fc1_w, fc1_b)), fc2_w, fc2_b)), out_w), -1)
-    choice = torch.topk(probs.float() + balancing, 1, dim=-1).indices.squeeze(-1)  # [N], E = skip
-    weight = probs.gather(-1, choice[:, None]).squeeze(-1)
+    choice, weight, r = _route(x, prev, down_w, down_b, eda_scale, norm_w, fc1_w, fc1_b, fc2_w, fc2_b, out_w,
+                               balancing, eps)
     out = torch.zeros_like(x)
     for e in torch.unique(choice).tolist():
         if e == gate_up.shape[0]:
@@ -42,6 +38,35 @@ def moe_top1(x: Tensor, prev: Tensor, down_w: Tensor, down_b: Tensor, eda_scale:
         rows = (choice == e).nonzero().flatten()
         g, u = F.linear(x[rows], gate_up[e]).chunk(2, -1)
         out.index_add_(0, rows, F.linear(F.silu(g) * u, down[e]) * weight[rows, None])
+    return out, r
+
+
+def _route(x: Tensor, prev: Tensor, down_w: Tensor, down_b: Tensor, eda_scale: Tensor, norm_w: Tensor,
+           fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor, out_w: Tensor, balancing: Tensor, eps: float
+           ) -> tuple[Tensor, Tensor, Tensor]:
+    """Router with EDA: → choice [N] (E = skip), its un-biased probability [N], router state r [N, R]."""
+    r = F.linear(x, down_w, down_b) + prev * eda_scale  # [N, R]
+    rf = r.float()
+    a = norm_w * (rf * torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + eps)).to(r.dtype)
+    probs = torch.softmax(F.linear(F.gelu(F.linear(F.gelu(F.linear(a, fc1_w, fc1_b)), fc2_w, fc2_b)), out_w), -1)
+    choice = (probs.float() + balancing).argmax(-1)  # [N], E = skip (argmax: IREE mis-lowers topk k=1)
+    weight = probs.gather(-1, choice[:, None]).squeeze(-1)
+    return choice, weight, r
+
+
+def moe_top1_static(x: Tensor, prev: Tensor, down_w: Tensor, down_b: Tensor, eda_scale: Tensor, norm_w: Tensor,
+                    fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor, out_w: Tensor, balancing: Tensor,
+                    gate_up: Tensor, down: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The op with fixed-shape dispatch, for compilers that need static shapes (the MLIR face): every expert
+    runs on every token and a one-hot weight keeps the chosen one. E× the expert FLOPs, no data-dependent
+    shapes (the same choice the ONNX body makes for N > 1)."""
+    choice, weight, r = _route(x, prev, down_w, down_b, eda_scale, norm_w, fc1_w, fc1_b, fc2_w, fc2_b, out_w,
+                               balancing, eps)
+    out = torch.zeros_like(x)
+    for e in range(gate_up.shape[0]):
+        g, u = F.linear(x, gate_up[e]).chunk(2, -1)  # [N, I] each
+        keep = torch.where(choice == e, weight, torch.zeros_like(weight))  # [N]
+        out = out + F.linear(F.silu(g) * u, down[e]) * keep[:, None]
     return out, r
 
 
@@ -112,3 +137,4 @@ def _translate(x, prev, down_w, down_b, eda_scale, norm_w, fc1_w, fc1_b, fc2_w, 
 
 
 register_onnx("MoETop1", OnnxFace(torch.ops.zaya.moe_top1.default, _translate, MoETop1))
+register_mlir("moe_top1", moe_top1_static)

@@ -1,16 +1,18 @@
 """How a fused ``zaya.*`` op presents its faces: the torch custom op (eager reference), the ONNX translation
 (a ``zaya``-domain node) and the ONNX function body that lets stock onnxruntime run that node by inlining.
 
-Each op module calls :func:`register_onnx` once; the exporter asks :func:`translation_table` and
-:func:`function_protos` for everything registered.
+Each op module calls :func:`register_onnx` and :func:`register_mlir` once; the exporter asks
+:func:`translation_table`, :func:`function_protos` and :func:`mlir_decompositions` for everything registered.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import onnx
+import torch
 import onnxscript
 from onnx.defs import OpSchema
 
@@ -60,3 +62,66 @@ def function_protos(used: set[str] | None = None) -> list[onnx.FunctionProto]:
 
 def registered() -> list[str]:
     return sorted(_FACES)
+
+
+# ------------------------------------------------------------------------------------------------ MLIR face
+_MLIR: dict[str, Callable] = {}  # by op name: OpOverload objects are not stable keys (torch.ops caches get rebuilt)
+_INLINE = {"on": False}
+
+
+def register_mlir(name: str, decomposition: Callable) -> None:
+    """The op's MLIR face: a plain-torch decomposition with static control flow. The IREE path traces the
+    fused model with every op replaced by its face (``mlir_faces``), so the importer sees only aten ops."""
+    _MLIR[name] = decomposition
+
+
+def call(name: str, *args):  # noqa: ANN002, ANN201
+    """Call ``zaya::name``: the custom op, or inside ``mlir_faces()`` its MLIR face inlined into the trace.
+    (Tracing the faces directly is deterministic; decomposing the custom op afterwards with
+    ``run_decompositions`` was found to leave the op in place once upstream transformers had run a model in
+    the same process.)"""
+    return _MLIR[name](*args) if _INLINE["on"] else getattr(torch.ops.zaya, name)(*args)
+
+
+@contextmanager
+def mlir_faces() -> Iterator[None]:
+    _INLINE["on"] = True
+    try:
+        yield
+    finally:
+        _INLINE["on"] = False
+
+
+def _bool_and(a, b):  # noqa: ANN001, ANN202
+    return torch.ops.aten.bitwise_and.Tensor(a, b)
+
+
+def _bool_or(a, b):  # noqa: ANN001, ANN202
+    return torch.ops.aten.bitwise_or.Tensor(a, b)
+
+
+def _conv1d(x, w, bias=None, stride=(1,), padding=(0,), dilation=(1,), groups=1):  # noqa: ANN001, ANN202
+    """Grouped 1-D convolution (stride 1, no padding: the CCA convs) as k shifted slices and one einsum.
+    IREE's ROCm code generation rejects the grouped ``conv1d`` of the packed TiDAR step; the matmul form
+    compiles for every target and is the same sum."""
+    if tuple(stride) != (1,) or tuple(padding) != (0,) or tuple(dilation) != (1,):
+        raise NotImplementedError("only the CCA form of conv1d (stride 1, no padding, no dilation) is decomposed")
+    N, C, W = x.shape  # x [N, C, W], w [Co, C/g, k]
+    Co, Cg, k = w.shape
+    taps = torch.stack([x[:, :, j : W - k + 1 + j] for j in range(k)], dim=-1)  # [N, C, W-k+1, k]
+    taps = taps.reshape(N, groups, Cg, W - k + 1, k)
+    out = torch.einsum("ngctk,gock->ngot", taps, w.reshape(groups, Co // groups, Cg, k)).reshape(N, Co, W - k + 1)
+    return out if bias is None else out + bias[None, :, None]
+
+
+def mlir_decompositions(static_length: bool = False) -> dict:
+    """Rewrites the IREE path needs after tracing with ``mlir_faces``: ``a & b`` on bool masks traces to
+    ``aten.__and__.Tensor`` (same for ``|``), which turbine's importer does not legalize, so it becomes
+    ``bitwise_and``/``bitwise_or``. For programs with a static length, grouped ``conv1d`` becomes an einsum
+    (``_conv1d``: ROCm rejects the packed step's grouped conv); with a dynamic length IREE's CPU backend
+    miscompiles the sliced form (wrong prefill logits, while ``conv1d`` itself compiles everywhere), so there
+    it stays ``conv1d``."""
+    table = {torch.ops.aten.__and__.Tensor: _bool_and, torch.ops.aten.__or__.Tensor: _bool_or}
+    if static_length:
+        table[torch.ops.aten.conv1d.default] = _conv1d
+    return table

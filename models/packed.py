@@ -61,3 +61,35 @@ def packed_layout(block_len: int, levels: tuple[int, ...], kappa: int, causal_pr
                                        for p, l in enumerate(levels, 1)]
     return PackedLayout(K, levels, offsets, template,
                         Segments(torch.stack(conv_rows), torch.stack(value_rows)))
+
+
+def training_layout(seq_len: int, block_len: int, kappa: int) -> PackedLayout:
+    """The TiDAR training layout (``tidar-decoding.md`` §8) as a packed layout over ``[x_0..x_{N-1} | M×N]``.
+
+    Positions ``[0..N-1 | 0..N-1]``. Clean rows attend causally to clean rows; mask rows of block β attend to
+    the clean rows before the block start and bidirectionally inside their block. CCA: the clean half runs as
+    in AR (cut into blocks whose history is the previous κ clean rows, which is the same conv), and mask
+    block β is seeded with the clean history ``(u_{βB-κ}..u_{βB-1})`` and delayed value ``ω_{βB-1}`` — exactly
+    what a draft after committing ``x_0..x_{βB-1}`` sees at inference.
+    """
+    N, B = seq_len, block_len
+    if N <= 0 or N % B:
+        raise ValueError(f"training length {N} must be a positive multiple of the block length {B}")
+    pos = torch.arange(N)
+    blk = pos // B
+    clean_q, clean_k = torch.arange(2 * N)[:, None] < N, torch.arange(2 * N)[None, :] < N
+    p2 = torch.cat([pos, pos])
+    b2 = torch.cat([blk, blk])
+    template = clean_q & clean_k & (p2[None, :] <= p2[:, None])  # C→C causal; C→D denied
+    template |= ~clean_q & clean_k & (p2[None, :] < B * b2[:, None])  # D→C: before the block start
+    template |= ~clean_q & ~clean_k & (b2[None, :] == b2[:, None])  # D→D: own block, bidirectional
+    starts = torch.arange(0, N, B)
+    own = torch.arange(B)
+    # Extended conv rows: [zero history (κ) ; clean rows (N) ; mask rows (N)]; row r of the sequence is at κ+r.
+    clean_conv = [torch.cat([s + torch.arange(kappa), kappa + s + own]) for s in starts]
+    mask_conv = [torch.cat([s + torch.arange(kappa), kappa + N + s + own]) for s in starts]
+    # Delayed-value rows: [ρ ; ω_0..ω_{2N-1}]; row t reads ω_{t-1} (ρ for t = 0), masks seed from ω_{βB-1}.
+    clean_val = [s + own for s in starts]
+    mask_val = [torch.cat([s.reshape(1), 1 + N + s + own[:-1]]) for s in starts]
+    return PackedLayout(B, (), torch.cat([pos, pos]), template,
+                        Segments(torch.stack(clean_conv + mask_conv), torch.stack(clean_val + mask_val)))

@@ -298,8 +298,10 @@ class DecoderLayer(nn.Module):
         self.post_mlp_residual_scale = ResidualScaling(config.hidden_size)
 
     def forward(self, h: Tensor, prev_router: Tensor | None, input_mask: Tensor | None, past_k: Tensor,
-                past_v: Tensor, conv: Tensor, rho: Tensor, layout: AttnLayout, cos: Tensor, sin: Tensor):
-        """h [B, T, H] fp32 residual stream → new h, router state, and this layer's state update."""
+                past_v: Tensor, conv: Tensor, rho: Tensor, layout: AttnLayout, cos: Tensor, sin: Tensor,
+                probe: list[Tensor] | None = None):
+        """h [B, T, H] fp32 residual stream → new h, router state, and this layer's state update. ``probe``
+        collects the residual stream after attention and after the MoE (for locating backend divergence)."""
         dtype = self.input_layernorm.weight.dtype
         x = self.input_layernorm(h.to(dtype))
         if input_mask is not None:  # zero padded rows so they leave no trace in the conv window or ρ
@@ -307,7 +309,11 @@ class DecoderLayer(nn.Module):
         a, k, v, conv_rows, omega = self.self_attn(x, past_k, past_v, conv, rho, layout, cos, sin)
         h = self.post_attention_residual_scale(a, h)
         m, router_state = self.mlp(self.post_attention_layernorm(h.to(dtype)), prev_router)
+        if probe is not None:
+            probe.append(h)
         h = self.post_mlp_residual_scale(m, h)
+        if probe is not None:
+            probe.append(h)
         return h, router_state, (k, v, conv_rows, omega)
 
 
@@ -391,8 +397,8 @@ class ZayaForCausalLM(nn.Module):
         return None if biases[0] is None else torch.stack([b.detach() for b in biases])
 
     def step(self, input_ids: Tensor, past: Past, input_mask: Tensor | None = None,
-             last_only: bool = False, causal: bool = True, packed: PackedLayout | None = None
-             ) -> tuple[Tensor, Update]:
+             last_only: bool = False, causal: bool = True, packed: PackedLayout | None = None,
+             probe: list[Tensor] | None = None, head: bool = True) -> tuple[Tensor, Update]:
         """Forward T new tokens after the committed state ``past``.
 
         input_ids [B, T]; input_mask [B, T] bool (False = left padding) or None → logits [B, T, V] (or
@@ -400,6 +406,9 @@ class ZayaForCausalLM(nn.Module):
         layout: the block attends to the cache and bidirectionally to itself, while the CCA conv and delayed
         value still continue from the committed state (they are sequence-local, not mask-driven).
         ``packed`` is the single-forward TiDAR layout (verify + proposals, ``packed.py``); T must be its size.
+        ``probe`` (a list) receives the residual stream [B, T, H] after each layer's attention and MoE.
+        ``head=False`` returns the final-normed hidden states [B, T, H] instead of logits, so a caller can apply
+        the LM head to only the rows it needs (the in-graph TiDAR step: 2K+1 of N rows).
         """
         cfg, m = self.config, self.model
         B, T = input_ids.shape
@@ -423,7 +432,7 @@ class ZayaForCausalLM(nn.Module):
         for i, layer in enumerate(m.layers):
             layout, cos, sin = per_type[cfg.layer_types[i]]
             h, router_state, (k, v, conv_rows, omega) = layer(
-                h, router_state, input_mask, past.k[i], past.v[i], past.conv[i], past.rho[i], layout, cos, sin
+                h, router_state, input_mask, past.k[i], past.v[i], past.conv[i], past.rho[i], layout, cos, sin, probe
             )
             ks.append(k)
             vs.append(v)
@@ -431,7 +440,8 @@ class ZayaForCausalLM(nn.Module):
             omegas.append(omega)
         if last_only:
             h = h[:, -1:]
-        logits = self.lm_head(m.norm(h.to(dtype)))
+        out = m.norm(h.to(dtype))
+        logits = self.lm_head(out) if head else out
         return logits, Update(torch.stack(ks), torch.stack(vs), torch.stack(convs), torch.stack(omegas))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:

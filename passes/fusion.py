@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-import zaya_export.kernels  # noqa: F401 - registers the zaya.* ops
+import zaya_export.kernels as kernels  # registers the zaya.* ops
 from zaya_export.models import ZayaForCausalLM
 from zaya_export.models.zaya import AttnLayout
 
@@ -75,8 +75,8 @@ class FuseCCA(_LayerFusion):
         p, temp = attn.qkv_proj, attn.qk_norm.temp
 
         def project(x: Tensor, conv: Tensor, rho: Tensor, cos: Tensor, sin: Tensor):  # noqa: ANN202
-            return torch.ops.zaya.cca(
-                x, conv, rho, cos, sin, p.q_proj.weight, p.k_proj.weight, p.v_proj_current.weight,
+            return kernels.call(
+                "cca", x, conv, rho, cos, sin, p.q_proj.weight, p.k_proj.weight, p.v_proj_current.weight,
                 p.v_proj_delayed.weight, p.conv_qk_depthwise.weight, p.conv_qk_depthwise.bias,
                 p.conv_qk_grouped.weight, p.conv_qk_grouped.bias, temp,
             )
@@ -91,8 +91,8 @@ class FuseAttention(_LayerFusion):
 
     def fused(self, attn, model):  # noqa: ANN001, ANN201
         def attend(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor, layout: AttnLayout) -> Tensor:
-            return torch.ops.zaya.block_attention(q, past_k, past_v, k, v, layout.past_valid, layout.new_valid,
-                                                  layout.window, layout.causal)
+            return kernels.call("block_attention", q, past_k, past_v, k, v, layout.past_valid, layout.new_valid,
+                                layout.window, layout.causal)
 
         return attend
 
@@ -112,9 +112,9 @@ class FuseMoE(_LayerFusion):
             if prev is None:  # layer 0: r + 0·1 is exactly r
                 prev = torch.zeros(B * T, R, dtype=x.dtype, device=x.device)
             scale = gate.router_states_scale if gate.use_eda else torch.ones(R, dtype=x.dtype, device=x.device)
-            out, state = torch.ops.zaya.moe_top1(
-                x.reshape(B * T, H), prev, gate.down_proj.weight, gate.down_proj.bias, scale, mlp.norm.weight,
-                mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, mlp.out_proj.weight,
+            out, state = kernels.call(
+                "moe_top1", x.reshape(B * T, H), prev, gate.down_proj.weight, gate.down_proj.bias, scale,
+                mlp.norm.weight, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, mlp.out_proj.weight,
                 gate.balancing_biases, experts.gate_up_proj, experts.down_proj, eps,
             )
             return out.view(B, T, H), state

@@ -1,7 +1,8 @@
 """``Session``: one interface over every backend, exposing the entry points of ``zaya_export.tracing``.
 
 Backends take and return numpy arrays with the entry signature. ``ort`` runs the artifact's ONNX graphs with
-onnxruntime; ``torch`` runs the eager reference model (from an artifact's weights or a checkpoint).
+onnxruntime; ``iree`` runs its compiled IREE module; ``torch`` runs the eager reference model (from an
+artifact's weights or a checkpoint).
 
 The decode state lives in :class:`KVCache`: preallocated buffers of a fixed capacity handed to the graph
 whole, with a validity mask marking unfilled slots, so no step copies the cache. After each forward only the
@@ -48,8 +49,8 @@ class OrtBackend(Backend):
 
     def session(self, entry: str):  # noqa: ANN201 - onnxruntime.InferenceSession
         if entry not in self.sessions:
-            if entry not in self.artifact.entry_points:
-                raise KeyError(f"the artifact has no {entry!r} entry point")
+            if "onnx" not in self.artifact.entry_points.get(entry, {}):
+                raise KeyError(f"the artifact has no ONNX graph for the {entry!r} entry point")
             path = self.artifact.path(self.artifact.entry_points[entry]["onnx"])
             session = self.ort.InferenceSession(str(path), self.options, providers=self.providers)
             if session.get_providers()[0] != self.providers[0]:  # ORT silently falls back to CPU
@@ -60,6 +61,60 @@ class OrtBackend(Backend):
     def run(self, entry: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session, names = self.session(entry)
         return dict(zip(names, session.run(names, inputs)))
+
+
+class IreeBackend(Backend):
+    """The artifact's IREE module (``iree/<target>.vmfb``) on an IREE driver: ``local-task`` (CPU thread pool),
+    ``local-sync`` (one thread) or ``hip`` (AMD GPU). Parameters are read in place from the artifact's
+    safetensors file through an IREE parameter index, so no second copy of the weights is made."""
+
+    name = "iree"
+
+    def __init__(self, artifact, device: str = "local-task", target: str | None = None) -> None:  # noqa: ANN001
+        import iree.runtime as rt
+
+        from zaya_export.errors import InputError
+
+        modules = artifact.manifest.get("iree") or {}
+        if not modules:
+            raise InputError(f"{artifact.root}: no IREE module (export with --format onnx,mlir --target cpu)")
+        gpu = device.split(":")[0] in ("hip", "rocm")
+        if target is None:
+            wanted = [n for n, m in modules.items() if (m["driver"] == "hip") == gpu]
+            if not wanted:
+                raise InputError(f"{artifact.root}: no IREE module for device {device!r} (have {sorted(modules)})")
+            target = wanted[0]
+        if target not in modules:
+            raise InputError(f"{artifact.root}: no IREE module for target {target!r} (have {sorted(modules)})")
+        try:
+            self.config = rt.Config(device)
+        except (RuntimeError, ValueError) as exc:
+            raise InputError(f"IREE device {device!r} is not available here: {str(exc).splitlines()[0]}"
+                             + (" (the hip driver needs the ROCm runtime, libamdhip64.so, and an AMD GPU)" if gpu
+                                else "")) from None
+        index = rt.ParameterIndex()
+        index.load(str(artifact.weights))
+        params = rt.create_io_parameters_module(self.config.vm_instance,
+                                                index.create_provider(scope=artifact.manifest["mlir"]["parameters"]
+                                                                      ["scope"]))
+        vmfb = rt.VmModule.mmap(self.config.vm_instance, str(artifact.path(modules[target]["vmfb"])))
+        self.context = rt.SystemContext(config=self.config, vm_modules=[
+            params, rt.create_hal_module(self.config.vm_instance, self.config.device), vmfb])
+        self.module = self.context.modules.module
+        self.entries = artifact.entry_points
+        self.target, self.device = target, device
+
+    def run(self, entry: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if entry not in self.entries:
+            raise KeyError(f"the artifact has no {entry!r} entry point")
+        spec = self.entries[entry]
+        names = [i["name"] if isinstance(i, dict) else i for i in spec["inputs"]]
+        outs = getattr(self.module, entry)(*[np.ascontiguousarray(inputs[n]) for n in names])
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        # to_host() may alias device buffers that the next call reuses: copy, as the other backends return owned
+        # arrays (the TiDAR loop keeps a step's draft logits across the next forward)
+        return {(o["name"] if isinstance(o, dict) else o): np.array(r.to_host(), copy=True)
+                for o, r in zip(spec["outputs"], outs)}
 
 
 class TorchBackend(Backend):
@@ -73,6 +128,7 @@ class TorchBackend(Backend):
 
         self.torch, self.model = torch, model
         specs = tracing.entry_specs(block_len or model.config.diffusion_block_len, levels, model.config.conv_history)
+        specs[tracing.PROBE.name] = tracing.PROBE
         self.entries = {name: tracing.Entry(model, spec).eval() for name, spec in specs.items()}
 
     def run(self, entry: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -140,7 +196,8 @@ class Session:
     """Open an artifact (``ort`` or ``torch`` backend) or a checkpoint (``torch`` only)."""
 
     def __init__(self, path: str | Path, backend: str = "ort", threads: int | None = None,
-                 allow_version_mismatch: bool = False, dtype: str | None = None) -> None:
+                 allow_version_mismatch: bool = False, dtype: str | None = None, device: str = "local-task",
+                 target: str | None = None) -> None:
         from zaya_export.artifact import is_artifact, open_artifact
         from zaya_export.checkpoint import load_checkpoint
         from zaya_export.errors import InputError
@@ -149,10 +206,11 @@ class Session:
         path = Path(path)
         self.artifact = open_artifact(path, allow_version_mismatch=allow_version_mismatch) if is_artifact(path) \
             else None
-        if backend == "ort":
+        if backend in ("ort", "iree"):
             if self.artifact is None:
-                raise InputError(f"{path}: the ort backend needs an exported artifact (run `zaya-export export`)")
-            self.backend: Backend = OrtBackend(self.artifact, threads)
+                raise InputError(f"{path}: the {backend} backend needs an exported artifact (run `zaya-export export`)")
+            self.backend: Backend = OrtBackend(self.artifact, threads) if backend == "ort" \
+                else IreeBackend(self.artifact, device, target)
             self.config = self.artifact.config
             tidar = self.artifact.manifest.get("tidar", {})
             self.block_len, self.levels = tidar.get("block_len"), tuple(tidar.get("levels", ()))
@@ -165,7 +223,7 @@ class Session:
             self.backend = TorchBackend(model, self.block_len, self.levels)
             self.config = model.config
         else:
-            raise InputError(f"unknown backend {backend!r}; choose ort or torch")
+            raise InputError(f"unknown backend {backend!r}; choose ort, iree or torch")
         tok = (self.artifact.tokenizer if self.artifact else (path / "tokenizer.json"))
         self.tokenizer = load_tokenizer(tok) if tok is not None and tok.is_file() else None
 
@@ -185,7 +243,8 @@ class Session:
     def has(self, entry: str) -> bool:
         if isinstance(self.backend, TorchBackend):
             return entry in self.backend.entries
-        return entry in self.artifact.entry_points
+        return entry in self.artifact.entry_points and (self.backend.name != "ort"
+                                                        or "onnx" in self.artifact.entry_points[entry])
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return KVCache(self.config, batch, capacity)

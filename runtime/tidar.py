@@ -123,20 +123,29 @@ def generate_tidar(session: Session, prompts: list[list[int]], max_new_tokens: i
     drafts, zeta = _draft(session, cache, anchor, K, mask_id)
     valid = np.ones(drafts.shape, bool)
     forwards += 1
-    # Greedy lossless fused steps run acceptance, commit and draft selection inside the graph.
-    in_graph = fused and sampler.greedy and w == 1.0 and session.has("step_greedy")
+    # Fused steps run acceptance, commit and draft selection inside the graph: greedy lossless in
+    # `step_greedy`; sampling (lossless or mixed) in `step_sample`, fed the same uniforms `accept` would draw.
+    in_graph = fused and ((sampler.greedy and w == 1.0 and session.has("step_greedy"))
+                          or (not sampler.greedy and session.has("step_sample")))
+    params = np.array([sampler.temperature, sampler.top_k, sampler.top_p, w], np.float32)
     while live:
         block = np.concatenate([anchor[:, None], drafts], 1)
         if fused:
             block = np.concatenate([block, np.full((len(block), (K + 1) * len(levels)), mask_id)], 1)
         forwards, steps = forwards + 1, steps + 1
-        if in_graph:
+        if in_graph and sampler.greedy:
             out = session.run("step_greedy", {**cache.inputs(block), "draft_valid": valid})
-            ell = out["count"] - 1
-            anchor = out["tokens"][np.arange(len(ell)), ell]
+        elif in_graph:
+            uniforms = np.concatenate([rng.random((len(block), K)), rng.random(len(block))[:, None]], 1)
+            out = session.run("step_sample", {**cache.inputs(block), "draft_valid": valid,
+                                              "draft_logits": zeta.astype(np.float32),
+                                              "uniforms": uniforms.astype(np.float32), "sampler": params})
         else:
             out = session.run("step" if fused else "verify", cache.inputs(block))
             ell, anchor = accept(out["logits"][:, : K + 1], drafts, zeta, sampler, w, rng, valid)
+        if in_graph:
+            ell = out["count"] - 1
+            anchor = out["tokens"][np.arange(len(ell)), ell]
         active = stopper.active.copy()
         cache.commit(out, counts=np.where(active, ell + 1, 0))
         for b in np.flatnonzero(active):
@@ -149,6 +158,7 @@ def generate_tidar(session: Session, prompts: list[list[int]], max_new_tokens: i
         live = bool(stopper.active.any())
         if live and in_graph:
             drafts, valid = out["next_drafts"], out["next_valid"]
+            zeta = out.get("next_draft_logits", zeta)
         elif live and fused:
             drafts, zeta, valid = _select_proposals(out["logits"], ell, levels, K)
         elif live:

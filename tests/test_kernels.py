@@ -113,12 +113,12 @@ def test_reference_ops_equal_the_model_regions():
     included) stay within fp32 rounding."""
     from zaya_export.passes.base import PassManager
     from zaya_export.passes.fusion import fusion_pipeline
-    from zaya_export.tracing import Entry, entry_specs, example_inputs
+    from zaya_export.tracing import Entry, accept_inputs, entry_specs, example_inputs
 
     model = random_model(small_config(), seed=4)
     specs = entry_specs(3).values()
     cases = [(spec, example_inputs(model, B, spec.tokens or T, S, seed=i)
-              + ((torch.ones(B, 3, dtype=torch.bool),) if spec.accept else ()))
+              + (accept_inputs(spec, B, model.config.vocab_size, seed=i) if spec.accept else ()))
              for spec in specs for i, (B, T, S) in enumerate([(1, 1, 0), (2, 9, 0), (3, 1, 6)])]
 
     def probe(m):

@@ -88,3 +88,30 @@ def test_onnx_check_fails_on_missing_fused_nodes():
     model = ir.Model(graph, ir_version=10)
     with pytest.raises(PassError, match="expected"):
         PassManager([CheckFusedNodes({"CCA": 2})]).run(model)
+
+
+def test_pack_tidar_step_adds_verified_packed_entries(monkeypatch):
+    import zaya_export.passes.tidar_packing as packing
+    from zaya_export.models.packed import packed_layout
+    from zaya_export.passes.tidar_packing import ExportPlan, PackTidarStep
+    from zaya_export.tracing import base_entry_specs
+
+    model = random_model(small_config(num_hidden_layers=2, layer_types=["hybrid", "hybrid_sliding"],
+                                      sliding_window=6), seed=4)
+    PassManager(fusion_pipeline()).run(model)
+    plan = ExportPlan(model, base_entry_specs(4))
+    log = PassManager([PackTidarStep(4, (0, 2, 4))]).run(plan)
+    assert [(r.name, r.rewrites) for r in log] == [("pack_tidar_step", 3)]
+    assert plan.specs["step"].tokens == 5 * 4 and plan.specs["step_greedy"].accept == "greedy"
+    assert plan.specs["step_sample"].accept == "sample"
+    assert packing.packing_error(model, plan.specs) <= 1e-4
+    with pytest.raises(PassError, match="already has a packed step"):
+        PackTidarStep(4, (0, 2, 4)).requires(plan)
+    with pytest.raises(PassError, match="missing"):
+        PackTidarStep(4, (0, 2)).requires(ExportPlan(model, {}))
+    with pytest.raises(PassError, match="levels must start at 0"):
+        PassManager([PackTidarStep(4, (1, 2))]).run(ExportPlan(model, base_entry_specs(4)))
+    # a packing that breaks the exactness property (causal proposals instead of the bidirectional draft rule)
+    monkeypatch.setattr(packing, "packed_layout", lambda K, L, kappa: packed_layout(K, L, kappa, causal_proposals=True))
+    with pytest.raises(PassError, match="differs from verify/draft"):
+        PassManager([PackTidarStep(4, (0, 2, 4))]).run(ExportPlan(model, base_entry_specs(4)))

@@ -134,6 +134,7 @@ def test_stochastic_lossless_is_distributed_as_ar_sampling(stats_model, monkeypa
         return np.full(len(z), K), z[:, K].argmax(-1)
 
     monkeypatch.setattr(tidar, "accept", always_accept)
+    monkeypatch.setattr(Session, "has", lambda self, entry: entry not in ("step_greedy", "step_sample"))
     broken = _sampled(stats_model, rule="broken", fused=fused)
     stat, dof = _chi2_homogeneity(ar[:, 1], broken[:, 1])
     assert stat > CHI2_999[dof], (stat, dof)
@@ -183,3 +184,18 @@ def test_in_graph_greedy_step_equals_host_acceptance(monkeypatch):
         monkeypatch.undo()
         assert (in_graph.tokens, in_graph.acceptance) == (host.tokens, host.acceptance)
         assert in_graph.tokens == generate_greedy(model, PROMPTS, 40).tokens
+
+
+@pytest.mark.parametrize("cfg,w", [(SamplerConfig(temperature=1.0, seed=3), 1.0),
+                                   (SamplerConfig(temperature=0.8, top_k=5, top_p=0.9, seed=5), 1.0),
+                                   (SamplerConfig(temperature=1.0, seed=7), 0.5)], ids=["lossless", "warped", "mix"])
+def test_in_graph_sampling_step_equals_host_acceptance(stats_model, monkeypatch, cfg, w):
+    """step_sample (rejection sampling / logit mixing with the host's uniforms, inside the graph) makes the host
+    path's decisions: same tokens and acceptance lengths for the same seed, batch of 64 rows."""
+    session = Session.from_model(stats_model, levels=(0, 2))
+    prompts = [[2, 7, 9], [2, 3], [2, 11, 5, 6]] * 21 + [[4]]
+    in_graph = tidar.generate_tidar(session, prompts, 12, sampler=cfg, w=w, fused=True)
+    monkeypatch.setattr(Session, "has", lambda self, entry: entry not in ("step_greedy", "step_sample"))
+    host = tidar.generate_tidar(session, prompts, 12, sampler=cfg, w=w, fused=True)
+    assert (in_graph.tokens, in_graph.acceptance) == (host.tokens, host.acceptance)
+    assert 0 < in_graph.mean_accepted  # the test exercises accepted drafts, not only rejections

@@ -36,7 +36,8 @@ SCHEMA_VERSION = 2  # 2: TiDAR entries; state outputs conv_rows/omega
 MANIFEST = "manifest.json"
 FORMAT = "zaya-export-artifact"
 # Versions that must match between the exporting and the loading environment.
-PINNED = ("zaya-export", "torch", "onnx", "onnxruntime", "onnxscript", "onnx-ir")
+PINNED = ("zaya-export", "torch", "onnx", "onnxruntime", "onnxscript", "onnx-ir", "iree-base-compiler",
+          "iree-base-runtime", "iree-turbine")
 
 
 class ArtifactError(ZayaError):

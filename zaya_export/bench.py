@@ -18,28 +18,47 @@ from zaya_export.runtime.tidar import generate_tidar
 from .artifact import Artifact
 
 
-def bench_artifact(artifact: Artifact, backend: str = "ort", prompt_len: int = 128, new_tokens: int = 128,
-                   repeats: int = 3, threads: int | None = None) -> dict[str, Any]:
+def bench_prompt(artifact: Artifact, prompt_len: int) -> list[int]:
+    """Real text when the artifact has a tokenizer (the start of a held-out stdlib file, so a trained model's
+    drafts behave as in use), random ids otherwise."""
+    if artifact.tokenizer is not None:
+        from .corpus import Corpus, stdlib_corpus
+        from .tokenizer import load_tokenizer
+
+        # the held-out file richest in methods: ordinary code, not a data table or a license header
+        text = max((Corpus.read(f) for f in stdlib_corpus().heldout), key=lambda t: t.count("\n    def "))
+        ids = load_tokenizer(artifact.tokenizer).encode(text).ids
+        start = len(ids) // 2
+        if len(ids) >= start + prompt_len and max(ids) < artifact.config.vocab_size:
+            return ids[start : start + prompt_len]
+    return np.random.default_rng(0).integers(5, artifact.config.vocab_size, prompt_len).tolist()
+
+
+def bench_artifact(artifact: Artifact, backends: tuple[str, ...] = ("ort",), prompt_len: int = 128,
+                   new_tokens: int = 128, repeats: int = 3, threads: int | None = None) -> dict[str, Any]:
+    """Greedy AR decode of each backend and of the eager model, interleaved per repeat; best of ``repeats``."""
     model = _model_from_artifact(artifact, artifact.manifest.get("compute_dtype"))
-    session = Session(artifact.root, backend=backend, threads=threads)
-    prompt = np.random.default_rng(0).integers(5, artifact.config.vocab_size, prompt_len).tolist()
-    runs: dict[str, list[float]] = {"eager": [], backend: []}
-    ttft: dict[str, list[float]] = {"eager": [], backend: []}
+    sessions = {b: Session(artifact.root, backend=b, threads=threads) for b in backends}
+    prompt = bench_prompt(artifact, prompt_len)
+    runs: dict[str, list[float]] = {"eager": [], **{b: [] for b in backends}}
+    ttft: dict[str, list[float]] = {name: [] for name in runs}
     tokens = {}
-    generate(session, [prompt], 4)  # warm-up both sides (ORT allocators, torch kernels)
-    generate_greedy(model, [prompt], 4)
+    generate_greedy(model, [prompt], 4)  # warm-up every side (allocators, kernels, IREE executables)
+    for session in sessions.values():
+        generate(session, [prompt], 4)
     for _ in range(repeats):
         for name in runs:
             result = (generate_greedy(model, [prompt], new_tokens) if name == "eager"
-                      else generate(session, [prompt], new_tokens))
+                      else generate(sessions[name], [prompt], new_tokens))
             runs[name].append(result.decode_tok_per_s)
             ttft[name].append(result.first_token_seconds)
             tokens[name] = result.tokens[0]
     best = {k: max(v) for k, v in runs.items()}
-    return {"backend": backend, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
+    return {"backends": list(backends), "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
             "decode_tok_per_s": {k: round(v, 2) for k, v in best.items()},
             "prefill_seconds": {k: round(min(v), 4) for k, v in ttft.items()},
-            "speedup": round(best[backend] / best["eager"], 3), "same_tokens": tokens["eager"] == tokens[backend]}
+            "speedup": {b: round(best[b] / best["eager"], 3) for b in backends},
+            "same_tokens": all(tokens[b] == tokens["eager"] for b in backends)}
 
 
 def bench_modes(artifact: Artifact, backend: str = "ort", prompt_len: int = 128, new_tokens: int = 128,
@@ -48,7 +67,7 @@ def bench_modes(artifact: Artifact, backend: str = "ort", prompt_len: int = 128,
     """AR vs TiDAR (two-forward) vs TiDAR fused on one backend: tok/s, forwards, tokens per forward and the
     speedup over AR, greedy (w = 1 lossless, or logit mixing with w < 1)."""
     session = Session(artifact.root, backend=backend)
-    prompt = np.random.default_rng(0).integers(5, artifact.config.vocab_size, prompt_len).tolist()
+    prompt = bench_prompt(artifact, prompt_len)
 
     def once(mode: str):  # noqa: ANN202
         if mode == "ar":

@@ -21,6 +21,8 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context):  # noqa: ANN201 - click signature
         warnings.showwarning = lambda msg, *a, **k: click.echo(f"warning: {msg}", err=True)
+        # torch.export's pytree deprecation notice (raised from torch's own code on every trace): not actionable
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         try:
             return super().invoke(ctx)
         except ZayaError as exc:
@@ -76,6 +78,33 @@ def init(preset_name: str, seed: int, dtype: str, force: bool, as_json: bool, ou
         console.print(f"wrote {out} ({preset_name}, {n_params / 1e6:.1f}M params, {dtype})")
 
 
+@main.command("train-demo")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--steps", type=click.IntRange(min=1), default=2400, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-minutes", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Stop early after this long (0 = run every step); the card records the steps run.")
+@click.option("--stop-after", type=click.IntRange(min=0), default=0,
+              help="Run only the first N steps of the --steps schedule (replays a run cut by --max-minutes).")
+@click.option("--card-only", is_flag=True, help="Only re-measure an already trained OUT and rewrite its card.")
+def train_demo(out: Path, steps: int, seed: int, max_minutes: float, stop_after: int, card_only: bool) -> None:
+    """Train the demo checkpoint (small ZAYA1, TiDAR objective, stdlib source, CPU) into OUT, then measure it
+    on held-out files and write its model card."""
+    from .demo_card import measure, write_card
+    from .train_demo import TrainSettings, train
+
+    console = _stderr()
+    if not card_only:
+        train(out, TrainSettings(seed=seed, steps=steps, max_minutes=max_minutes, stop_after=stop_after),
+              log=console.print)
+    elif not (out / "train_log.json").is_file():
+        raise InputError(f"{out}: no train_log.json (train it first)")
+    with console.status("measuring on held-out prompts"):
+        figures = measure(out)
+    console.print(f"wrote {write_card(out, figures)}")
+    click.echo(json.dumps(figures["modes"]))
+
+
 def _stderr():  # noqa: ANN202
     from rich.console import Console
 
@@ -95,7 +124,9 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--prompt", help="Prompt text (needs tokenizer.json).")
 @click.option("--prompt-ids", help="Prompt as comma-separated token ids, e.g. 2,17,301.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--backend", type=click.Choice(["ort", "torch"]), default=None,
+@click.option("--device", default="local-task", show_default=True,
+              help="IREE device for --backend iree: local-task (CPU threads), local-sync, hip (AMD GPU).")
+@click.option("--backend", type=click.Choice(["ort", "iree", "torch"]), default=None,
               help="ort (artifacts; the default for them) or torch (eager; the default for checkpoints).")
 @click.option("--mode", type=click.Choice(["ar", "tidar", "tidar-fused"]), default="ar", show_default=True,
               help="ar: one token per forward; tidar: verify K drafts and draft K more (two forwards per step); "
@@ -114,7 +145,8 @@ def _parse_ids(text: str) -> list[int]:
               help="Compute dtype of the torch backend (default: as stored).")
 @click.option("--allow-version-mismatch", is_flag=True, help="Run an artifact built with other tool versions.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens: int, backend: str | None,
+def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens: int, device: str,
+        backend: str | None,
         mode: str, sampler_name: str, mix_w: float, temperature: float, top_k: int, top_p: float, seed: int,
         dtype: str | None, allow_version_mismatch: bool, as_json: bool) -> None:
     """Generate from SOURCE, an exported artifact or a checkpoint directory."""
@@ -130,7 +162,8 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
     if not is_artifact(source) and not (source / "config.json").is_file():
         raise InputError(f"{source}: neither an artifact (manifest.json) nor a checkpoint (config.json)")
     with _stderr().status(f"opening {source} ({backend})"):
-        session = Session(source, backend=backend, dtype=dtype, allow_version_mismatch=allow_version_mismatch)
+        session = Session(source, backend=backend, dtype=dtype, allow_version_mismatch=allow_version_mismatch,
+                          device=device)
     config, tokenizer = session.config, session.tokenizer
     if prompt is not None:
         if tokenizer is None:
@@ -148,7 +181,7 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
                          f"{config.max_position_embeddings}")
     if mode == "ar" and sampler_name == "mix":
         raise InputError("--sampler mix needs --mode tidar")
-    if mode != "ar" and session.artifact is not None and "step" not in session.artifact.entry_points:
+    if mode != "ar" and session.artifact is not None and not session.has("step"):
         raise InputError(f"{source}: no TiDAR entry points (re-export it with this zaya-export)")
     greedy = sampler_name == "greedy"
     sampler = SamplerConfig(temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p, seed=seed)
@@ -181,7 +214,11 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True, help="Artifact directory.")
-@click.option("--format", "formats", default="onnx", show_default=True, help="Comma-separated formats (onnx).")
+@click.option("--format", "formats", default="onnx", show_default=True,
+              help="Comma-separated formats: onnx, mlir (one multi-entry MLIR module for IREE).")
+@click.option("--target", "targets", default=None, help="IREE targets to compile the MLIR module for, "
+              "comma-separated: cpu, gfx942 (MI300X/MI325X), gfx90a (MI250X), gfx1100 (RX 7900). Default with "
+              "mlir: cpu.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
 @click.option("--dump-after", multiple=True, help="Dump the traced prefill graph after this pass (repeatable).")
@@ -190,28 +227,39 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
 @click.option("--levels", default=None, help="Acceptance levels of the packed TiDAR step, e.g. 0,6,16 "
               "(must start at 0; default 0,6,16 scaled to K).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
-def export(checkpoint: Path, out: Path, formats: str, dtype: str, force: bool, dump_after: tuple[str, ...],
-           block_len: int | None, levels: str | None, as_json: bool) -> None:
-    """Export CHECKPOINT to an artifact: fused, traced entry points lowered to ONNX, weights stored once."""
-    from .exporter import export_artifact
+def export(checkpoint: Path, out: Path, formats: str, targets: str | None, dtype: str, force: bool,
+           dump_after: tuple[str, ...], block_len: int | None, levels: str | None, as_json: bool) -> None:
+    """Export CHECKPOINT to an artifact: fused, traced entry points lowered to ONNX and/or MLIR (compiled by
+    IREE), weights stored once."""
+    from .exporter import FORMATS, export_artifact
+    from .mlir_export import parse_targets
 
     wanted = [f.strip() for f in formats.split(",") if f.strip()]
-    unsupported = sorted(set(wanted) - {"onnx"})
+    unsupported = sorted(set(wanted) - set(FORMATS))
     if unsupported or not wanted:
         named = ",".join(unsupported) or repr(formats)
-        raise InputError(f"unsupported --format {named}; available: onnx")
+        raise InputError(f"unsupported --format {named}; available: {', '.join(FORMATS)}")
+    if targets is not None and "mlir" not in wanted:
+        raise InputError("--target compiles the MLIR module: add mlir to --format")
+    try:
+        chosen = tuple(parse_targets(targets or "cpu")) if "mlir" in wanted else ()
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     console = _stderr()
     with console.status("exporting") as status:
         manifest = export_artifact(checkpoint, out, dtype=dtype, force=force, dump_after=dump_after,
                                    block_len=block_len, levels=tuple(_parse_ids(levels)) if levels else None,
-                                   status=lambda msg: status.update(msg))
+                                   formats=tuple(wanted), targets=chosen, status=lambda msg: status.update(msg))
     summary = {"artifact": str(out), "entry_points": sorted(manifest["entry_points"]), "dtype": manifest["dtype"],
+               "formats": manifest["formats"], "iree_targets": sorted(manifest["iree"]),
                "pass_log": manifest["pass_log"]["model"], "seconds": manifest["export_seconds"]}
     if as_json:
         click.echo(json.dumps(summary))
     else:
         fired = ", ".join(f"{r['name']}×{r['rewrites']}" for r in manifest["pass_log"]["model"])
-        console.print(f"wrote {out} ({', '.join(summary['entry_points'])}; {fired}; {summary['seconds']} s)")
+        iree = f"; IREE: {', '.join(summary['iree_targets'])}" if summary["iree_targets"] else ""
+        console.print(f"wrote {out} ({'+'.join(summary['formats'])}: {', '.join(summary['entry_points'])}; {fired}"
+                      f"{iree}; {summary['seconds']} s)")
 
 
 @main.command()
@@ -229,6 +277,10 @@ def inspect(artifact: Path, as_json: bool) -> None:
     info = {"artifact": str(artifact), "dtype": art.manifest["dtype"], "versions": art.manifest["versions"],
             "files": {rel: (artifact / rel).stat().st_size for rel in art.manifest["files"]}, "entry_points": {}}
     for name, entry in art.entry_points.items():
+        if "onnx" not in entry:
+            info["entry_points"][name] = {"inputs": entry["inputs"], "outputs": entry["outputs"], "nodes": 0,
+                                          "fused": {}, "ops": {}, "functions": []}
+            continue
         proto = onnx.load(str(artifact / entry["onnx"]), load_external_data=False)
         hist = Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in proto.graph.node)
         info["entry_points"][name] = {
@@ -237,14 +289,19 @@ def inspect(artifact: Path, as_json: bool) -> None:
             "functions": sorted(f.name for f in proto.functions),
         }
     info["validation"] = art.manifest.get("validation")
+    info["iree"] = _inspect_iree(art)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
     click.echo(f"{artifact}  dtype={info['dtype']}  " + " ".join(f"{k}={v}" for k, v in info["versions"].items()))
     for name, e in info["entry_points"].items():
         fused = ", ".join(f"{k}×{v}" for k, v in e["fused"].items())
-        click.echo(f"  {name}: {e['nodes']} nodes; fused: {fused}; inputs: "
-                   + ", ".join(f"{i['name']}{i['shape']}" for i in e["inputs"]))
+        click.echo(f"  {name}: {e['nodes']} ONNX nodes; fused: {fused}; inputs: "
+                   + ", ".join(f"{i['name']}{i['shape']}" if isinstance(i, dict) else i for i in e["inputs"]))
+    for target, t in info["iree"].items():
+        gpu = f"; AMD code objects: {', '.join(t['amd_archs_found'])}" if t["arch"] else ""
+        ok = "" if t["archs_ok"] else "  MISMATCH"
+        click.echo(f"  iree/{target}: {t['bytes'] / 2**20:.2f} MiB, driver {t['driver']}{gpu}{ok}")
     for rel, size in sorted(info["files"].items()):
         click.echo(f"  {rel:32s} {size / 2**20:9.2f} MiB")
     if info["validation"]:
@@ -253,32 +310,84 @@ def inspect(artifact: Path, as_json: bool) -> None:
                        f"greedy {v['greedy_equal']}/{v['prompts']})")
 
 
+def _inspect_iree(art) -> dict:  # noqa: ANN001
+    """Per-target size, and the AMD GPU architectures actually found in each module's code objects."""
+    from .mlir_export import TARGETS, amd_archs_in
+
+    out = {}
+    for target, m in (art.manifest.get("iree") or {}).items():
+        found = amd_archs_in(art.path(m["vmfb"]))
+        arch = TARGETS[target].arch if target in TARGETS else None
+        out[target] = {"bytes": art.path(m["vmfb"]).stat().st_size, "driver": m["driver"], "flags": m["flags"],
+                       "arch": arch, "amd_archs_found": sorted(set(found)),
+                       "archs_ok": (set(found) == {arch}) if arch else not found}
+    return out
+
+
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="Source checkpoint (default: the artifact's "
               "own weights in the eager model).")
 @click.option("--reference", type=click.Choice(["eager", "hf"]), default="eager", show_default=True,
               help="hf = upstream transformers' ZayaForCausalLM for fresh-sequence logits.")
-@click.option("--backend", type=click.Choice(["ort", "torch"]), default="ort", show_default=True)
+@click.option("--backend", "backends", default="ort", show_default=True,
+              help="Backend(s) to check, comma-separated: ort, iree, torch. Several also compare each pair.")
+@click.option("--device", default="local-task", show_default=True, help="IREE device: local-task, local-sync, hip.")
+@click.option("--bisect", "do_bisect", is_flag=True, help="Locate the first layer and fused op where the backends "
+              "(and eager) diverge, using the artifact's `layers` debug entry.")
 @click.option("--json", "as_json", is_flag=True)
-def validate(artifact: Path, checkpoint: Path | None, reference: str, backend: str, as_json: bool) -> None:
+def validate(artifact: Path, checkpoint: Path | None, reference: str, backends: str, device: str, do_bisect: bool,
+             as_json: bool) -> None:
     """Check ARTIFACT against the source model; exit 1 when any check fails."""
     from .artifact import open_artifact
-    from .validate import to_markdown, validate_artifact, write_report
+    from .bisect import bisect, describe
+    from .runtime.session import Session
+    from .validate import _reference_model, cross_check, to_markdown, validate_artifact, write_report
 
+    names = [b.strip() for b in backends.split(",") if b.strip()]
+    bad = sorted(set(names) - {"ort", "iree", "torch"})
+    if bad or not names:
+        raise InputError(f"unknown --backend {bad or backends!r}; choose from ort, iree, torch")
     art = open_artifact(artifact)
-    with _stderr().status(f"validating {artifact} ({backend} vs {reference})"):
-        report = validate_artifact(art, backend=backend, checkpoint=checkpoint, reference=reference)
-        write_report(art, report)
-    click.echo(json.dumps(report) if as_json else to_markdown(report))
-    if not report["ok"]:
+    reports, out = [], {"ok": True}
+    for backend in names:
+        with _stderr().status(f"validating {artifact} ({backend} vs {reference})"):
+            report = validate_artifact(art, backend=backend, checkpoint=checkpoint, reference=reference,
+                                       device=device)
+            write_report(art, report)
+        reports.append(report)
+        out["ok"] &= report["ok"]
+        if not as_json:
+            click.echo(to_markdown(report))
+    out["reports"] = reports
+    if len(names) > 1:
+        with _stderr().status(f"cross-checking {', '.join(names)}"):
+            out["cross"] = cross_check(art, names, device)
+        out["ok"] &= all(c["ok"] for c in out["cross"])
+        if not as_json:
+            for c in out["cross"]:
+                errs = ", ".join(f"{k} {v:.1e}" for k, v in c["max_abs"].items())
+                click.echo(f"{c['pair']} {c['entry']}: {errs} {'✓' if c['ok'] else '✗'}")
+    if do_bisect:
+        model = _reference_model(art, checkpoint)
+        sessions = [Session.from_model(model)] + [Session(artifact, backend=b, device=device,
+                                                          allow_version_mismatch=True) for b in names]
+        out["bisect"] = [bisect(sessions[i], sessions[j], model) for i in range(len(sessions))
+                         for j in range(i + 1, len(sessions))]
+        if not as_json:
+            for r in out["bisect"]:
+                click.echo(describe(r))
+    if as_json:
+        click.echo(json.dumps(out))
+    if not out["ok"]:
         click.echo("error: validation failed (see the report above)", err=True)
         raise SystemExit(1)
 
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--backend", type=click.Choice(["ort", "torch"]), default="ort", show_default=True)
+@click.option("--backend", "backends", default="ort", show_default=True,
+              help="Backend(s), comma-separated (ort, iree, torch); each is compared with eager torch.")
 @click.option("--prompt-len", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(min=2), default=128, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
@@ -287,36 +396,39 @@ def validate(artifact: Path, checkpoint: Path | None, reference: str, backend: s
 @click.option("--w", "mix_w", type=click.FloatRange(0, 1), default=1.0, show_default=True,
               help="TiDAR mixing weight for --modes (1 = lossless).")
 @click.option("--json", "as_json", is_flag=True)
-def bench(artifact: Path, backend: str, prompt_len: int, new_tokens: int, repeats: int, modes: str | None,
+def bench(artifact: Path, backends: str, prompt_len: int, new_tokens: int, repeats: int, modes: str | None,
           mix_w: float, as_json: bool) -> None:
     """Decode tok/s: a backend vs the eager torch model (AR), or AR vs TiDAR modes on one backend (--modes)."""
     from .artifact import open_artifact
     from .bench import bench_artifact, bench_modes
 
     art = open_artifact(artifact)
+    names = [b.strip() for b in backends.split(",") if b.strip()]
+    if not names or set(names) - {"ort", "iree", "torch"}:
+        raise InputError(f"unknown --backend {backends!r}; choose from ort, iree, torch")
     with _stderr().status(f"benchmarking {artifact}"):
         if modes:
             wanted = tuple(m.strip() for m in modes.split(",") if m.strip())
             bad = sorted(set(wanted) - {"ar", "tidar", "tidar-fused"})
             if bad:
                 raise InputError(f"unknown --modes {bad}; choose from ar, tidar, tidar-fused")
-            result = bench_modes(art, backend, prompt_len, new_tokens, repeats, wanted, mix_w)
+            result = {b: bench_modes(art, b, prompt_len, new_tokens, repeats, wanted, mix_w) for b in names}
         else:
-            if backend != "ort":
-                raise InputError("the eager comparison benchmarks --backend ort; use --modes for torch")
-            result = bench_artifact(art, backend, prompt_len, new_tokens, repeats)
+            result = bench_artifact(art, tuple(n for n in names if n != "torch"), prompt_len, new_tokens, repeats)
     if as_json:
         click.echo(json.dumps(result))
         return
     if modes:
-        for mode, row in result["modes"].items():
-            click.echo(f"{mode:12s} {row['tok_per_s']:9.2f} tok/s  {row['forwards']:4d} forwards  "
-                       f"{row['tokens_per_forward']:6.3f} tokens/forward  mean accepted {row['mean_accepted']:6.3f}"
-                       f"  speedup {row['speedup_vs_ar']}x")
+        for name, res in result.items():
+            for mode, row in res["modes"].items():
+                click.echo(f"{name:5s} {mode:12s} {row['tok_per_s']:9.2f} tok/s  {row['forwards']:4d} forwards  "
+                           f"{row['tokens_per_forward']:6.3f} tokens/forward  mean accepted "
+                           f"{row['mean_accepted']:6.3f}  speedup {row['speedup_vs_ar']}x")
         return
     tps = result["decode_tok_per_s"]
-    click.echo(f"decode tok/s: eager {tps['eager']}, {backend} {tps[backend]}; speedup {result['speedup']}x "
-               f"(prompt {prompt_len}, {new_tokens} new, best of {repeats}; same tokens: {result['same_tokens']})")
+    others = ", ".join(f"{b} {tps[b]} ({result['speedup'][b]}x)" for b in result["backends"])
+    click.echo(f"decode tok/s: eager {tps['eager']}, {others} (prompt {prompt_len}, {new_tokens} new, best of "
+               f"{repeats}; same tokens: {result['same_tokens']})")
 
 
 if __name__ == "__main__":  # pragma: no cover

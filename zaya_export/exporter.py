@@ -1,10 +1,14 @@
 """``zaya-export export``: checkpoint → fused, traced, lowered artifact. The phases, in order:
 
 1. load the checkpoint (validated, mmapped);
-2. model-level fusion passes (``fuse_cca``, ``fuse_attention``, ``fuse_moe``), each verified on a probe input;
+2. model-level fusion passes (``fuse_cca``, ``fuse_attention``, ``fuse_moe``), each verified on a probe input,
+   then ``pack_tidar_step`` (adds the packed single-forward TiDAR entries, verified against verify/draft);
 3. trace every entry point with ``torch.export`` and check one fused op per layer in each graph;
 4. lower each to ONNX (function bodies attached), run the ONNX cleanup passes, bind the shared weights;
-5. write config, tokenizer, manifest (pass log, op counts, versions, hashes) atomically.
+5. (``--format mlir``) trace the same fused model with each ``zaya.*`` op as its MLIR face, import every entry
+   into one MLIR module whose weights are external parameters read from the same safetensors file, and
+   ``iree-compile`` it for each ``--target``;
+6. write config, tokenizer, manifest (pass log, op counts, versions, compiler flags, hashes) atomically.
 """
 
 from __future__ import annotations
@@ -18,14 +22,20 @@ from typing import Any
 
 import torch
 
+import zaya_export.kernels as kernels
 from zaya_export.passes.base import PassError, PassManager
 from zaya_export.passes.fusion import fusion_pipeline
+from zaya_export.passes.tidar_packing import ExportPlan, PackTidarStep
 
 from .artifact import FORMAT, SCHEMA_VERSION, atomic_directory, tool_versions, write_manifest
 from .checkpoint import DTYPES, load_checkpoint
 from .errors import ZayaError
+from .mlir_export import MLIR_FILE, PARAM_SCOPE, Target, compile_target, externalize_weights, lower_module
 from .onnx_export import WEIGHTS_FILE, bind_external_weights, lower_entry, save_entry, write_weights
-from .tracing import Entry, entry_specs, example_inputs, export_entry, op_histogram
+from .tracing import (PROBE, Entry, base_entry_specs, default_levels, entry_specs, example_inputs, export_entry,
+                      op_histogram)
+
+FORMATS = ("onnx", "mlir")
 
 PASS_TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 2e-1}
 
@@ -52,10 +62,12 @@ def _dump(model: torch.nn.Module) -> str:
 
 def export_artifact(checkpoint: Path, out: Path, dtype: str | None = None, force: bool = False,
                     dump_after: tuple[str, ...] = (), dump_dir: Path | None = None, block_len: int | None = None,
-                    levels: tuple[int, ...] | None = None,
+                    levels: tuple[int, ...] | None = None, formats: tuple[str, ...] = ("onnx",),
+                    targets: tuple[Target, ...] = (),
                     status: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
     """Run the whole pipeline; returns the manifest written to ``out/manifest.json``. ``block_len`` is the TiDAR
-    draft count K of the verify/draft entries (default: the config's ``diffusion_block_len``)."""
+    draft count K of the verify/draft entries (default: the config's ``diffusion_block_len``). ``formats``:
+    ``onnx`` and/or ``mlir``; ``targets``: IREE targets to compile the MLIR module for."""
     start = time.perf_counter()
     status(f"loading {checkpoint}")
     if out.exists() and not force:
@@ -63,6 +75,14 @@ def export_artifact(checkpoint: Path, out: Path, dtype: str | None = None, force
     stored = dtype or "fp32"
     if stored not in DTYPES:
         raise ExportError(f"unknown dtype {stored!r}; choose one of {sorted(DTYPES)}")
+    if not formats or set(formats) - set(FORMATS):
+        raise ExportError(f"unknown format(s) {sorted(set(formats) - set(FORMATS)) or formats}; choose from "
+                          f"{', '.join(FORMATS)}")
+    if targets and "mlir" not in formats:
+        raise ExportError("--target compiles the MLIR module: add mlir to --format")
+    if "mlir" in formats and stored != "fp32":
+        raise ExportError(f"--format mlir reads the weights in place as IREE parameters, which needs them stored "
+                          f"in the compute dtype: use --dtype fp32 (got {stored})")
     # The graphs compute in fp32 (onnxruntime's CPU kernels lack bf16 for most ops); --dtype sets how the
     # weights are stored, with one Cast per weight in the graph.
     model = load_checkpoint(checkpoint, dtype="fp32")
@@ -74,11 +94,7 @@ def export_artifact(checkpoint: Path, out: Path, dtype: str | None = None, force
     block_len = block_len or model.config.diffusion_block_len
     if block_len < 1:
         raise ExportError(f"--block-len must be >= 1, got {block_len}")
-    try:
-        specs = entry_specs(block_len, levels, model.config.conv_history)
-    except ValueError as exc:
-        raise ExportError(str(exc)) from None
-    levels = specs["step"].packed.levels
+    levels = tuple(levels or default_levels(block_len))
     status("fusing (fuse_cca, fuse_attention, fuse_moe)")
     passes = fusion_pipeline()
     try:
@@ -90,12 +106,21 @@ def export_artifact(checkpoint: Path, out: Path, dtype: str | None = None, force
     expected: dict[str, int] = {}
     for p in passes:
         expected.update(p.expected_ops(model))
+    status("packing the TiDAR step (pack_tidar_step)")
+    plan = ExportPlan(model, base_entry_specs(block_len))
+    try:
+        model_log += PassManager([PackTidarStep(block_len, levels)]).run(plan)
+    except PassError as exc:
+        raise ExportError(str(exc)) from None
+    specs = plan.specs
+    if "mlir" in formats:
+        externalize_weights(model)  # before tracing: the programs then refer to the weights by name
     with atomic_directory(out, force) as tmp:
         (tmp / "onnx").mkdir()
         status("writing the shared weights")
         offsets = write_weights(model, tmp / "onnx" / WEIGHTS_FILE, DTYPES[stored])
-        entries, onnx_logs, op_counts = {}, {}, {}
-        for name, spec in specs.items():
+        entries, onnx_logs, op_counts, programs = {}, {}, {}, {}
+        for name, spec in {**specs, PROBE.name: PROBE}.items():
             status(f"tracing {name}")
             program = export_entry(model, spec)
             hist = op_histogram(program)
@@ -104,6 +129,18 @@ def export_artifact(checkpoint: Path, out: Path, dtype: str | None = None, force
             wrong = {op: hist.get(op, 0) for op in expected if hist.get(op, 0) != want.get(op, 0)}
             if wrong:
                 raise ExportError(f"{name}: traced graph has {wrong} fused ops, expected {want}")
+            entries[name] = {"tokens": spec.tokens, "inputs": spec.inputs, "outputs": spec.outputs,
+                             "debug": spec.probe}
+            op_counts[name] = dict(sorted(hist.items()))
+            if "mlir" in formats:  # the same fused model, each zaya.* op traced as its MLIR face
+                try:
+                    with kernels.mlir_faces():
+                        programs[name] = export_entry(model, spec)
+                except Exception as exc:  # torch.export raises many types; name the entry and the first line
+                    raise ExportError(f"{name}: tracing the MLIR faces failed: {type(exc).__name__}: "
+                                      f"{str(exc).splitlines()[0]}") from None
+            if "onnx" not in formats:
+                continue
             status(f"lowering {name} to ONNX")
             try:
                 onnx_model, log = lower_entry(program, want, spec.outputs, spec.inputs)
@@ -111,11 +148,26 @@ def export_artifact(checkpoint: Path, out: Path, dtype: str | None = None, force
                 raise ExportError(f"{name}: {exc}") from None
             bind_external_weights(onnx_model, offsets, tmp / "onnx")
             save_entry(onnx_model, tmp / "onnx" / f"{name}.onnx")
-            entries[name] = {"onnx": f"onnx/{name}.onnx", "tokens": spec.tokens,
-                             "inputs": _signature(onnx_model.graph.inputs),
-                             "outputs": _signature(onnx_model.graph.outputs)}
+            entries[name].update(onnx=f"onnx/{name}.onnx", inputs=_signature(onnx_model.graph.inputs),
+                                 outputs=_signature(onnx_model.graph.outputs))
             onnx_logs[name] = [r.to_json() for r in log]
-            op_counts[name] = dict(sorted(hist.items()))
+        mlir_info, iree_info = None, {}
+        if "mlir" in formats:
+            try:
+                static = {name for name, e in entries.items() if e["tokens"] is not None}
+                ops = lower_module(programs, tmp / MLIR_FILE, static, status)
+            except Exception as exc:  # importer/decomposition failures come as many exception types
+                raise ExportError(f"MLIR lowering failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+            del programs
+            mlir_info = {"module": MLIR_FILE, "importer": "iree-turbine FxPrograms", "ops_per_entry": ops,
+                         "parameters": {"scope": PARAM_SCOPE, "file": f"onnx/{WEIGHTS_FILE}"}}
+            for target in targets:
+                status(f"iree-compile for {target.name}")
+                try:
+                    vmfb = tmp / "iree" / f"{target.name}.vmfb"
+                    iree_info[target.name] = compile_target(tmp / MLIR_FILE, target, vmfb)
+                except RuntimeError as exc:
+                    raise ExportError(str(exc)) from None
         for extra in ("tokenizer.json", "generation_config.json"):
             if (checkpoint / extra).is_file():
                 shutil.copy2(checkpoint / extra, tmp / extra)
@@ -124,7 +176,8 @@ def export_artifact(checkpoint: Path, out: Path, dtype: str | None = None, force
             "format": FORMAT, "schema_version": SCHEMA_VERSION,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "source": str(checkpoint), "dtype": stored, "compute_dtype": "fp32",
-            "config": model.config.to_dict(), "weights": f"onnx/{WEIGHTS_FILE}", "formats": ["onnx"],
+            "config": model.config.to_dict(), "weights": f"onnx/{WEIGHTS_FILE}", "formats": list(formats),
+            "mlir": mlir_info, "iree": iree_info,
             "entry_points": entries, "tidar": {"block_len": block_len, "levels": list(levels),
                                                 "mask_token_id": model.config.mask_token_id},
             "pass_log": {"model": [r.to_json() for r in model_log], "onnx": onnx_logs},

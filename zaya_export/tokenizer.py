@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import textwrap
+from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -26,8 +27,9 @@ def _seed_corpus() -> list[str]:
     return [inspect.getsource(mod) for mod in (textwrap, string, json_mod.decoder, argparse)]
 
 
-def build_tokenizer(vocab_size: int) -> Tokenizer:
-    """A byte-level BPE of exactly ``vocab_size`` entries (specials + 256 bytes + merges), prepending <bos>."""
+def build_tokenizer(vocab_size: int, texts: Iterable[str] | None = None) -> Tokenizer:
+    """A byte-level BPE of exactly ``vocab_size`` entries (specials + 256 bytes + merges), prepending <bos>.
+    ``texts`` defaults to a few standard-library modules (enough for random-weight checkpoints)."""
     if vocab_size < len(SPECIAL_TOKENS) + 256:
         raise ValueError(f"vocab_size {vocab_size} is too small for a byte-level tokenizer (need >= 261)")
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -37,7 +39,7 @@ def build_tokenizer(vocab_size: int) -> Tokenizer:
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_seed_corpus(), trainer=trainer)
+    tok.train_from_iterator(_seed_corpus() if texts is None else texts, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
     return tok
 

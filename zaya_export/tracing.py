@@ -34,6 +34,8 @@ from torch import Tensor, nn
 from zaya_export.models import Past, ZayaForCausalLM
 from zaya_export.models.packed import PackedLayout, packed_layout
 
+from .ingraph_step import ACCEPT_INPUTS, ACCEPT_OUTPUTS, greedy_step, sample_step, sampler_vector
+
 INPUT_NAMES = ["input_ids", "input_mask", "past_k", "past_v", "past_valid", "conv_state", "rho_state"]
 STATE_OUTPUTS = ["new_k", "new_v", "conv_rows", "omega"]
 MAX_BATCH, MAX_SEQ = 64, 1 << 20
@@ -47,17 +49,20 @@ class EntrySpec:
     causal: bool  # False: bidirectional block (draft)
     state: bool  # returns the state update
     packed: PackedLayout | None = None  # the single-forward TiDAR step
-    accept: bool = False  # greedy acceptance, commit and next-draft selection inside the graph
+    accept: str = ""  # "greedy" | "sample": acceptance, commit and next-draft selection inside the graph
+    probe: bool = False  # debug: also return the residual stream after every attention and MoE
+
 
     @property
     def inputs(self) -> list[str]:
-        return [*INPUT_NAMES, "draft_valid"] if self.accept else INPUT_NAMES
+        return [*INPUT_NAMES, *ACCEPT_INPUTS[self.accept]] if self.accept else INPUT_NAMES
 
     @property
     def outputs(self) -> list[str]:
         if self.accept:
-            return ["count", "tokens", "next_drafts", "next_valid", "new_k", "new_v", "conv_state_out",
-                    "rho_state_out"]
+            return ACCEPT_OUTPUTS[self.accept]
+        if self.probe:
+            return ["logits", "hidden"]
         return ["logits", *STATE_OUTPUTS] if self.state else ["logits"]
 
 
@@ -67,16 +72,36 @@ def default_levels(block_len: int) -> tuple[int, ...]:
 
 
 def entry_specs(block_len: int, levels: tuple[int, ...] | None = None, kappa: int = 2) -> dict[str, EntrySpec]:
-    K1 = block_len + 1
+    """Every entry point: the unpacked ones and the packed TiDAR step for ``levels`` (the runtime's view; the
+    exporter gets the packed entries from the ``pack_tidar_step`` pass, which also verifies them)."""
     packed = packed_layout(block_len, levels or default_levels(block_len), kappa)
+    return {**base_entry_specs(block_len), **packed_entry_specs(packed)}
+
+
+def base_entry_specs(block_len: int) -> dict[str, EntrySpec]:
+    """AR entries and the two TiDAR forwards (verify, draft) of K+1 tokens."""
+    K1 = block_len + 1
     return {
         "prefill": EntrySpec("prefill", None, False, True, True),
         "decode": EntrySpec("decode", 1, False, True, True),
         "verify": EntrySpec("verify", K1, True, True, True),
         "draft": EntrySpec("draft", K1, True, False, False),
-        "step": EntrySpec("step", packed.size, True, True, True, packed),
-        "step_greedy": EntrySpec("step_greedy", packed.size, True, True, True, packed, accept=True),
     }
+
+
+def packed_entry_specs(packed: PackedLayout) -> dict[str, EntrySpec]:
+    """The single-forward TiDAR step: host acceptance (``step``), in-graph greedy (``step_greedy``) and in-graph
+    stochastic lossless / logit-mixing acceptance (``step_sample``)."""
+    return {
+        "step": EntrySpec("step", packed.size, True, True, True, packed),
+        "step_greedy": EntrySpec("step_greedy", packed.size, True, True, True, packed, accept="greedy"),
+        "step_sample": EntrySpec("step_sample", packed.size, True, True, True, packed, accept="sample"),
+    }
+
+
+# Debug entry for ``validate --bisect``: a causal forward that also returns hidden [2L, B, T, H], the residual
+# stream after layer i's attention (row 2i) and after its MoE (row 2i+1).
+PROBE = EntrySpec("layers", None, True, True, False, probe=True)
 
 
 class Entry(nn.Module):
@@ -87,46 +112,23 @@ class Entry(nn.Module):
         self.model, self.spec = model, spec
 
     def forward(self, input_ids: Tensor, input_mask: Tensor, past_k: Tensor, past_v: Tensor, past_valid: Tensor,
-                conv_state: Tensor, rho_state: Tensor, draft_valid: Tensor | None = None) -> tuple[Tensor, ...]:
+                conv_state: Tensor, rho_state: Tensor, draft_valid: Tensor | None = None,
+                draft_logits: Tensor | None = None, uniforms: Tensor | None = None, sampler: Tensor | None = None
+                ) -> tuple[Tensor, ...]:
         spec = self.spec
+        probe: list[Tensor] | None = [] if spec.probe else None
         logits, u = self.model.step(input_ids, Past(past_k, past_v, past_valid, conv_state, rho_state), input_mask,
-                                    last_only=not spec.all_rows, causal=spec.causal, packed=spec.packed)
-        if spec.accept:
-            return greedy_step(input_ids, logits, u, draft_valid, spec.packed)
+                                    last_only=not spec.all_rows, causal=spec.causal, packed=spec.packed, probe=probe,
+                                    head=not spec.accept)
+        if probe is not None:
+            return logits, torch.stack(probe)
+        if spec.accept == "greedy":  # `logits` are the normed hidden states here: the head runs on 2K+1 rows only
+            return greedy_step(input_ids, logits, self.model.lm_head, u, draft_valid, spec.packed)
+        if spec.accept == "sample":
+            return sample_step(input_ids, logits, self.model.lm_head, u, draft_valid, draft_logits, uniforms, sampler,
+                               spec.packed)
         logits = logits if spec.all_rows else logits[:, -1]
         return (logits, u.k, u.v, u.conv_rows, u.omega) if spec.state else (logits,)
-
-
-def greedy_step(ids: Tensor, logits: Tensor, u, draft_valid: Tensor, packed: PackedLayout) -> tuple[Tensor, ...]:  # noqa: ANN001
-    """Greedy lossless acceptance, state commit and next-draft selection with fixed-shape ops only
-    (``shared/docs/tidar-decoding.md`` §9.3), so a whole TiDAR step is one graph launch."""
-    K = packed.block_len
-    K1 = K + 1
-    B = ids.shape[0]
-    best = logits[:, :K1].argmax(-1)  # [B, K+1] AR argmax of the verify rows
-    drafts = ids[:, 1:K1]
-    ok = (drafts == best[:, :K]) & draft_valid
-    # ℓ = length of the leading run of accepted drafts = index of the first rejection (an argmax, not a
-    # cumprod, which has no ONNX translation)
-    stop = torch.cat([~ok, torch.ones_like(ok[:, :1])], 1).int()
-    ell = stop.argmax(1)  # [B]
-    nxt = best.gather(1, ell[:, None])  # [B, 1] correction or bonus token
-    i = torch.arange(K1, device=ids.device)[None]
-    padded = torch.cat([drafts, torch.full_like(nxt, -1)], 1)
-    tokens = torch.where(i < ell[:, None], padded, torch.where(i == ell[:, None], nxt, torch.full_like(padded, -1)))
-    lam = torch.tensor(packed.levels, device=ids.device)
-    p_star = (lam[None] <= ell[:, None]).sum(1)  # [B] proposal index (1-based)
-    slot = (ell - lam[p_star - 1])[:, None] + torch.arange(1, K1, device=ids.device)[None]  # [B, K]
-    rows = K1 * p_star[:, None] + slot.clamp(max=K)
-    V = logits.shape[-1]
-    next_drafts = logits.gather(1, rows[..., None].expand(B, K, V)).argmax(-1)
-    L, _, C, _ = u.conv_rows.shape
-    kappa = u.conv_rows.shape[-1] - ids.shape[1]
-    at = (ell[:, None] + 1 + torch.arange(kappa, device=ids.device)[None])  # [B, κ] rows ℓ+1 .. ℓ+κ
-    conv = u.conv_rows.gather(3, at[None, :, None, :].expand(L, B, C, kappa))
-    dv = u.omega.shape[-1]
-    rho = u.omega.gather(2, ell[None, :, None, None].expand(L, B, 1, dv)).squeeze(2)
-    return (ell + 1, tokens, next_drafts, slot <= K, u.k[:, :, :, :K1], u.v[:, :, :, :K1], conv, rho)
 
 
 def example_inputs(model: ZayaForCausalLM, B: int, T: int, S: int, seed: int = 0) -> tuple[Tensor, ...]:
@@ -151,6 +153,18 @@ def example_inputs(model: ZayaForCausalLM, B: int, T: int, S: int, seed: int = 0
     return (ids, mask, past[0], past[1], valid, conv, rho)
 
 
+def accept_inputs(spec: EntrySpec, B: int, vocab: int, seed: int = 0, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0, w: float = 1.0) -> tuple[Tensor, ...]:
+    """Example extra inputs of an in-graph TiDAR step: every draft valid, random draft logits and uniforms."""
+    K = spec.packed.block_len
+    valid = torch.ones(B, K, dtype=torch.bool)
+    if spec.accept == "greedy":
+        return (valid,)
+    g = torch.Generator().manual_seed(seed)
+    return (valid, torch.randn(B, K, vocab, generator=g), torch.rand(B, K + 1, generator=g),
+            sampler_vector(temperature, top_k, top_p, w))
+
+
 def export_entry(model: ZayaForCausalLM, spec: EntrySpec) -> torch.export.ExportedProgram:
     """Trace one entry point with its dynamic dims (examples avoid 0/1 so no dim gets specialised)."""
     B = torch.export.Dim("batch", min=1, max=MAX_BATCH)
@@ -159,7 +173,8 @@ def export_entry(model: ZayaForCausalLM, spec: EntrySpec) -> torch.export.Export
     dynamic = (seq, seq, {1: B, 3: S}, {1: B, 3: S}, {0: B, 1: S}, {1: B}, {1: B})
     inputs = example_inputs(model, 2, spec.tokens or 7, 3)
     if spec.accept:
-        dynamic, inputs = (*dynamic, {0: B}), (*inputs, torch.ones(2, spec.packed.block_len, dtype=torch.bool))
+        extra = accept_inputs(spec, 2, model.config.vocab_size)
+        dynamic, inputs = (*dynamic, *({0: B} if t.dim() > 1 else None for t in extra)), (*inputs, *extra)
     with torch.no_grad():
         return torch.export.export(Entry(model, spec), inputs, dynamic_shapes=dynamic)
 

@@ -64,6 +64,19 @@ def logit_metrics(test: np.ndarray, ref: np.ndarray) -> dict[str, float]:
             "top1": float((t.argmax(-1) == r.argmax(-1)).mean())}
 
 
+def _accept_inputs(artifact: Artifact, info: dict[str, Any], B: int, seed: int) -> dict[str, np.ndarray]:
+    """Extra inputs of the in-graph TiDAR steps: row b lacks its last b drafts; random draft logits and
+    uniforms; sampling at temperature 0.9, top-k 50, top-p 0.95, w 0.5 (so warping and mixing are exercised)."""
+    names = {i["name"] if isinstance(i, dict) else i for i in info["inputs"]}
+    K, V = artifact.manifest["tidar"]["block_len"], artifact.config.vocab_size
+    rng = np.random.default_rng(seed)
+    extra = {"draft_valid": np.arange(K)[None].repeat(B, 0) < K - np.arange(B)[:, None],
+             "draft_logits": rng.standard_normal((B, K, V)).astype(np.float32),
+             "uniforms": rng.random((B, K + 1)).astype(np.float32),
+             "sampler": np.array([0.9, 50, 0.95, 0.5], np.float32)}
+    return {k: v for k, v in extra.items() if k in names}
+
+
 def _reference_model(artifact: Artifact, checkpoint: Path | None):  # noqa: ANN202
     """The eager model in the artifact's compute dtype: on the artifact's own (stored) weights, or on the
     source checkpoint's."""
@@ -103,32 +116,34 @@ def _hf_logits(hf, ids: torch.Tensor, mask: torch.Tensor, all_rows: bool) -> np.
 
 def validate_artifact(artifact: Artifact, backend: str = "ort", checkpoint: Path | None = None,
                       reference: str = "eager", prompts: list[list[int]] | None = None,
-                      max_new_tokens: int = 16) -> dict[str, Any]:
+                      max_new_tokens: int = 16, device: str = "local-task") -> dict[str, Any]:
     # Against its own weights an artifact must match at its compute precision; against the source checkpoint
     # the rounding of the stored weights counts too.
     dtype = artifact.manifest["dtype"] if checkpoint is not None else artifact.manifest.get("compute_dtype", "fp32")
     tol = TOLERANCES[dtype]
     ref_model = _reference_model(artifact, checkpoint)
     ref = TorchBackend(ref_model)
-    session = Session(artifact.root, backend=backend, allow_version_mismatch=True)
+    session = Session(artifact.root, backend=backend, allow_version_mismatch=True, device=device)
     hf = hf_model(ref_model) if reference == "hf" else None
     checks: list[dict[str, Any]] = []
     for entry, info in artifact.entry_points.items():
+        if info.get("debug") or not session.has(entry):  # diagnostics (validate --bisect), or not in this format
+            continue
         shapes = SHAPES if info.get("tokens") is None else sorted({(B, info["tokens"], S) for B, _, S in SHAPES})
         for B, T, S in shapes:
             inputs = dict(zip(INPUT_NAMES, (x.numpy() for x in example_inputs(ref_model, B, T, S, seed=B * 7 + T + S))))
-            if "draft_valid" in [i["name"] for i in info["inputs"]]:  # row b lacks its last b drafts
-                K = artifact.manifest["tidar"]["block_len"]
-                inputs["draft_valid"] = np.arange(K)[None].repeat(B, 0) < K - np.arange(B)[:, None]
+            inputs.update(_accept_inputs(artifact, info, B, seed=B + T + S))
             got = session.run(entry, inputs)
             want = ref.run(entry, inputs)
             shape = {"batch": B, "new": T, "cached": S}
             if "logits" not in got:  # in-graph TiDAR step: integer decisions must match exactly
                 exact = all(np.array_equal(got[n], want[n]) for n in got if got[n].dtype.kind in "iub")
                 state = max(float(np.abs(got[n] - want[n]).max()) for n in got if got[n].dtype.kind == "f")
+                agree = float(np.mean(got["count"] == want["count"]))  # rows that accepted as many drafts
+                # narrow weights may flip a near-tie decision, after which the committed states differ by design
+                ok = exact and state <= tol.state_max_abs * 10 if tol.greedy_exact else agree >= 0.5
                 checks.append({"entry": entry, "shape": shape, "max_abs": 0.0, "max_rel": 0.0, "kl_mean": 0.0,
-                               "kl_max": 0.0, "top1": float(exact), "state_max_abs": state,
-                               "ok": bool(exact and state <= tol.state_max_abs * 10)})
+                               "kl_max": 0.0, "top1": agree, "state_max_abs": state, "ok": bool(ok)})
                 continue
             if hf is not None and S == 0 and entry in ("prefill", "decode", "verify"):  # upstream: causal only
                 want = dict(want, logits=_hf_logits(hf, torch.from_numpy(inputs["input_ids"]),
@@ -151,8 +166,7 @@ def validate_artifact(artifact: Artifact, backend: str = "ort", checkpoint: Path
         same = sum(1 for a, b in zip(got, want) if a == b) if len(got) == len(want) else 0
         ok = got == want if tol.greedy_exact else same / max(len(want), 1) >= tol.top1
         greedy.append({"prompt_len": len(p), "tokens": got, "reference": want, "equal": got == want, "ok": bool(ok)})
-    tidar = _tidar_checks(session, ref_model, prompts, max_new_tokens, tol) if "verify" in artifact.entry_points \
-        else []
+    tidar = _tidar_checks(session, ref_model, prompts, max_new_tokens, tol) if session.has("verify") else []
     report = {"backend": backend, "reference": reference, "dtype": dtype, "tolerance": asdict(tol),
               "checkpoint": str(checkpoint) if checkpoint else None, "entries": checks, "greedy": greedy,
               "tidar": tidar, "ok": all(c["ok"] for c in checks + greedy + tidar)}
@@ -228,3 +242,26 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines += [f"| {t['mode']} | {t['prompt_len']} | {t['greedy_equals_ar']} | {t['acceptance']} | "
                   f"{t['eager_acceptance']} | {'✓' if t['ok'] else '✗'} |" for t in report["tidar"]]
     return "\n".join(lines) + "\n"
+
+
+def cross_check(artifact: Artifact, backends: list[str], device: str = "local-task") -> list[dict[str, Any]]:
+    """Backend ↔ backend (e.g. ORT ↔ IREE) on the same inputs: logits and state max abs per entry and shape."""
+    tol = TOLERANCES[artifact.manifest.get("compute_dtype", "fp32")]
+    model = _reference_model(artifact, None)
+    sessions = {b: Session(artifact.root, backend=b, allow_version_mismatch=True, device=device) for b in backends}
+    out = []
+    for i, a in enumerate(backends):
+        for b in backends[i + 1:]:
+            for entry, info in artifact.entry_points.items():
+                if info.get("debug") or not (sessions[a].has(entry) and sessions[b].has(entry)):
+                    continue
+                B, T, S = 2, info.get("tokens") or 9, 12
+                inputs = dict(zip(INPUT_NAMES, (x.numpy() for x in example_inputs(model, B, T, S, seed=T + S))))
+                inputs.update(_accept_inputs(artifact, info, B, seed=T + S))
+                x, y = sessions[a].run(entry, inputs), sessions[b].run(entry, inputs)
+                err = {n: float(np.abs(x[n].astype(np.float64) - y[n]).max()) for n in x}
+                limit = {n: (tol.logits_max_abs if n == "logits" else 0.0 if x[n].dtype.kind in "iub"
+                             else tol.state_max_abs) for n in x}
+                out.append({"pair": f"{a}-{b}", "entry": entry, "max_abs": err,
+                            "ok": all(err[n] <= limit[n] for n in err)})
+    return out

@@ -1,0 +1,191 @@
+"""MLIR/IREE path: one multi-entry module from the same fused programs as ONNX, compiled for the CPU and AMD GPUs,
+run by the IREE backend and checked three ways (eager ↔ ORT ↔ IREE), plus ``--bisect``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import random_model, small_config
+from zaya_export.artifact import open_artifact
+from zaya_export.bisect import bisect, describe
+from zaya_export.checkpoint import save_checkpoint
+from zaya_export.cli import main
+from zaya_export.errors import InputError
+from zaya_export.exporter import ExportError, export_artifact
+from zaya_export.kernels.moe_top1 import moe_top1_static
+from zaya_export.kernels.registry import _conv1d
+from zaya_export.mlir_export import TARGETS, amd_archs_in
+from zaya_export.runtime.generate import generate, generate_greedy
+from zaya_export.runtime.session import Session
+from zaya_export.runtime.tidar import generate_tidar
+from zaya_export.ingraph_step import first_argmax
+from zaya_export.validate import cross_check, validate_artifact
+
+GPU_TARGETS = ("gfx942", "gfx90a", "gfx1100")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(small_config(num_hidden_layers=2, layer_types=["hybrid", "hybrid_sliding"], sliding_window=8),
+                        seed=5)
+
+
+@pytest.fixture(scope="module")
+def artifact(model, tmp_path_factory):
+    ckpt = save_checkpoint(model, tmp_path_factory.mktemp("mlir") / "ckpt")
+    out = ckpt.parent / "artifact"
+    export_artifact(ckpt, out, formats=("onnx", "mlir"), targets=tuple(TARGETS[t] for t in ("cpu", *GPU_TARGETS)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ MLIR faces (unit)
+@settings(max_examples=25, deadline=None)
+@given(N=st.integers(1, 3), groups=st.sampled_from([1, 2, 6]), k=st.integers(1, 3), W=st.integers(3, 9),
+       bias=st.booleans())
+def test_conv1d_decomposition_equals_conv1d(N, groups, k, W, bias):
+    g = torch.Generator().manual_seed(N * 100 + W * 10 + k)
+    C = 12
+    x, w = torch.randn(N, C, W, generator=g), torch.randn(C, C // groups, k, generator=g)
+    b = torch.randn(C, generator=g) if bias else None
+    torch.testing.assert_close(_conv1d(x, w, b, groups=groups), F.conv1d(x, w, b, groups=groups), atol=1e-5, rtol=1e-5)
+
+
+def test_static_moe_equals_sparse_moe(model):
+    layer = model.model.layers[1].mlp  # with EDA
+    gate, ex = layer.gate, layer.experts
+    x, prev = torch.randn(11, model.config.hidden_size), torch.randn(11, model.config.router_hidden_size)
+    mlp = gate.router_mlp
+    args = (x, prev, gate.down_proj.weight, gate.down_proj.bias, gate.router_states_scale, mlp.norm.weight,
+            mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, mlp.out_proj.weight, gate.balancing_biases,
+            ex.gate_up_proj, ex.down_proj, model.config.rms_norm_eps)
+    with torch.no_grad():
+        out, state = layer(x[None], prev)  # the reference model's sparse (data-dependent) MoE
+        got_out, got_state = moe_top1_static(*args)
+    torch.testing.assert_close(got_out, out[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_state, state, atol=1e-5, rtol=1e-5)
+
+
+def test_first_argmax_is_argmax_with_ties():
+    x = torch.randn(3, 5, 40)
+    x[0, 0, 7] = x[0, 0, 3] = 100.0  # a tie: the first index wins, as in torch.argmax
+    assert torch.equal(first_argmax(x), x.argmax(-1)) and first_argmax(x)[0, 0] == 3
+
+
+# ------------------------------------------------------------------------------------------ the artifact
+def test_module_has_every_entry_and_external_weights(artifact):
+    art = open_artifact(artifact)
+    m = art.manifest
+    assert m["formats"] == ["onnx", "mlir"]
+    assert set(m["mlir"]["ops_per_entry"]) == {"prefill", "decode", "verify", "draft", "step", "step_greedy",
+                                               "step_sample", "layers"}
+    text = (artifact / m["mlir"]["module"]).read_text()
+    # weights are named external parameters, not inlined constants: the module is small
+    assert '#flow.parameter.named<"model"::"model.embed_tokens.weight">' in text
+    assert (artifact / m["mlir"]["module"]).stat().st_size < (artifact / m["weights"]).stat().st_size * 3
+    assert "dense_resource<torch_tensor_1024_128" not in text
+    for target in ("cpu", *GPU_TARGETS):
+        assert m["iree"][target]["flags"][0] == "--iree-input-type=torch"
+    assert m["versions"]["iree-base-compiler"] and m["versions"]["iree-turbine"]
+
+
+def test_gpu_modules_contain_amd_code_objects_for_their_arch(artifact):
+    m = open_artifact(artifact).manifest
+    for target in GPU_TARGETS:
+        archs = amd_archs_in(artifact / m["iree"][target]["vmfb"])
+        assert archs and set(archs) == {target}, (target, archs)
+    assert amd_archs_in(artifact / m["iree"]["cpu"]["vmfb"]) == []
+    info = json.loads(CliRunner().invoke(main, ["inspect", str(artifact), "--json"]).stdout)
+    assert all(info["iree"][t]["archs_ok"] and info["iree"][t]["amd_archs_found"] == [t] for t in GPU_TARGETS)
+    assert info["iree"]["cpu"]["archs_ok"] and info["iree"]["cpu"]["bytes"] > 0
+
+
+def test_iree_cpu_matches_eager_and_ort(artifact):
+    art = open_artifact(artifact)
+    report = validate_artifact(art, backend="iree")
+    assert report["ok"], [c for c in report["entries"] + report["greedy"] + report["tidar"] if not c["ok"]]
+    assert max(c["max_abs"] for c in report["entries"]) <= 1e-4
+    entries = {c["entry"] for c in report["entries"]}
+    assert entries == {"prefill", "decode", "verify", "draft", "step", "step_greedy", "step_sample"}
+    cross = cross_check(art, ["ort", "iree"])
+    assert cross and all(c["ok"] for c in cross), cross
+    assert all(c["max_abs"]["logits"] <= 1e-4 for c in cross if "logits" in c["max_abs"])
+
+
+def test_iree_greedy_tokens_equal_eager_and_ort_ar_and_tidar(artifact, model):
+    iree, ort = Session(artifact, backend="iree"), Session(artifact, backend="ort")
+    prompts = [[2, 17, 301, 44, 9], [5], [2, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
+    for p in prompts:
+        want = generate_greedy(model, [p], 20).tokens[0]
+        assert generate(iree, [p], 20).tokens[0] == want == generate(ort, [p], 20).tokens[0]
+        for fused in (False, True):
+            assert generate_tidar(iree, [p], 20, fused=fused).tokens[0] == want
+    batch = generate(iree, prompts, 12).tokens  # batch > 1 with left padding
+    assert batch == [generate_greedy(model, [p], 12).tokens[0] for p in prompts]
+
+
+def test_bisect_names_the_first_divergent_layer_and_op(model, artifact):
+    base = Session.from_model(model)
+    assert not bisect(base, Session(artifact, backend="iree"), model)["diverged"]
+    for layer, attr, region in ((1, "experts", "MoE"), (0, "o_proj", "attention")):
+        broken = random_model(model.config, seed=5)
+        with torch.no_grad():
+            if attr == "experts":
+                broken.model.layers[layer].mlp.experts.down_proj.mul_(1.01)
+            else:
+                broken.model.layers[layer].self_attn.o_proj.weight.mul_(1.01)
+        result = bisect(base, Session.from_model(broken), model)
+        assert result["diverged"] and result["first"]["layer"] == layer and region in result["first"]["region"]
+        assert f"layer {layer} {region}" in describe(result)
+
+
+def test_cli_three_way_validate_and_bench(artifact):
+    runner = CliRunner()
+    result = runner.invoke(main, ["validate", str(artifact), "--backend", "ort,iree", "--bisect", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["ok"] and len(out["reports"]) == 2 and {c["pair"] for c in out["cross"]} == {"ort-iree"}
+    assert [b["backends"] for b in out["bisect"]] == [["torch", "ort"], ["torch", "iree"], ["ort", "iree"]]
+    assert not any(b["diverged"] for b in out["bisect"])
+    result = runner.invoke(main, ["bench", str(artifact), "--backend", "ort,iree", "--prompt-len", "8",
+                                  "--new-tokens", "4", "--repeats", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    bench = json.loads(result.stdout)
+    assert bench["same_tokens"] and set(bench["speedup"]) == {"ort", "iree"}
+    result = runner.invoke(main, ["run", str(artifact), "--backend", "iree", "--prompt-ids", "2,9,40",
+                                  "--max-new-tokens", "6", "--mode", "tidar-fused", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["backend"] == "iree"
+
+
+def test_hip_without_driver_fails_clearly(artifact):
+    with pytest.raises(InputError, match="hip.*not available|libamdhip64"):
+        Session(artifact, backend="iree", device="hip")
+    result = CliRunner().invoke(main, ["run", str(artifact), "--backend", "iree", "--device", "hip",
+                                       "--prompt-ids", "2,9"])
+    assert result.exit_code == 2 and "hip" in result.stderr and "Traceback" not in result.output
+
+
+def test_bad_mlir_requests_fail_clearly(artifact, tmp_path):
+    ckpt = open_artifact(artifact).root.parent / "ckpt"
+    with pytest.raises(ExportError, match="--dtype fp32"):
+        export_artifact(ckpt, tmp_path / "a", dtype="fp16", formats=("onnx", "mlir"))
+    with pytest.raises(ExportError, match="unknown format"):
+        export_artifact(ckpt, tmp_path / "b", formats=("tflite",))
+    result = CliRunner().invoke(main, ["export", str(ckpt), "-o", str(tmp_path / "c"), "--format", "onnx,mlir",
+                                       "--target", "cpu,gfx9000"])
+    assert result.exit_code == 2 and "unknown IREE target" in result.stderr
+    result = CliRunner().invoke(main, ["export", str(ckpt), "-o", str(tmp_path / "d"), "--target", "cpu"])
+    assert result.exit_code == 2 and "add mlir to --format" in result.stderr
+    onnx_only = tmp_path / "onnx-only"
+    export_artifact(ckpt, onnx_only)
+    with pytest.raises(InputError, match="no IREE module"):
+        Session(onnx_only, backend="iree")
+    assert not np.any([(tmp_path / n).exists() for n in ("a", "b", "c", "d")])

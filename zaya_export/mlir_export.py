@@ -1,0 +1,143 @@
+"""Lower the traced entry points to one multi-entry MLIR module and compile it with IREE.
+
+Importer: iree-turbine's FX importer, fed ``ExportedProgram`` objects of the same post-pass model as the ONNX
+path (``FxPrograms`` with one program per entry). Chosen over torch-mlir's ``export_and_import`` because it puts
+several entries into one module over one set of globals, and marks weights as external parameters
+(``#flow.parameter.named<"model"::name>``) without a serialisation step of its own; torch-mlir would give one
+module per entry with the weights inlined.
+
+Weights are not copied: the parameter names are the artifact's safetensors keys, and the IREE runtime reads
+``onnx/weights.safetensors`` directly as its parameter index. The MLIR face of each ``zaya.*`` op is a
+plain-torch decomposition (``kernels.registry.register_mlir``) that the fused model calls while the MLIR
+programs are traced, so the importer sees aten ops it legalizes.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import zaya_export.kernels as kernels
+
+MLIR_FILE = "mlir/model.mlir"
+PARAM_SCOPE = "model"
+
+_CPU = ["--iree-hal-target-device=local", "--iree-hal-local-target-device-backends=llvm-cpu"]
+
+
+def _rocm(arch: str) -> list[str]:
+    return ["--iree-hal-target-device=hip", f"--iree-rocm-target={arch}"]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    flags: tuple[str, ...]
+    driver: str  # IREE runtime driver that runs it
+    arch: str | None = None  # AMD GPU architecture whose code objects the module must contain
+
+
+# llvm-cpu for the host: x86-64-v3 (AVX2/FMA) is the portable baseline every current x86 server has; `host`
+# would tie the artifact to the exporting machine's CPU.
+TARGETS = {
+    "cpu": Target("cpu", (*_CPU, "--iree-llvmcpu-target-cpu=x86-64-v3"), "local-task"),
+    "gfx942": Target("gfx942", tuple(_rocm("gfx942")), "hip", "gfx942"),  # MI300X / MI325X (CDNA3)
+    "gfx90a": Target("gfx90a", tuple(_rocm("gfx90a")), "hip", "gfx90a"),  # MI250X (CDNA2)
+    "gfx1100": Target("gfx1100", tuple(_rocm("gfx1100")), "hip", "gfx1100"),  # RX 7900 (RDNA3)
+}
+
+
+def parse_targets(text: str) -> list[Target]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown or not names:
+        raise ValueError(f"unknown IREE target(s) {unknown or text!r}; choose from {', '.join(TARGETS)}")
+    return [TARGETS[n] for n in dict.fromkeys(names)]
+
+
+def externalize_weights(model: torch.nn.Module) -> int:
+    """Mark every parameter and buffer as an external parameter named by its state_dict key (the first name
+    of a tied tensor, as ``write_weights`` stores it). Returns how many tensors were marked."""
+    from iree.turbine.aot import ExternalTensorTrait
+
+    seen: set[int] = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        ExternalTensorTrait(external_scope=PARAM_SCOPE, external_name=name).set(tensor)
+    return len(seen)
+
+
+def lower_module(programs: dict[str, torch.export.ExportedProgram], path: Path, static_length: set[str],
+                 status: Callable[[str], None] = lambda msg: None) -> dict[str, int]:
+    """Apply the IREE rewrites, import every program (traced under ``kernels.mlir_faces``) as one entry of a
+    single module, write it to ``path``. ``static_length`` names the entries whose token count is fixed.
+    Returns MLIR operations per entry."""
+    from iree.turbine import aot
+    from iree.turbine.aot.fx_programs import ExportTargetDef, FxPrograms
+
+    programs_def = FxPrograms()
+    for name, program in programs.items():
+        status(f"rewriting {name} for MLIR")
+        table = kernels.mlir_decompositions(static_length=name in static_length)
+        programs_def.programs[name] = ExportTargetDef(program.run_decompositions(table))
+    status("importing to MLIR (iree-turbine)")
+    output = aot.export(programs_def)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    output.save_mlir(str(path))
+    return _ops_per_function(path.read_text())
+
+
+def _ops_per_function(text: str) -> dict[str, int]:
+    counts, current = {}, None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("func.func @"):
+            current = stripped.split("@", 1)[1].split("(", 1)[0]
+            counts[current] = 0
+        elif current and "=" in stripped and not stripped.startswith("//"):
+            counts[current] += 1
+    return counts
+
+
+def compile_target(mlir: Path, target: Target, out: Path) -> dict:
+    """``iree-compile`` the module for one target; returns what the manifest records."""
+    import iree.compiler as ireec
+
+    start = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    flags = list(target.flags)
+    try:
+        ireec.compile_file(str(mlir), input_type="torch", target_backends=[], extra_args=flags, output_file=str(out))
+    except ireec.CompilerToolError as exc:
+        lines = str(exc).splitlines()
+        first = next((ln for ln in lines if "error:" in ln), next((ln for ln in lines if "ERROR" in ln), lines[0]))
+        raise RuntimeError(f"iree-compile failed for {target.name}: {first.strip()}") from None
+    archs = amd_archs_in(out)
+    if target.arch is not None and set(archs) != {target.arch}:
+        raise RuntimeError(f"{out.name}: expected AMD code objects for {target.arch}, found {archs or 'none'}")
+    return {"vmfb": f"iree/{out.name}", "flags": ["--iree-input-type=torch", *flags], "driver": target.driver,
+            "bytes": out.stat().st_size, "amd_archs": archs, "seconds": round(time.perf_counter() - start, 1)}
+
+
+# e_flags low byte of an AMDGPU ELF (EF_AMDGPU_MACH_*) → architecture.
+_EF_AMDGPU_MACH = {0x3F: "gfx90a", 0x4C: "gfx942", 0x4F: "gfx950", 0x41: "gfx1100", 0x4E: "gfx1201"}
+_EM_AMDGPU = 224
+
+
+def amd_archs_in(path: Path) -> list[str]:
+    """Architectures of every AMD GPU ELF code object embedded in a vmfb (empty for a CPU module)."""
+    blob, archs = path.read_bytes(), []
+    at = blob.find(b"\x7fELF")
+    while at != -1:
+        if at + 52 <= len(blob) and blob[at + 4] == 2 and struct.unpack_from("<H", blob, at + 18)[0] == _EM_AMDGPU:
+            mach = struct.unpack_from("<I", blob, at + 48)[0] & 0xFF
+            archs.append(_EF_AMDGPU_MACH.get(mach, hex(mach)))
+        at = blob.find(b"\x7fELF", at + 4)
+    return archs
