@@ -34,6 +34,7 @@ from .session import Session
 class TidarResult(GenerationResult):
     steps: int = 0  # verify forwards
     acceptance: list[int] = field(default_factory=list)  # histogram: acceptance[ℓ] = steps that accepted ℓ drafts
+    lengths: list[list[int]] = field(default_factory=list)  # per row, ℓ of each step in order
 
     @property
     def mean_accepted(self) -> float:
@@ -118,6 +119,7 @@ def generate_tidar(session: Session, prompts: list[list[int]], max_new_tokens: i
     first = time.perf_counter() - start
     stopper = _Stopper(len(prompts), stop_ids)
     hist = [0] * (K + 1)
+    lengths: list[list[int]] = [[] for _ in prompts]
     forwards, steps = 1, 0
     live = stopper.emit(anchor) and max_new_tokens > 1
     drafts, zeta = _draft(session, cache, anchor, K, mask_id)
@@ -150,6 +152,7 @@ def generate_tidar(session: Session, prompts: list[list[int]], max_new_tokens: i
         cache.commit(out, counts=np.where(active, ell + 1, 0))
         for b in np.flatnonzero(active):
             hist[ell[b]] += 1
+            lengths[b].append(int(ell[b]))
             for token in [*drafts[b, : ell[b]].tolist(), int(anchor[b])]:
                 if not stopper.active[b] or len(stopper.out[b]) >= max_new_tokens:
                     break
@@ -164,4 +167,5 @@ def generate_tidar(session: Session, prompts: list[list[int]], max_new_tokens: i
         elif live:
             drafts, zeta = _draft(session, cache, anchor, K, mask_id)
             forwards += 1
-    return TidarResult(stopper.out, forwards, time.perf_counter() - start, first, steps=steps, acceptance=hist)
+    return TidarResult(stopper.out, forwards, time.perf_counter() - start, first, steps=steps, acceptance=hist,
+                       lengths=lengths)
