@@ -108,12 +108,12 @@ class IreeBackend(Backend):
         if entry not in self.entries:
             raise KeyError(f"the artifact has no {entry!r} entry point")
         spec = self.entries[entry]
-        names = [i["name"] if isinstance(i, dict) else i for i in spec["inputs"]]
+        names = [i["name"] for i in spec["inputs"]]
         outs = getattr(self.module, entry)(*[np.ascontiguousarray(inputs[n]) for n in names])
         outs = outs if isinstance(outs, (list, tuple)) else [outs]
         # to_host() may alias device buffers that the next call reuses: copy, as the other backends return owned
         # arrays (the TiDAR loop keeps a step's draft logits across the next forward)
-        return {(o["name"] if isinstance(o, dict) else o): np.array(r.to_host(), copy=True)
+        return {o["name"]: np.array(r.to_host(), copy=True)
                 for o, r in zip(spec["outputs"], outs)}
 
 
@@ -182,7 +182,7 @@ class KVCache:
             self.k[:, b, :, start:end] = out["new_k"][:, b, :, :n]
             self.v[:, b, :, start:end] = out["new_v"][:, b, :, :n]
             self.valid[b, start:end] = True if mask is None else mask[b, :n]
-            if "conv_state_out" in out:  # committed in-graph (step_greedy)
+            if "conv_state_out" in out:  # committed in-graph (step_greedy, step_sample)
                 if n > 0:
                     self.conv[:, b], self.rho[:, b] = out["conv_state_out"][:, b], out["rho_state_out"][:, b]
             else:

@@ -297,7 +297,7 @@ def inspect(artifact: Path, as_json: bool) -> None:
     for name, e in info["entry_points"].items():
         fused = ", ".join(f"{k}×{v}" for k, v in e["fused"].items())
         click.echo(f"  {name}: {e['nodes']} ONNX nodes; fused: {fused}; inputs: "
-                   + ", ".join(f"{i['name']}{i['shape']}" if isinstance(i, dict) else i for i in e["inputs"]))
+                   + ", ".join(f"{i['name']}{i.get('shape', '')}" for i in e["inputs"]))
     for target, t in info["iree"].items():
         gpu = f"; AMD code objects: {', '.join(t['amd_archs_found'])}" if t["arch"] else ""
         ok = "" if t["archs_ok"] else "  MISMATCH"

@@ -129,8 +129,9 @@ def export_artifact(checkpoint: Path, out: Path, dtype: str | None = None, force
             wrong = {op: hist.get(op, 0) for op in expected if hist.get(op, 0) != want.get(op, 0)}
             if wrong:
                 raise ExportError(f"{name}: traced graph has {wrong} fused ops, expected {want}")
-            entries[name] = {"tokens": spec.tokens, "inputs": spec.inputs, "outputs": spec.outputs,
-                             "debug": spec.probe}
+            # names only until the ONNX graph gives shapes and dtypes: one form for every reader
+            entries[name] = {"tokens": spec.tokens, "inputs": [{"name": n} for n in spec.inputs],
+                             "outputs": [{"name": n} for n in spec.outputs], "debug": spec.probe}
             op_counts[name] = dict(sorted(hist.items()))
             if "mlir" in formats:  # the same fused model, each zaya.* op traced as its MLIR face
                 try:

@@ -67,7 +67,7 @@ def logit_metrics(test: np.ndarray, ref: np.ndarray) -> dict[str, float]:
 def _accept_inputs(artifact: Artifact, info: dict[str, Any], B: int, seed: int) -> dict[str, np.ndarray]:
     """Extra inputs of the in-graph TiDAR steps: row b lacks its last b drafts; random draft logits and
     uniforms; sampling at temperature 0.9, top-k 50, top-p 0.95, w 0.5 (so warping and mixing are exercised)."""
-    names = {i["name"] if isinstance(i, dict) else i for i in info["inputs"]}
+    names = {i["name"] for i in info["inputs"]}
     K, V = artifact.manifest["tidar"]["block_len"], artifact.config.vocab_size
     rng = np.random.default_rng(seed)
     extra = {"draft_valid": np.arange(K)[None].repeat(B, 0) < K - np.arange(B)[:, None],
