@@ -7,7 +7,9 @@ which is exact), router weights, balancing [E+1] fp32, gate_up [E, 2I, H], down 
 
 Dispatch: the eager reference runs each hit expert once on its tokens. The ONNX body picks by N: for a single
 token (decode) it gathers the one chosen expert's weights, otherwise it runs the experts batched and keeps the
-chosen output (no data-dependent shapes, E× the FLOPs; the slot for a grouped-GEMM kernel).
+chosen output (no data-dependent shapes, E× the FLOPs; the slot for a grouped-GEMM kernel). The MLIR faces
+make the same choice per entry: gathered weights for ``decode`` (``moe_top1_gathered``), all experts for the
+rest (``moe_top1_static``).
 """
 
 from __future__ import annotations
@@ -68,6 +70,22 @@ def moe_top1_static(x: Tensor, prev: Tensor, down_w: Tensor, down_b: Tensor, eda
         keep = torch.where(choice == e, weight, torch.zeros_like(weight))  # [N]
         out = out + F.linear(F.silu(g) * u, down[e]) * keep[:, None]
     return out, r
+
+
+def moe_top1_gathered(x: Tensor, prev: Tensor, down_w: Tensor, down_b: Tensor, eda_scale: Tensor, norm_w: Tensor,
+                      fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor, out_w: Tensor, balancing: Tensor,
+                      gate_up: Tensor, down: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The op with per-token gathered expert weights, for decode (one token per row, so N = B is small): each
+    token reads only its chosen expert, the sparse cost, where the static form reads and runs all E. The skip
+    class reads expert 0 with weight 0. For many tokens the static form is cheaper (it reads each expert once)."""
+    choice, weight, r = _route(x, prev, down_w, down_b, eda_scale, norm_w, fc1_w, fc1_b, fc2_w, fc2_b, out_w,
+                               balancing, eps)
+    skip = choice == gate_up.shape[0]
+    expert = torch.where(skip, torch.zeros_like(choice), choice)  # [N]
+    weight = torch.where(skip, torch.zeros_like(weight), weight)
+    g, u = torch.einsum("nih,nh->ni", gate_up.index_select(0, expert), x).chunk(2, -1)  # [N, I] each
+    out = torch.einsum("nhi,ni->nh", down.index_select(0, expert), F.silu(g) * u)  # [N, H]
+    return out * weight[:, None], r
 
 
 @moe_top1.register_fake
@@ -137,4 +155,4 @@ def _translate(x, prev, down_w, down_b, eda_scale, norm_w, fc1_w, fc1_b, fc2_w, 
 
 
 register_onnx("MoETop1", OnnxFace(torch.ops.zaya.moe_top1.default, _translate, MoETop1))
-register_mlir("moe_top1", moe_top1_static)
+register_mlir("moe_top1", moe_top1_static, decode=moe_top1_gathered)

@@ -66,13 +66,17 @@ def registered() -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ MLIR face
 _MLIR: dict[str, Callable] = {}  # by op name: OpOverload objects are not stable keys (torch.ops caches get rebuilt)
-_INLINE = {"on": False}
+_MLIR_DECODE: dict[str, Callable] = {}  # faces specialised for one token per row
+_INLINE = {"on": False, "decode": False}
 
 
-def register_mlir(name: str, decomposition: Callable) -> None:
+def register_mlir(name: str, decomposition: Callable, decode: Callable | None = None) -> None:
     """The op's MLIR face: a plain-torch decomposition with static control flow. The IREE path traces the
-    fused model with every op replaced by its face (``mlir_faces``), so the importer sees only aten ops."""
+    fused model with every op replaced by its face (``mlir_faces``), so the importer sees only aten ops.
+    ``decode``: a face for entries with one token per row, where a different dispatch is cheaper."""
     _MLIR[name] = decomposition
+    if decode is not None:
+        _MLIR_DECODE[name] = decode
 
 
 def call(name: str, *args):  # noqa: ANN002, ANN201
@@ -80,16 +84,20 @@ def call(name: str, *args):  # noqa: ANN002, ANN201
     (Tracing the faces directly is deterministic; decomposing the custom op afterwards with
     ``run_decompositions`` was found to leave the op in place once upstream transformers had run a model in
     the same process.)"""
-    return _MLIR[name](*args) if _INLINE["on"] else getattr(torch.ops.zaya, name)(*args)
+    if not _INLINE["on"]:
+        return getattr(torch.ops.zaya, name)(*args)
+    face = _MLIR_DECODE.get(name, _MLIR[name]) if _INLINE["decode"] else _MLIR[name]
+    return face(*args)
 
 
 @contextmanager
-def mlir_faces() -> Iterator[None]:
-    _INLINE["on"] = True
+def mlir_faces(decode: bool = False) -> Iterator[None]:
+    """Trace with the MLIR faces; ``decode``: the traced entry has one token per row."""
+    _INLINE.update(on=True, decode=decode)
     try:
         yield
     finally:
-        _INLINE["on"] = False
+        _INLINE.update(on=False, decode=False)
 
 
 def _bool_and(a, b):  # noqa: ANN001, ANN202

@@ -6,19 +6,25 @@ artifact's weights or a checkpoint).
 
 The decode state lives in :class:`KVCache`: preallocated buffers of a fixed capacity handed to the graph
 whole, with a validity mask marking unfilled slots, so no step copies the cache. After each forward only the
-T new key/value rows are written into the buffers.
+T new key/value rows are written into the buffers. On IREE the same buffers live on the device
+(``device_cache.DeviceKVCache``) and the module's in-place commit entries write them there.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from zaya_export.models import ZayaConfig
 
 from .. import tracing
+
+if TYPE_CHECKING:
+    from .device_cache import DeviceKVCache
+
 
 class Backend:
     name = "base"
@@ -101,20 +107,38 @@ class IreeBackend(Backend):
         self.context = rt.SystemContext(config=self.config, vm_modules=[
             params, rt.create_hal_module(self.config.vm_instance, self.config.device), vmfb])
         self.module = self.context.modules.module
-        self.entries = artifact.entry_points
+        self.rt = rt
+        # model entries, then the in-place state commits (absent from artifacts exported before them)
+        self.entries = {**artifact.entry_points, **artifact.manifest["mlir"].get("state_entries", {})}
         self.target, self.device = target, device
 
-    def run(self, entry: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    @property
+    def commits_on_device(self) -> bool:
+        return "commit" in self.entries
+
+    def to_device(self, array: np.ndarray):  # noqa: ANN201 - iree.runtime.DeviceArray
+        return self.rt.asdevicearray(self.config.device, np.ascontiguousarray(array))
+
+    def run(self, entry: str, inputs: dict) -> dict:
+        """Run one entry. Inputs may be numpy or device arrays. When the state comes in as device arrays
+        (``DeviceKVCache``), the state outputs stay on the device for the in-place commit; everything else comes
+        back as owned numpy arrays."""
         if entry not in self.entries:
             raise KeyError(f"the artifact has no {entry!r} entry point")
         spec = self.entries[entry]
-        names = [i["name"] for i in spec["inputs"]]
-        outs = getattr(self.module, entry)(*[np.ascontiguousarray(inputs[n]) for n in names])
-        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        args = [inputs[i["name"]] for i in spec["inputs"]]
+        outs = getattr(self.module, entry)(*[a if isinstance(a, self.rt.DeviceArray) else np.ascontiguousarray(a)
+                                             for a in args])
+        outs = [] if outs is None else outs if isinstance(outs, (list, tuple)) else [outs]
+        resident = isinstance(inputs.get("past_k"), self.rt.DeviceArray)
         # to_host() may alias device buffers that the next call reuses: copy, as the other backends return owned
         # arrays (the TiDAR loop keeps a step's draft logits across the next forward)
-        return {o["name"]: np.array(r.to_host(), copy=True)
+        return {o["name"]: r if resident and o["name"] in _DEVICE_OUTPUTS else np.array(r.to_host(), copy=True)
                 for o, r in zip(spec["outputs"], outs)}
+
+
+# forward outputs that only feed the state commit: left on the device when the state lives there
+_DEVICE_OUTPUTS = {"new_k", "new_v", "conv_rows", "omega", "conv_state_out", "rho_state_out"}
 
 
 class TorchBackend(Backend):
@@ -193,17 +217,18 @@ class KVCache:
 
 
 class Session:
-    """Open an artifact (``ort`` or ``torch`` backend) or a checkpoint (``torch`` only)."""
+    """Open an artifact (``ort``, ``iree`` or ``torch`` backend) or a checkpoint (``torch`` only)."""
 
     def __init__(self, path: str | Path, backend: str = "ort", threads: int | None = None,
                  allow_version_mismatch: bool = False, dtype: str | None = None, device: str = "local-task",
-                 target: str | None = None) -> None:
+                 target: str | None = None, state_on_device: bool = True) -> None:
         from zaya_export.artifact import is_artifact, open_artifact
         from zaya_export.checkpoint import load_checkpoint
         from zaya_export.errors import InputError
         from zaya_export.tokenizer import load_tokenizer
 
         path = Path(path)
+        self.state_on_device = state_on_device  # IREE: keep the decode state on the device (off: numpy, copied)
         self.artifact = open_artifact(path, allow_version_mismatch=allow_version_mismatch) if is_artifact(path) \
             else None
         if backend in ("ort", "iree"):
@@ -231,7 +256,7 @@ class Session:
     def from_model(cls, model, block_len: int | None = None,  # noqa: ANN001 - ZayaForCausalLM
                    levels: tuple[int, ...] | None = None) -> "Session":
         self = cls.__new__(cls)
-        self.artifact, self.tokenizer = None, None
+        self.artifact, self.tokenizer, self.state_on_device = None, None, False
         self.block_len = block_len or model.config.diffusion_block_len
         self.levels = tuple(levels or tracing.default_levels(self.block_len))
         self.backend, self.config = TorchBackend(model, self.block_len, self.levels), model.config
@@ -246,7 +271,15 @@ class Session:
         return entry in self.artifact.entry_points and (self.backend.name != "ort"
                                                         or "onnx" in self.artifact.entry_points[entry])
 
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
+    def new_cache(self, batch: int, capacity: int) -> "KVCache | DeviceKVCache":
+        """Decode state for ``capacity`` tokens per row: on the device for IREE modules with the in-place
+        commits (unless ``state_on_device`` is off), numpy buffers otherwise."""
+        if isinstance(self.backend, IreeBackend) and self.backend.commits_on_device and self.state_on_device:
+            from .device_cache import DeviceKVCache
+
+            stateful = [e["tokens"] or 0 for e in self.artifact.entry_points.values()
+                        if any(o["name"] == "new_k" for o in e["outputs"])]
+            return DeviceKVCache(self.backend, self.config, batch, capacity, slack=max(stateful, default=0))
         return KVCache(self.config, batch, capacity)
 
 

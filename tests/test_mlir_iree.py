@@ -20,11 +20,13 @@ from zaya_export.checkpoint import save_checkpoint
 from zaya_export.cli import main
 from zaya_export.errors import InputError
 from zaya_export.exporter import ExportError, export_artifact
-from zaya_export.kernels.moe_top1 import moe_top1_static
+from zaya_export.kernels.moe_top1 import moe_top1_gathered, moe_top1_static
 from zaya_export.kernels.registry import _conv1d
 from zaya_export.mlir_export import TARGETS, amd_archs_in
 from zaya_export.runtime.generate import generate, generate_greedy
-from zaya_export.runtime.session import Session
+from zaya_export.runtime.device_cache import DeviceKVCache
+from zaya_export.runtime.sampling import SamplerConfig
+from zaya_export.runtime.session import KVCache, Session
 from zaya_export.runtime.tidar import generate_tidar
 from zaya_export.ingraph_step import first_argmax
 from zaya_export.validate import cross_check, validate_artifact
@@ -68,9 +70,14 @@ def test_static_moe_equals_sparse_moe(model):
             ex.gate_up_proj, ex.down_proj, model.config.rms_norm_eps)
     with torch.no_grad():
         out, state = layer(x[None], prev)  # the reference model's sparse (data-dependent) MoE
-        got_out, got_state = moe_top1_static(*args)
-    torch.testing.assert_close(got_out, out[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got_state, state, atol=1e-5, rtol=1e-5)
+        for face in (moe_top1_static, moe_top1_gathered):
+            got_out, got_state = face(*args)
+            torch.testing.assert_close(got_out, out[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got_state, state, atol=1e-5, rtol=1e-5)
+        # the skip class (bias it to win everywhere) gives zero output in every face
+        skip = args[:11] + (gate.balancing_biases + torch.eye(len(gate.balancing_biases))[-1] * 100,) + args[12:]
+        for face in (moe_top1_static, moe_top1_gathered):
+            assert face(*skip)[0].abs().max() == 0
 
 
 def test_first_argmax_is_argmax_with_ties():
@@ -85,7 +92,8 @@ def test_module_has_every_entry_and_external_weights(artifact):
     m = art.manifest
     assert m["formats"] == ["onnx", "mlir"]
     assert set(m["mlir"]["ops_per_entry"]) == {"prefill", "decode", "verify", "draft", "step", "step_greedy",
-                                               "step_sample", "layers"}
+                                               "step_sample", "layers", "commit", "commit_accepted"}
+    assert set(m["mlir"]["state_entries"]) == {"commit", "commit_accepted"}
     text = (artifact / m["mlir"]["module"]).read_text()
     # weights are named external parameters, not inlined constants: the module is small
     assert '#flow.parameter.named<"model"::"model.embed_tokens.weight">' in text
@@ -131,6 +139,41 @@ def test_iree_greedy_tokens_equal_eager_and_ort_ar_and_tidar(artifact, model):
     assert batch == [generate_greedy(model, [p], 12).tokens[0] for p in prompts]
 
 
+def test_state_stays_on_the_device_and_commits_like_the_host_cache(artifact, model):
+    import iree.runtime as rt
+
+    iree = Session(artifact, backend="iree")
+    host = Session(artifact, backend="iree", state_on_device=False)
+    dev, ref = iree.new_cache(2, 24), host.new_cache(2, 24)
+    assert isinstance(dev, DeviceKVCache) and isinstance(ref, KVCache)
+    prompt, mask = np.array([[0, 0, 7, 9], [3, 4, 5, 6]]), np.array([[0, 0, 1, 1], [1, 1, 1, 1]], bool)
+    block = np.arange(2 * (model.config.diffusion_block_len + 1)).reshape(2, -1) + 11  # anchor + K drafts
+    calls = [("prefill", prompt, mask, None), ("decode", prompt[:, -1:], None, None),
+             ("verify", block, None, np.array([2, 0])), ("verify", block, None, np.array([1, 3]))]
+    for entry, ids, m, counts in calls:
+        out = iree.run(entry, dev.inputs(ids, m))
+        # the state outputs never come to the host; logits do
+        assert isinstance(out["new_k"], rt.DeviceArray) and isinstance(out["logits"], np.ndarray)
+        want = host.run(entry, ref.inputs(ids, m))
+        assert np.abs(out["logits"] - want["logits"]).max() <= 1e-5
+        dev.commit(out, counts=counts, mask=m)
+        ref.commit(want, counts=counts, mask=m)
+        got = dev.to_host()
+        assert np.array_equal(got.lengths, ref.lengths) and np.array_equal(got.valid, ref.valid)
+        for b, n in enumerate(ref.lengths.tolist()):
+            assert np.abs(got.k[:, b, :, :n] - ref.k[:, b, :, :n]).max() <= 1e-5
+            assert np.abs(got.v[:, b, :, :n] - ref.v[:, b, :, :n]).max() <= 1e-5
+        assert np.abs(got.conv - ref.conv).max() <= 1e-5 and np.abs(got.rho - ref.rho).max() <= 1e-5
+    with pytest.raises(ValueError, match="cache full"):  # 8 committed + K+1 > 24
+        dev.commit(iree.run("verify", dev.inputs(block)))
+    # whole decodes: device state and host state make the same decisions, sampled TiDAR included
+    sampler = SamplerConfig(temperature=0.8, top_k=20, seed=3)
+    prompts = [[2, 17, 301, 44, 9], [5, 6]]
+    for fused in (False, True):
+        assert (generate_tidar(iree, prompts, 16, sampler=sampler, fused=fused).tokens
+                == generate_tidar(host, prompts, 16, sampler=sampler, fused=fused).tokens)
+
+
 def test_bisect_names_the_first_divergent_layer_and_op(model, artifact):
     base = Session.from_model(model)
     assert not bisect(base, Session(artifact, backend="iree"), model)["diverged"]
@@ -154,11 +197,11 @@ def test_cli_three_way_validate_and_bench(artifact):
     assert out["ok"] and len(out["reports"]) == 2 and {c["pair"] for c in out["cross"]} == {"ort-iree"}
     assert [b["backends"] for b in out["bisect"]] == [["torch", "ort"], ["torch", "iree"], ["ort", "iree"]]
     assert not any(b["diverged"] for b in out["bisect"])
-    result = runner.invoke(main, ["bench", str(artifact), "--backend", "ort,iree", "--prompt-len", "8",
+    result = runner.invoke(main, ["bench", str(artifact), "--backend", "ort,iree,iree-host", "--prompt-len", "8",
                                   "--new-tokens", "4", "--repeats", "1", "--json"])
     assert result.exit_code == 0, result.output
     bench = json.loads(result.stdout)
-    assert bench["same_tokens"] and set(bench["speedup"]) == {"ort", "iree"}
+    assert bench["same_tokens"] and set(bench["speedup"]) == {"ort", "iree", "iree-host"}
     result = runner.invoke(main, ["run", str(artifact), "--backend", "iree", "--prompt-ids", "2,9,40",
                                   "--max-new-tokens", "6", "--mode", "tidar-fused", "--json"])
     assert result.exit_code == 0, result.output

@@ -34,11 +34,21 @@ def bench_prompt(artifact: Artifact, prompt_len: int) -> list[int]:
     return np.random.default_rng(0).integers(5, artifact.config.vocab_size, prompt_len).tolist()
 
 
+BACKENDS = ("ort", "iree", "iree-host", "torch")
+
+
+def _session(artifact: Artifact, name: str, threads: int | None = None) -> Session:
+    """``iree-host`` is IREE with the decode state in host buffers, copied in on every call: the baseline for
+    keeping it on the device (``iree``)."""
+    return Session(artifact.root, backend=name.removesuffix("-host"), threads=threads,
+                   state_on_device=not name.endswith("-host"))
+
+
 def bench_artifact(artifact: Artifact, backends: tuple[str, ...] = ("ort",), prompt_len: int = 128,
                    new_tokens: int = 128, repeats: int = 3, threads: int | None = None) -> dict[str, Any]:
     """Greedy AR decode of each backend and of the eager model, interleaved per repeat; best of ``repeats``."""
     model = _model_from_artifact(artifact, artifact.manifest.get("compute_dtype"))
-    sessions = {b: Session(artifact.root, backend=b, threads=threads) for b in backends}
+    sessions = {b: _session(artifact, b, threads) for b in backends}
     prompt = bench_prompt(artifact, prompt_len)
     runs: dict[str, list[float]] = {"eager": [], **{b: [] for b in backends}}
     ttft: dict[str, list[float]] = {name: [] for name in runs}
@@ -66,7 +76,7 @@ def bench_modes(artifact: Artifact, backend: str = "ort", prompt_len: int = 128,
                 ) -> dict[str, Any]:
     """AR vs TiDAR (two-forward) vs TiDAR fused on one backend: tok/s, forwards, tokens per forward and the
     speedup over AR, greedy (w = 1 lossless, or logit mixing with w < 1)."""
-    session = Session(artifact.root, backend=backend)
+    session = _session(artifact, backend)
     prompt = bench_prompt(artifact, prompt_len)
 
     def once(mode: str):  # noqa: ANN202

@@ -387,7 +387,8 @@ def validate(artifact: Path, checkpoint: Path | None, reference: str, backends: 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--backend", "backends", default="ort", show_default=True,
-              help="Backend(s), comma-separated (ort, iree, torch); each is compared with eager torch.")
+              help="Backend(s), comma-separated (ort, iree, torch; iree-host: IREE with the decode state copied "
+              "from the host on every call); each is compared with eager torch.")
 @click.option("--prompt-len", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(min=2), default=128, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
@@ -400,12 +401,12 @@ def bench(artifact: Path, backends: str, prompt_len: int, new_tokens: int, repea
           mix_w: float, as_json: bool) -> None:
     """Decode tok/s: a backend vs the eager torch model (AR), or AR vs TiDAR modes on one backend (--modes)."""
     from .artifact import open_artifact
-    from .bench import bench_artifact, bench_modes
+    from .bench import BACKENDS, bench_artifact, bench_modes
 
     art = open_artifact(artifact)
     names = [b.strip() for b in backends.split(",") if b.strip()]
-    if not names or set(names) - {"ort", "iree", "torch"}:
-        raise InputError(f"unknown --backend {backends!r}; choose from ort, iree, torch")
+    if not names or set(names) - set(BACKENDS):
+        raise InputError(f"unknown --backend {backends!r}; choose from {', '.join(BACKENDS)}")
     with _stderr().status(f"benchmarking {artifact}"):
         if modes:
             wanted = tuple(m.strip() for m in modes.split(",") if m.strip())
@@ -421,7 +422,7 @@ def bench(artifact: Path, backends: str, prompt_len: int, new_tokens: int, repea
     if modes:
         for name, res in result.items():
             for mode, row in res["modes"].items():
-                click.echo(f"{name:5s} {mode:12s} {row['tok_per_s']:9.2f} tok/s  {row['forwards']:4d} forwards  "
+                click.echo(f"{name:9s} {mode:12s} {row['tok_per_s']:9.2f} tok/s  {row['forwards']:4d} forwards  "
                            f"{row['tokens_per_forward']:6.3f} tokens/forward  mean accepted "
                            f"{row['mean_accepted']:6.3f}  speedup {row['speedup_vs_ar']}x")
         return

@@ -5,9 +5,9 @@
    then ``pack_tidar_step`` (adds the packed single-forward TiDAR entries, verified against verify/draft);
 3. trace every entry point with ``torch.export`` and check one fused op per layer in each graph;
 4. lower each to ONNX (function bodies attached), run the ONNX cleanup passes, bind the shared weights;
-5. (``--format mlir``) trace the same fused model with each ``zaya.*`` op as its MLIR face, import every entry
-   into one MLIR module whose weights are external parameters read from the same safetensors file, and
-   ``iree-compile`` it for each ``--target``;
+5. (``--format mlir``) trace the same fused model with each ``zaya.*`` op as its MLIR face, add the in-place
+   state commits (``commit_entry``), import every entry into one MLIR module whose weights are external
+   parameters read from the same safetensors file, and ``iree-compile`` it for each ``--target``;
 6. write config, tokenizer, manifest (pass log, op counts, versions, compiler flags, hashes) atomically.
 """
 
@@ -29,6 +29,7 @@ from zaya_export.passes.tidar_packing import ExportPlan, PackTidarStep
 
 from .artifact import FORMAT, SCHEMA_VERSION, atomic_directory, tool_versions, write_manifest
 from .checkpoint import DTYPES, load_checkpoint
+from .commit_entry import COMMIT_SPECS, export_commit
 from .errors import ZayaError
 from .mlir_export import MLIR_FILE, PARAM_SCOPE, Target, compile_target, externalize_weights, lower_module
 from .onnx_export import WEIGHTS_FILE, bind_external_weights, lower_entry, save_entry, write_weights
@@ -135,7 +136,7 @@ def export_artifact(checkpoint: Path, out: Path, dtype: str | None = None, force
             op_counts[name] = dict(sorted(hist.items()))
             if "mlir" in formats:  # the same fused model, each zaya.* op traced as its MLIR face
                 try:
-                    with kernels.mlir_faces():
+                    with kernels.mlir_faces(decode=spec.tokens == 1):
                         programs[name] = export_entry(model, spec)
                 except Exception as exc:  # torch.export raises many types; name the entry and the first line
                     raise ExportError(f"{name}: tracing the MLIR faces failed: {type(exc).__name__}: "
@@ -154,6 +155,9 @@ def export_artifact(checkpoint: Path, out: Path, dtype: str | None = None, force
             onnx_logs[name] = [r.to_json() for r in log]
         mlir_info, iree_info = None, {}
         if "mlir" in formats:
+            status("tracing the in-place state commits")
+            for name in COMMIT_SPECS:  # the IREE runtime keeps the state on the device and commits with these
+                programs[name] = export_commit(model.config, name)
             try:
                 static = {name for name, e in entries.items() if e["tokens"] is not None}
                 ops = lower_module(programs, tmp / MLIR_FILE, static, status)
@@ -161,7 +165,9 @@ def export_artifact(checkpoint: Path, out: Path, dtype: str | None = None, force
                 raise ExportError(f"MLIR lowering failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
             del programs
             mlir_info = {"module": MLIR_FILE, "importer": "iree-turbine FxPrograms", "ops_per_entry": ops,
-                         "parameters": {"scope": PARAM_SCOPE, "file": f"onnx/{WEIGHTS_FILE}"}}
+                         "parameters": {"scope": PARAM_SCOPE, "file": f"onnx/{WEIGHTS_FILE}"},
+                         "state_entries": {name: {"inputs": [{"name": n} for n in spec.inputs], "outputs": [],
+                                                  "mutates": spec.mutates} for name, spec in COMMIT_SPECS.items()}}
             for target in targets:
                 status(f"iree-compile for {target.name}")
                 try:

@@ -1,0 +1,71 @@
+"""Decode state that stays on the IREE device between steps.
+
+:class:`~zaya_export.runtime.session.KVCache` keeps the state in numpy buffers, so on IREE every call would
+copy the whole preallocated cache host → device, and every update device → host. :class:`DeviceKVCache` holds
+the same five buffers as IREE device arrays instead. A forward fed device state returns its state outputs as
+device arrays too (``IreeBackend.run``), and :meth:`DeviceKVCache.commit` hands them to the module's in-place
+``commit``/``commit_accepted`` entry (``zaya_export.commit_entry``). Only token ids, masks, lengths and logits
+cross the host boundary.
+
+The buffers have ``slack`` slots past the capacity: a commit scatters all T new rows at the row's offset
+(only the first n become valid), so the largest forward must fit behind the longest row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from zaya_export.models import ZayaConfig
+
+from .session import KVCache
+
+STATE_NAMES = ["past_k", "past_v", "past_valid", "conv_state", "rho_state"]
+
+
+class DeviceKVCache:
+    """The decode state of B rows as device arrays of ``capacity + slack`` slots; same interface as KVCache."""
+
+    def __init__(self, backend, config: ZayaConfig, batch: int, capacity: int, slack: int) -> None:  # noqa: ANN001
+        self.backend, self.capacity, self.slots = backend, capacity, capacity + slack
+        self.lengths = np.zeros(batch, np.int64)
+        fresh = KVCache(config, batch, self.slots)
+        self.state = {name: backend.to_device(a)
+                      for name, a in zip(STATE_NAMES, (fresh.k, fresh.v, fresh.valid, fresh.conv, fresh.rho))}
+
+    @property
+    def length(self) -> int:
+        return int(self.lengths.max())
+
+    def inputs(self, ids: np.ndarray, mask: np.ndarray | None = None) -> dict:
+        """Entry inputs for new tokens ``ids`` [B, T]: host ids and mask, the state as device arrays."""
+        mask = np.ones(ids.shape, bool) if mask is None else mask.astype(bool)
+        return {"input_ids": ids.astype(np.int64), "input_mask": mask, **self.state}
+
+    def commit(self, out: dict, counts: np.ndarray | None = None, mask: np.ndarray | None = None) -> None:
+        """Keep the first ``counts[b]`` new tokens of row b (all T by default) of a forward's device-resident
+        outputs ``out``; ``mask`` marks left padding."""
+        T = out["new_k"].shape[3]
+        counts = np.full(len(self.lengths), T, np.int64) if counts is None else np.asarray(counts, np.int64)
+        if (self.lengths + counts).max() > self.capacity:
+            raise ValueError(f"cache full: committing {counts.max()} more tokens exceeds capacity {self.capacity}")
+        if self.lengths.max() + T > self.slots:
+            raise ValueError(f"a forward of {T} tokens does not fit behind {self.length} committed slots "
+                             f"({self.slots} allocated)")
+        new_valid = np.ones((len(counts), T), bool) if mask is None else np.ascontiguousarray(mask[:, :T], bool)
+        if "conv_state_out" in out:  # committed in-graph (step_greedy, step_sample)
+            entry, update = "commit_accepted", ["new_k", "new_v", "conv_state_out", "rho_state_out"]
+        else:
+            entry, update = "commit", ["new_k", "new_v", "conv_rows", "omega"]
+        self.backend.run(entry, {**self.state, "lengths": self.lengths, "counts": counts, "new_valid": new_valid,
+                                 **{name: out[name] for name in update}})
+        self.lengths = self.lengths + counts
+
+    def to_host(self) -> KVCache:
+        """A numpy copy (tests, debugging); the first ``capacity`` slots."""
+        snapshot = KVCache.__new__(KVCache)  # filled from the device, not allocated
+        host = {name: np.array(a.to_host(), copy=True) for name, a in self.state.items()}
+        snapshot.capacity, snapshot.lengths = self.capacity, self.lengths.copy()
+        snapshot.k, snapshot.v = host["past_k"][..., : self.capacity, :], host["past_v"][..., : self.capacity, :]
+        snapshot.valid = host["past_valid"][:, : self.capacity]
+        snapshot.conv, snapshot.rho = host["conv_state"], host["rho_state"]
+        return snapshot

@@ -1,0 +1,130 @@
+"""In-place state commit entries for the IREE module, so the decode state never leaves the device.
+
+A forward entry reads the state and returns its update (``tracing``); on onnxruntime the host then writes
+the committed rows into numpy buffers (``runtime.session.KVCache``). On IREE that would move the whole cache
+across the host boundary on every call. Instead the runtime keeps the buffers as device arrays, passes a
+forward's state outputs back still on the device, and calls one of these entries, which write the first
+``counts[b]`` new rows of row b into the buffers *in place*: the traced program mutates its state inputs,
+turbine imports that as ``torch.overwrite.tensor.contents`` and IREE ties the result to the argument buffer.
+
+* ``commit``: after ``prefill``/``decode``/``verify``/``step`` (update as ``conv_rows`` + ``omega``, so any
+  prefix can be committed: conv window = rows n..n+κ−1, ρ = ω_{n−1}).
+* ``commit_accepted``: after the in-graph TiDAR steps, whose outputs already hold the committed conv window
+  and ρ (``conv_state_out``/``rho_state_out``); rows with n = 0 keep their state.
+
+All T new key/value rows are written at offsets ``lengths[b]..lengths[b]+T−1`` (one scatter); only the first
+n are marked valid, so the rest are invisible and overwritten by the next commit. The caller keeps ``lengths``
+on the host and guarantees ``lengths[b] + T <= S``. ``lengths`` is not mutated in the graph: IREE cannot tie
+a mutable integer tensor (``si64`` materialization fails).
+
+Cost: IREE 3.13 imports a mutated argument that is also read as borrowed storage and keeps a copy-on-write
+clone for it (iree-org/iree#22844 made that conservative), so one commit copies the buffers once *on the
+device* (measured: time grows with capacity, ~12 GB/s on this CPU). Nothing crosses to the host; a decode
+forward reads the whole buffers anyway, so the copy is of the same order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from zaya_export.models import ZayaConfig
+
+STATE_INPUTS = ["past_k", "past_v", "past_valid", "conv_state", "rho_state"]  # mutated in place
+
+
+@dataclass(frozen=True)
+class CommitSpec:
+    name: str
+    update: list[str]  # the forward outputs it consumes
+
+    @property
+    def inputs(self) -> list[str]:
+        return [*STATE_INPUTS, "lengths", "counts", "new_valid", *self.update]
+
+    @property
+    def mutates(self) -> list[str]:
+        return STATE_INPUTS
+
+
+COMMIT_SPECS = {
+    "commit": CommitSpec("commit", ["new_k", "new_v", "conv_rows", "omega"]),
+    "commit_accepted": CommitSpec("commit_accepted", ["new_k", "new_v", "conv_state_out", "rho_state_out"]),
+}
+
+
+def write_rows(past_k: Tensor, past_v: Tensor, past_valid: Tensor, lengths: Tensor, counts: Tensor,
+               new_valid: Tensor, new_k: Tensor, new_v: Tensor) -> None:
+    """Scatter the T new rows of each batch row b to slots lengths[b].. of the buffers; valid only for t < n.
+    past_k/v [L, B, n_kv, S, d], past_valid [B, S], lengths/counts [B], new_valid [B, T], new_k/v [L, B, n_kv,
+    T, d]."""
+    L, B, nkv, T, d = new_k.shape
+    slots = lengths[:, None] + torch.arange(T, device=lengths.device)  # [B, T]
+    index = slots[None, :, None, :, None].expand(L, B, nkv, T, d)
+    past_k.scatter_(3, index, new_k)
+    past_v.scatter_(3, index, new_v)
+    keep = torch.logical_and(new_valid, torch.arange(T, device=counts.device)[None] < counts[:, None])  # [B, T]
+    past_valid.scatter_(1, slots, keep)
+
+
+class CommitRows(nn.Module):
+    """``commit``: state after the first ``counts[b]`` tokens of a forward's update (``Update`` semantics)."""
+
+    def forward(self, past_k: Tensor, past_v: Tensor, past_valid: Tensor, conv_state: Tensor, rho_state: Tensor,
+                lengths: Tensor, counts: Tensor, new_valid: Tensor, new_k: Tensor, new_v: Tensor,
+                conv_rows: Tensor, omega: Tensor) -> tuple[Tensor, ...]:
+        write_rows(past_k, past_v, past_valid, lengths, counts, new_valid, new_k, new_v)
+        L, B, C, kappa = conv_state.shape
+        window = (counts[:, None] + torch.arange(kappa, device=counts.device))  # [B, κ]: rows n..n+κ−1
+        conv_state.copy_(conv_rows.gather(3, window[None, :, None].expand(L, B, C, kappa)))
+        ext = torch.cat([rho_state[:, :, None], omega], 2)  # [L, B, T+1, dv]: ρ, ω_0..ω_{T−1}
+        dv = ext.shape[-1]
+        rho_state.copy_(ext.gather(2, counts[None, :, None, None].expand(L, B, 1, dv)).squeeze(2))
+        return ()
+
+
+class CommitAccepted(nn.Module):
+    """``commit_accepted``: the in-graph step already gathered the committed conv window and ρ."""
+
+    def forward(self, past_k: Tensor, past_v: Tensor, past_valid: Tensor, conv_state: Tensor, rho_state: Tensor,
+                lengths: Tensor, counts: Tensor, new_valid: Tensor, new_k: Tensor, new_v: Tensor,
+                conv_state_out: Tensor, rho_state_out: Tensor) -> tuple[Tensor, ...]:
+        write_rows(past_k, past_v, past_valid, lengths, counts, new_valid, new_k, new_v)
+        some = counts > 0
+        conv_state.copy_(torch.where(some[None, :, None, None], conv_state_out, conv_state))
+        rho_state.copy_(torch.where(some[None, :, None], rho_state_out, rho_state))
+        return ()
+
+
+_MODULES = {"commit": CommitRows, "commit_accepted": CommitAccepted}
+
+
+def commit_module(name: str) -> nn.Module:
+    return _MODULES[name]()
+
+
+def export_commit(config: ZayaConfig, name: str) -> torch.export.ExportedProgram:
+    """Trace one commit entry (functionalised, so the mutations are in the graph signature) with dynamic B, S
+    and T; the examples avoid 0/1 so no dim is specialised."""
+    from .tracing import MAX_BATCH, MAX_SEQ
+
+    L, nkv, d = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+    C, kappa, dv = config.conv_channels, config.conv_history, config.value_half
+    B, S, T = 2, 9, 3
+    state = (torch.zeros(L, B, nkv, S, d), torch.zeros(L, B, nkv, S, d), torch.zeros(B, S, dtype=torch.bool),
+             torch.zeros(L, B, C, kappa), torch.zeros(L, B, dv))
+    meta = (torch.tensor([1, 2]), torch.tensor([3, 1]), torch.ones(B, T, dtype=torch.bool))
+    new_kv = (torch.randn(L, B, nkv, T, d), torch.randn(L, B, nkv, T, d))
+    update = (torch.randn(L, B, C, kappa + T), torch.randn(L, B, T, dv)) if name == "commit" \
+        else (torch.randn(L, B, C, kappa), torch.randn(L, B, dv))
+    b = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    s = torch.export.Dim("past", min=1, max=MAX_SEQ)
+    t = torch.export.Dim("seq", min=1, max=MAX_SEQ)
+    dynamic = ({1: b, 3: s}, {1: b, 3: s}, {0: b, 1: s}, {1: b}, {1: b}, {0: b}, {0: b}, {0: b, 1: t},
+               {1: b, 3: t}, {1: b, 3: t}, *(({1: b, 3: kappa + t}, {1: b, 2: t}) if name == "commit"
+                                             else ({1: b}, {1: b})))
+    with torch.no_grad():
+        program = torch.export.export(commit_module(name), (*state, *meta, *new_kv, *update), dynamic_shapes=dynamic)
+    return program.run_decompositions({})
