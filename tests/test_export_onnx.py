@@ -173,12 +173,16 @@ def test_cli_export_inspect_validate_bench_run(ckpt, artifact, tmp_path):
     assert result.exit_code == 0, result.output
     bench = json.loads(result.stdout)
     assert bench["same_tokens"] and bench["decode_tok_per_s"]["ort"] > 0 and bench["speedup"]["ort"] > 0
-    result = runner.invoke(main, ["bench", str(out), "--modes", "ar,tidar,tidar-fused", "--prompt-len", "8",
-                                  "--new-tokens", "40", "--repeats", "1", "--w", "0", "--json"])
+    result = runner.invoke(main, ["bench", str(out), "--backend", "torch,ort", "--modes", "ar,tidar,tidar-fused",
+                                  "--prompt-len", "8", "--new-tokens", "40", "--repeats", "1", "--w", "0", "--json"])
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)["ort"]["modes"]
-    assert rows["ar"]["speedup_vs_ar"] == 1.0 and rows["tidar-fused"]["mean_accepted"] == 16
-    assert rows["tidar-fused"]["forwards"] < rows["tidar"]["forwards"] < rows["ar"]["forwards"]
+    matrix = json.loads(result.stdout)
+    for backend in ("torch", "ort"):
+        rows = matrix[backend]["modes"]
+        assert rows["ar"]["speedup_vs_ar"] == 1.0 and rows["tidar-fused"]["mean_accepted"] == 16
+        assert rows["tidar-fused"]["forwards"] < rows["tidar"]["forwards"] < rows["ar"]["forwards"]
+        assert all(r["speedup_vs_eager_ar"] > 0 for r in rows.values())
+    assert matrix["torch"]["modes"]["ar"]["speedup_vs_eager_ar"] == 1.0
     result = runner.invoke(main, ["run", str(out), "--prompt-ids", "2,9,40", "--max-new-tokens", "5", "--json"])
     assert result.exit_code == 0 and json.loads(result.stdout)["backend"] == "ort"
     result = runner.invoke(main, ["run", str(ckpt), "--prompt-ids", "2,9", "--backend", "ort"])

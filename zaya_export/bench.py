@@ -96,3 +96,17 @@ def bench_modes(artifact: Artifact, backend: str = "ort", prompt_len: int = 128,
         row["speedup_vs_ar"] = round(row["tok_per_s"] / base, 3) if base else None
     return {"backend": backend, "prompt_len": prompt_len, "new_tokens": new_tokens, "w": w,
             "levels": list(session.levels), "block_len": session.block_len, "modes": rows}
+
+
+def bench_matrix(artifact: Artifact, backends: tuple[str, ...], prompt_len: int = 128, new_tokens: int = 128,
+                 repeats: int = 2, modes: tuple[str, ...] = ("ar", "tidar", "tidar-fused"), w: float = 1.0
+                 ) -> dict[str, Any]:
+    """:func:`bench_modes` for each backend in one process; with ``torch`` (the eager model) among them every
+    row also gets its speedup over eager AR."""
+    result = {b: bench_modes(artifact, b, prompt_len, new_tokens, repeats, modes, w) for b in backends}
+    eager_ar = result.get("torch", {}).get("modes", {}).get("ar", {}).get("tok_per_s")
+    for res in result.values():
+        for row in res["modes"].values():
+            row["speedup_vs_eager_ar"] = round(row["tok_per_s"] / eager_ar, 3) if eager_ar else None
+    return result
+
