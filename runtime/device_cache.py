@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from zaya_export.commit_entry import COMMIT_SPECS, STATE_INPUTS
 from zaya_export.models import ZayaConfig
 
 from .session import KVCache
-
-STATE_NAMES = ["past_k", "past_v", "past_valid", "conv_state", "rho_state"]
 
 
 class DeviceKVCache:
@@ -30,7 +29,7 @@ class DeviceKVCache:
         self.lengths = np.zeros(batch, np.int64)
         fresh = KVCache(config, batch, self.slots)
         self.state = {name: backend.to_device(a)
-                      for name, a in zip(STATE_NAMES, (fresh.k, fresh.v, fresh.valid, fresh.conv, fresh.rho))}
+                      for name, a in zip(STATE_INPUTS, (fresh.k, fresh.v, fresh.valid, fresh.conv, fresh.rho))}
 
     @property
     def length(self) -> int:
@@ -52,12 +51,10 @@ class DeviceKVCache:
             raise ValueError(f"a forward of {T} tokens does not fit behind {self.length} committed slots "
                              f"({self.slots} allocated)")
         new_valid = np.ones((len(counts), T), bool) if mask is None else np.ascontiguousarray(mask[:, :T], bool)
-        if "conv_state_out" in out:  # committed in-graph (step_greedy, step_sample)
-            entry, update = "commit_accepted", ["new_k", "new_v", "conv_state_out", "rho_state_out"]
-        else:
-            entry, update = "commit", ["new_k", "new_v", "conv_rows", "omega"]
-        self.backend.run(entry, {**self.state, "lengths": self.lengths, "counts": counts, "new_valid": new_valid,
-                                 **{name: out[name] for name in update}})
+        # the in-graph steps (step_greedy, step_sample) already gathered the committed conv window and ρ
+        spec = COMMIT_SPECS["commit_accepted" if "conv_state_out" in out else "commit"]
+        self.backend.run(spec.name, {**self.state, "lengths": self.lengths, "counts": counts,
+                                     "new_valid": new_valid, **{name: out[name] for name in spec.update}})
         self.lengths = self.lengths + counts
 
     def to_host(self) -> KVCache:

@@ -21,6 +21,7 @@ import numpy as np
 from zaya_export.models import ZayaConfig
 
 from .. import tracing
+from ..commit_entry import UPDATE_OUTPUTS
 
 if TYPE_CHECKING:
     from .device_cache import DeviceKVCache
@@ -133,12 +134,8 @@ class IreeBackend(Backend):
         resident = isinstance(inputs.get("past_k"), self.rt.DeviceArray)
         # to_host() may alias device buffers that the next call reuses: copy, as the other backends return owned
         # arrays (the TiDAR loop keeps a step's draft logits across the next forward)
-        return {o["name"]: r if resident and o["name"] in _DEVICE_OUTPUTS else np.array(r.to_host(), copy=True)
+        return {o["name"]: r if resident and o["name"] in UPDATE_OUTPUTS else np.array(r.to_host(), copy=True)
                 for o, r in zip(spec["outputs"], outs)}
-
-
-# forward outputs that only feed the state commit: left on the device when the state lives there
-_DEVICE_OUTPUTS = {"new_k", "new_v", "conv_rows", "omega", "conv_state_out", "rho_state_out"}
 
 
 class TorchBackend(Backend):

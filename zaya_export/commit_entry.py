@@ -32,7 +32,9 @@ from torch import Tensor, nn
 
 from zaya_export.models import ZayaConfig
 
-STATE_INPUTS = ["past_k", "past_v", "past_valid", "conv_state", "rho_state"]  # mutated in place
+from .tracing import INPUT_NAMES, MAX_BATCH, MAX_SEQ
+
+STATE_INPUTS = INPUT_NAMES[2:]  # the forward entries' state inputs, mutated in place here
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ COMMIT_SPECS = {
     "commit": CommitSpec("commit", ["new_k", "new_v", "conv_rows", "omega"]),
     "commit_accepted": CommitSpec("commit_accepted", ["new_k", "new_v", "conv_state_out", "rho_state_out"]),
 }
+# forward outputs that only feed a commit: the IREE backend leaves them on the device when the state lives there
+UPDATE_OUTPUTS = frozenset(n for spec in COMMIT_SPECS.values() for n in spec.update)
 
 
 def write_rows(past_k: Tensor, past_v: Tensor, past_valid: Tensor, lengths: Tensor, counts: Tensor,
@@ -108,8 +112,6 @@ def commit_module(name: str) -> nn.Module:
 def export_commit(config: ZayaConfig, name: str) -> torch.export.ExportedProgram:
     """Trace one commit entry (functionalised, so the mutations are in the graph signature) with dynamic B, S
     and T; the examples avoid 0/1 so no dim is specialised."""
-    from .tracing import MAX_BATCH, MAX_SEQ
-
     L, nkv, d = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
     C, kappa, dv = config.conv_channels, config.conv_history, config.value_half
     B, S, T = 2, 9, 3
