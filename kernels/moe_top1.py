@@ -21,6 +21,7 @@ from onnx.defs import OpSchema
 from onnxscript import opset20 as op
 from torch import Tensor
 
+from .routing import top1
 from .registry import ZAYA, OnnxFace, register_mlir, register_onnx, register_schema
 
 _ROUTER = ["down_w", "down_b", "eda_scale", "norm_w", "fc1_w", "fc1_b", "fc2_w", "fc2_b", "out_w", "balancing"]
@@ -51,7 +52,7 @@ def _route(x: Tensor, prev: Tensor, down_w: Tensor, down_b: Tensor, eda_scale: T
     rf = r.float()
     a = norm_w * (rf * torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + eps)).to(r.dtype)
     probs = torch.softmax(F.linear(F.gelu(F.linear(F.gelu(F.linear(a, fc1_w, fc1_b)), fc2_w, fc2_b)), out_w), -1)
-    choice = (probs.float() + balancing).argmax(-1)  # [N], E = skip (argmax: IREE mis-lowers topk k=1)
+    choice = top1(probs, balancing)  # [N], E = skip
     weight = probs.gather(-1, choice[:, None]).squeeze(-1)
     return choice, weight, r
 

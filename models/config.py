@@ -42,6 +42,10 @@ MASK_TOKEN_KEYS = (
 )
 
 
+_NOT_JSON = frozenset({"extra", "declares_tidar"})
+_TIDAR_FIELDS = frozenset({"mask_token_id", "diffusion_block_len"})
+
+
 class ConfigError(ValueError):
     """An invalid ZAYA config: a field has the wrong type or value, or fields contradict each other."""
 
@@ -78,11 +82,15 @@ class ZayaConfig:
     router_hidden_size: int = 256
     cca_time0: int = 2
     cca_time1: int = 2
-    # TiDAR diffusion fields (ZAYA1-8B-Diffusion-Preview).
+    # TiDAR diffusion fields (ZAYA1-8B-Diffusion-Preview). An AR checkpoint's config.json has neither: the
+    # defaults below are then only what an export asked for TiDAR anyway (``--tidar on``) uses.
     mask_token_id: int = 4
     diffusion_block_len: int = 16
     # Everything else found in config.json, written back unchanged.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    # Whether the checkpoint is a TiDAR (diffusion) one: its config.json names a mask token or a block length.
+    # Not a config.json field itself; a config built in Python is a TiDAR one unless told otherwise.
+    declares_tidar: bool = field(default=True, repr=False)
 
     def __post_init__(self) -> None:
         if self.layer_types is None:
@@ -200,7 +208,7 @@ class ZayaConfig:
         model_type = data.get("model_type", "zaya")
         if model_type != "zaya":
             raise ConfigError(f"model_type is {model_type!r}, expected 'zaya'")
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        names = {f.name for f in dataclasses.fields(cls)} - _NOT_JSON
         known = {k: v for k, v in data.items() if k in names}
         extra = {k: v for k, v in data.items() if k not in names and k not in ("model_type", "architectures")}
         # Resolve the TiDAR mask token the way Zyphra's proposer does (first key present wins).
@@ -210,6 +218,7 @@ class ZayaConfig:
                 break
         if known.get("mask_token_id", 0) is None:
             del known["mask_token_id"]  # an explicit null means "use the default"
+        known["declares_tidar"] = "mask_token_id" in known or data.get("diffusion_block_len") is not None
         unknown = sorted(k for k in extra if k not in _GENERIC_HF_KEYS and k not in MASK_TOKEN_KEYS)
         if unknown and warn_unknown:
             warnings.warn(f"config.json: unknown fields kept as-is: {', '.join(unknown)}", stacklevel=2)
@@ -224,8 +233,9 @@ class ZayaConfig:
         out: dict[str, Any] = {"architectures": ["ZayaForCausalLM"], "model_type": "zaya"}
         out.update(self.extra)
         for f in dataclasses.fields(self):
-            if f.name != "extra":
-                out[f.name] = copy.deepcopy(getattr(self, f.name))
+            if f.name in _NOT_JSON or (f.name in _TIDAR_FIELDS and not self.declares_tidar):
+                continue
+            out[f.name] = copy.deepcopy(getattr(self, f.name))
         return out
 
     @classmethod

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zaya_export.kernels.routing import top1
+
 from .config import ZayaConfig
 from .packed import PackedLayout, Segments
 from .state import Past, Update, empty_past
@@ -231,9 +233,9 @@ class Router(nn.Module):
         if self.use_eda and prev is not None:
             r = r + prev * self.router_states_scale
         probs = torch.softmax(self.router_mlp(r), dim=-1)  # [N, E+1], activation dtype
-        choice = torch.topk(probs.float() + self.balancing_biases, 1, dim=-1).indices  # [N, 1]
-        weight = torch.gather(probs, -1, choice).squeeze(-1)  # [N]
-        return choice.squeeze(-1), weight, r
+        choice = top1(probs, self.balancing_biases)  # [N]
+        weight = torch.gather(probs, -1, choice[:, None]).squeeze(-1)  # [N]
+        return choice, weight, r
 
 
 class Experts(nn.Module):

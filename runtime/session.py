@@ -144,11 +144,14 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, model, block_len: int | None = None, levels: tuple[int, ...] | None = None) -> None:  # noqa: ANN001
+    def __init__(self, model, block_len: int | None = None, levels: tuple[int, ...] | None = None,  # noqa: ANN001
+                 tidar: bool = True) -> None:
         import torch
 
         self.torch, self.model = torch, model
         specs = tracing.entry_specs(block_len or model.config.diffusion_block_len, levels, model.config.conv_history)
+        if not tidar:  # an AR artifact: the same entries as its graphs
+            specs = {name: spec for name, spec in specs.items() if name in tracing.AR_ENTRIES}
         specs[tracing.PROBE.name] = tracing.PROBE
         self.entries = {name: tracing.Entry(model, spec).eval() for name, spec in specs.items()}
 
@@ -234,15 +237,16 @@ class Session:
             self.backend: Backend = OrtBackend(self.artifact, threads) if backend == "ort" \
                 else IreeBackend(self.artifact, device, target)
             self.config = self.artifact.config
-            tidar = self.artifact.manifest.get("tidar", {})
+            tidar = self.artifact.manifest.get("tidar") or {}
             self.block_len, self.levels = tidar.get("block_len"), tuple(tidar.get("levels", ()))
         elif backend == "torch":
             model = load_checkpoint(path, dtype=dtype) if self.artifact is None \
                 else _model_from_artifact(self.artifact, dtype)
-            tidar = self.artifact.manifest.get("tidar", {}) if self.artifact else {}
+            tidar = (self.artifact.manifest.get("tidar") or {}) if self.artifact else {}
             self.block_len = tidar.get("block_len") or model.config.diffusion_block_len
             self.levels = tuple(tidar.get("levels", ())) or tracing.default_levels(self.block_len)
-            self.backend = TorchBackend(model, self.block_len, self.levels)
+            ar_artifact = self.artifact is not None and self.artifact.manifest.get("tidar") is None
+            self.backend = TorchBackend(model, self.block_len, self.levels, tidar=not ar_artifact)
             self.config = model.config
         else:
             raise InputError(f"unknown backend {backend!r}; choose ort, iree or torch")

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
+from pathlib import Path
 
-import pytest
-import torch
+# `python -m pytest` puts the repository root on sys.path, where `kernels/` (installed as zaya_export.kernels)
+# would also import as a top-level `kernels` package: transformers probes for Hugging Face's `kernels`, and
+# that second import re-registers every zaya.* custom op with a second copy of the code, silently replacing
+# the implementations the model calls. Tests import the installed package only.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if (Path(p or ".").resolve() != _ROOT)]
 
-from zaya_export.models import ZayaConfig, ZayaForCausalLM, init_weights, preset
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from zaya_export.models import ZayaConfig, ZayaForCausalLM, init_weights, preset  # noqa: E402
 
 
 def small_config(**overrides) -> ZayaConfig:
@@ -36,3 +45,13 @@ def hf_model(model: ZayaForCausalLM, attn_implementation: str = "eager"):
 @pytest.fixture
 def tiny_model() -> ZayaForCausalLM:
     return random_model(preset("tiny"), seed=1)
+
+
+def perturbed(model: ZayaForCausalLM, seed: int = 0, noise: float = 1.0) -> ZayaForCausalLM:
+    """Add N(0, noise²) to every weight (as a fine-tune far from init would): logits reach |z| ≈ 100 and some
+    routers sit near ties, which is where scale-blind checks break."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(noise * torch.randn(p.shape, generator=gen).to(p.dtype))
+    return model

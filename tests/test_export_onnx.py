@@ -224,7 +224,7 @@ def test_narrow_weight_storage(ckpt, artifact, tmp_path, dtype):
     assert sum(n.op_type == "Cast" and n.input[0].endswith(".stored") for n in proto.graph.node) > 20
     art = open_artifact(out)
     own = validate_artifact(art)  # against its own (rounded) weights: fp32 tolerances
-    assert own["ok"] and own["tolerance"]["logits_max_abs"] == 1e-3
+    assert own["ok"] and own["tolerance"]["logits_rtol"] == 2e-3
     source = validate_artifact(art, checkpoint=ckpt)  # against the fp32 source: the rounding shows
     assert source["ok"] and max(c["max_abs"] for c in source["entries"]) > 1e-4
 

@@ -104,7 +104,8 @@ def test_pack_tidar_step_adds_verified_packed_entries(monkeypatch):
     assert [(r.name, r.rewrites) for r in log] == [("pack_tidar_step", 3)]
     assert plan.specs["step"].tokens == 5 * 4 and plan.specs["step_greedy"].accept == "greedy"
     assert plan.specs["step_sample"].accept == "sample"
-    assert packing.packing_error(model, plan.specs) <= 1e-4
+    check = packing.packing_check(model, plan.specs)
+    assert check.max_rel <= 1e-5 and not check.flips, check
     with pytest.raises(PassError, match="already has a packed step"):
         PackTidarStep(4, (0, 2, 4)).requires(plan)
     with pytest.raises(PassError, match="missing"):

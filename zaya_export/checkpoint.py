@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 
 from zaya_export.models import ZayaConfig, ZayaForCausalLM
 from zaya_export.models.config import ConfigError
+from zaya_export.models.upstream import skip_bias_warning
 
 from . import legacy
 from .errors import CheckpointError
@@ -190,6 +192,9 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | str | None = None,
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    note = skip_bias_warning(model)
+    if note:
+        warnings.warn(f"{ckpt}: {note}", stacklevel=2)
     return model.eval()
 
 

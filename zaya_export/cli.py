@@ -182,7 +182,10 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
     if mode == "ar" and sampler_name == "mix":
         raise InputError("--sampler mix needs --mode tidar")
     if mode != "ar" and session.artifact is not None and not session.has("step"):
-        raise InputError(f"{source}: no TiDAR entry points (re-export it with this zaya-export)")
+        why = ("it was exported from an AR checkpoint, whose config names no mask token; re-export with "
+               "--tidar on to add them" if session.artifact.manifest.get("tidar") is None
+               else "re-export it with this zaya-export")
+        raise InputError(f"{source}: no TiDAR entry points for --mode {mode} ({why})")
     greedy = sampler_name == "greedy"
     sampler = SamplerConfig(temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p, seed=seed)
     if mode != "ar":
@@ -226,9 +229,13 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
               help="TiDAR drafts per step K (default: the config's diffusion_block_len).")
 @click.option("--levels", default=None, help="Acceptance levels of the packed TiDAR step, e.g. 0,6,16 "
               "(must start at 0; default 0,6,16 scaled to K).")
+@click.option("--tidar", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="TiDAR entry points (verify, draft, packed step): auto = only for a diffusion checkpoint (its "
+              "config names a mask token or a block length); an AR checkpoint gets prefill and decode.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
 def export(checkpoint: Path, out: Path, formats: str, targets: str | None, dtype: str, force: bool,
-           dump_after: tuple[str, ...], block_len: int | None, levels: str | None, as_json: bool) -> None:
+           dump_after: tuple[str, ...], block_len: int | None, levels: str | None, tidar: str,
+           as_json: bool) -> None:
     """Export CHECKPOINT to an artifact: fused, traced entry points lowered to ONNX and/or MLIR (compiled by
     IREE), weights stored once."""
     from .exporter import FORMATS, export_artifact
@@ -249,7 +256,8 @@ def export(checkpoint: Path, out: Path, formats: str, targets: str | None, dtype
     with console.status("exporting") as status:
         manifest = export_artifact(checkpoint, out, dtype=dtype, force=force, dump_after=dump_after,
                                    block_len=block_len, levels=tuple(_parse_ids(levels)) if levels else None,
-                                   formats=tuple(wanted), targets=chosen, status=lambda msg: status.update(msg))
+                                   formats=tuple(wanted), targets=chosen, tidar=tidar,
+                                   status=lambda msg: status.update(msg))
     summary = {"artifact": str(out), "entry_points": sorted(manifest["entry_points"]), "dtype": manifest["dtype"],
                "formats": manifest["formats"], "iree_targets": sorted(manifest["iree"]),
                "pass_log": manifest["pass_log"]["model"], "seconds": manifest["export_seconds"]}

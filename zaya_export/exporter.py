@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import shutil
 import time
@@ -25,6 +26,7 @@ import torch
 import zaya_export.kernels as kernels
 from zaya_export.passes.base import PassError, PassManager
 from zaya_export.passes.fusion import fusion_pipeline
+from zaya_export.passes.probe_check import tolerance_for
 from zaya_export.passes.tidar_packing import ExportPlan, PackTidarStep
 
 from .artifact import FORMAT, SCHEMA_VERSION, atomic_directory, tool_versions, write_manifest
@@ -33,26 +35,28 @@ from .commit_entry import COMMIT_SPECS, export_commit
 from .errors import ZayaError
 from .mlir_export import MLIR_FILE, PARAM_SCOPE, Target, compile_target, externalize_weights, lower_module
 from .onnx_export import WEIGHTS_FILE, bind_external_weights, lower_entry, save_entry, write_weights
-from .tracing import (PROBE, Entry, base_entry_specs, default_levels, entry_specs, example_inputs, export_entry,
-                      op_histogram)
+from .tracing import (AR_ENTRIES, PROBE, Entry, base_entry_specs, default_levels, entry_specs, example_inputs,
+                      export_entry, greedy_inputs, op_histogram)
 
 FORMATS = ("onnx", "mlir")
 
-PASS_TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 2e-1}
+TIDAR_CHOICES = ("auto", "on", "off")
 
 
 class ExportError(ZayaError):
     """The export pipeline could not produce a correct artifact."""
 
 
-def _probe(model: torch.nn.Module) -> Callable[[Any], list]:
-    """Outputs of the causal (prefill) and the bidirectional (draft) layouts on one fixed random input."""
-    inputs = example_inputs(model, 2, 5, 4, seed=123)
+def _probe(model: torch.nn.Module, tidar: bool) -> Callable[[Any], list]:
+    """Outputs of the causal (prefill) and, for TiDAR, the bidirectional (draft) layouts on two fixed inputs:
+    random ids over a random cache, and the model's own greedy continuation over a real prompt state."""
+    inputs = [example_inputs(model, 2, 5, 4, seed=123), greedy_inputs(model, 2, 5, 6, seed=7)]
     specs = entry_specs(4)
+    names = ["prefill", "draft"] if tidar else ["prefill"]
 
     def run(m: torch.nn.Module) -> list:
         with torch.no_grad():
-            return [*Entry(m, specs["prefill"])(*inputs), *Entry(m, specs["draft"])(*inputs)]
+            return [out for x in inputs for name in names for out in Entry(m, specs[name])(*x)]
 
     return run
 
@@ -64,11 +68,13 @@ def _dump(model: torch.nn.Module) -> str:
 def export_artifact(checkpoint: Path, out: Path, dtype: str | None = None, force: bool = False,
                     dump_after: tuple[str, ...] = (), dump_dir: Path | None = None, block_len: int | None = None,
                     levels: tuple[int, ...] | None = None, formats: tuple[str, ...] = ("onnx",),
-                    targets: tuple[Target, ...] = (),
+                    targets: tuple[Target, ...] = (), tidar: str = "auto",
                     status: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
     """Run the whole pipeline; returns the manifest written to ``out/manifest.json``. ``block_len`` is the TiDAR
     draft count K of the verify/draft entries (default: the config's ``diffusion_block_len``). ``formats``:
-    ``onnx`` and/or ``mlir``; ``targets``: IREE targets to compile the MLIR module for."""
+    ``onnx`` and/or ``mlir``; ``targets``: IREE targets to compile the MLIR module for. ``tidar``: add the
+    TiDAR entry points (verify, draft, the packed step) — ``auto``: when the checkpoint is a diffusion one (its
+    config names a mask token or a block length); an AR checkpoint gets prefill and decode only."""
     start = time.perf_counter()
     status(f"loading {checkpoint}")
     if out.exists() and not force:
@@ -81,6 +87,8 @@ def export_artifact(checkpoint: Path, out: Path, dtype: str | None = None, force
                           f"{', '.join(FORMATS)}")
     if targets and "mlir" not in formats:
         raise ExportError("--target compiles the MLIR module: add mlir to --format")
+    if tidar not in TIDAR_CHOICES:
+        raise ExportError(f"--tidar must be one of {', '.join(TIDAR_CHOICES)}, got {tidar!r}")
     if "mlir" in formats and stored != "fp32":
         raise ExportError(f"--format mlir reads the weights in place as IREE parameters, which needs them stored "
                           f"in the compute dtype: use --dtype fp32 (got {stored})")
@@ -91,7 +99,11 @@ def export_artifact(checkpoint: Path, out: Path, dtype: str | None = None, force
         with torch.no_grad():  # compute with exactly the weights that will be stored
             for p in model.parameters():
                 p.copy_(p.to(DTYPES[stored]).float())
-    model_dtype = model.dtype
+    with_tidar = model.config.declares_tidar if tidar == "auto" else tidar == "on"
+    if not with_tidar and (block_len is not None or levels is not None):
+        why = "an AR checkpoint (its config names no mask token)" if tidar == "auto" else "--tidar off"
+        raise ExportError(f"--block-len/--levels shape the TiDAR entry points, which {why} does not get: "
+                          "add --tidar on to export them")
     block_len = block_len or model.config.diffusion_block_len
     if block_len < 1:
         raise ExportError(f"--block-len must be >= 1, got {block_len}")
@@ -99,21 +111,26 @@ def export_artifact(checkpoint: Path, out: Path, dtype: str | None = None, force
     status("fusing (fuse_cca, fuse_attention, fuse_moe)")
     passes = fusion_pipeline()
     try:
-        manager = PassManager(passes, probe=_probe(model), atol=PASS_TOLERANCE[model_dtype], dump=_dump,
-                              dump_after=dump_after, dump_dir=dump_dir or out.parent / f"{out.name}.dump")
+        manager = PassManager(passes, probe=_probe(model, with_tidar), tolerance=tolerance_for(model.dtype),
+                              dump=_dump, dump_after=dump_after, dump_dir=dump_dir or out.parent / f"{out.name}.dump")
         model_log = manager.run(model)
     except PassError as exc:
         raise ExportError(str(exc)) from None
     expected: dict[str, int] = {}
     for p in passes:
         expected.update(p.expected_ops(model))
-    status("packing the TiDAR step (pack_tidar_step)")
-    plan = ExportPlan(model, base_entry_specs(block_len))
-    try:
-        model_log += PassManager([PackTidarStep(block_len, levels)]).run(plan)
-    except PassError as exc:
-        raise ExportError(str(exc)) from None
-    specs = plan.specs
+    specs = base_entry_specs(block_len)
+    if with_tidar:
+        status("packing the TiDAR step (pack_tidar_step)")
+        plan, packer = ExportPlan(model, specs), PackTidarStep(block_len, levels)
+        try:
+            pack_log = PassManager([packer]).run(plan)
+        except PassError as exc:
+            raise ExportError(str(exc)) from None
+        model_log += [dataclasses.replace(r, **packer.check.to_json()) for r in pack_log]
+        specs = plan.specs
+    else:
+        specs = {name: spec for name, spec in specs.items() if name in AR_ENTRIES}
     if "mlir" in formats:
         externalize_weights(model)  # before tracing: the programs then refer to the weights by name
     with atomic_directory(out, force) as tmp:
@@ -186,7 +203,7 @@ def export_artifact(checkpoint: Path, out: Path, dtype: str | None = None, force
             "config": model.config.to_dict(), "weights": f"onnx/{WEIGHTS_FILE}", "formats": list(formats),
             "mlir": mlir_info, "iree": iree_info,
             "entry_points": entries, "tidar": {"block_len": block_len, "levels": list(levels),
-                                                "mask_token_id": model.config.mask_token_id},
+                                                "mask_token_id": model.config.mask_token_id} if with_tidar else None,
             "pass_log": {"model": [r.to_json() for r in model_log], "onnx": onnx_logs},
             "op_counts": op_counts, "versions": tool_versions(), "validation": None,
             "export_seconds": round(time.perf_counter() - start, 2),

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from zaya_export.models import Past, ZayaForCausalLM
+from zaya_export.models import Past, ZayaForCausalLM, decode, prefill
 from zaya_export.models.packed import PackedLayout, packed_layout
 
 from .ingraph_step import ACCEPT_INPUTS, ACCEPT_OUTPUTS, greedy_step, sample_step, sampler_vector
@@ -39,6 +39,7 @@ from .ingraph_step import ACCEPT_INPUTS, ACCEPT_OUTPUTS, greedy_step, sample_ste
 INPUT_NAMES = ["input_ids", "input_mask", "past_k", "past_v", "past_valid", "conv_state", "rho_state"]
 STATE_OUTPUTS = ["new_k", "new_v", "conv_rows", "omega"]
 MAX_BATCH, MAX_SEQ = 64, 1 << 20
+AR_ENTRIES = ("prefill", "decode")  # what every artifact has; TiDAR ones add verify, draft and the packed step
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,24 @@ def example_inputs(model: ZayaForCausalLM, B: int, T: int, S: int, seed: int = 0
     if S == 0:
         conv, rho = torch.zeros_like(conv), torch.zeros_like(rho)
     return (ids, mask, past[0], past[1], valid, conv, rho)
+
+
+def greedy_inputs(model: ZayaForCausalLM, B: int, T: int, S: int, seed: int = 0) -> tuple[Tensor, ...]:
+    """Inputs of the entry signature drawn from the model's own distribution: the real state after a random
+    prompt of S tokens, and as new ids the model's greedy continuation of T tokens (what a greedy TiDAR
+    verify would accept). Random ids and a random cache miss what real decoding reaches: large attention
+    logits over keys the model itself wrote, routing on its own hidden states."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, model.config.vocab_size, (B, max(S, 1)), generator=g)
+    with torch.no_grad():
+        last, state = prefill(model, prompt, capacity=max(S, 1) + T)
+        past = state.past()
+        past = Past(*(t.clone() for t in (past.k, past.v, past.valid, past.conv, past.rho)))
+        tokens = [last.argmax(-1)]
+        for _ in range(T - 1):
+            tokens.append(decode(model, tokens[-1], state).argmax(-1))
+    ids = torch.stack(tokens, 1)  # [B, T]
+    return (ids, torch.ones(B, T, dtype=torch.bool), past.k, past.v, past.valid, past.conv, past.rho)
 
 
 def accept_inputs(spec: EntrySpec, B: int, vocab: int, seed: int = 0, temperature: float = 1.0, top_k: int = 0,

@@ -22,6 +22,9 @@ from zaya_export.runtime.sampling import SamplerConfig
 from zaya_export.runtime.tidar import generate_tidar
 from zaya_export.runtime.session import Session, TorchBackend, _model_from_artifact
 
+from zaya_export.kernels.routing import RoutingTape, routing_tape
+from zaya_export.models.upstream import skip_bias_layers
+
 from .artifact import Artifact
 from .checkpoint import load_checkpoint
 from .errors import ZayaError
@@ -30,44 +33,108 @@ from .tracing import INPUT_NAMES, example_inputs
 
 @dataclass(frozen=True)
 class Tolerance:
-    logits_max_abs: float  # absolute, or relative to the largest reference value when ``relative``
-    state_max_abs: float
-    kl: float
-    top1: float
-    greedy_exact: bool
-    relative: bool = False
+    """Every error limit is relative to the scale of what is compared (its largest reference magnitude), so a
+    checkpoint whose logits reach |z| ≈ 100 is held to the same standard as one whose logits stay near 1."""
+
+    logits_rtol: float  # max |Δlogit| as a fraction of the check's largest reference |logit|
+    state_rtol: float  # per state output, as a fraction of its largest reference value
+    kl: float  # floor of the KL limit; the limit also admits what the logit limit admits, ½·(rtol·scale)²
+    top1: float  # top-1 agreement over rows without a near tie at the top (gap within the logit limit)
+    greedy_exact: bool  # greedy sequences equal, up to a divergence at a near tie (explained, reported)
+    tie: float = 1e-4  # routing margin below which a backend may route the other way (probe_check)
 
 
 TOLERANCES = {
-    "fp32": Tolerance(logits_max_abs=1e-3, state_max_abs=1e-4, kl=1e-6, top1=1.0, greedy_exact=True),
+    # fp32: backends use other kernels (fused MatMul/Add, MLAS blocking): ~2e-4 of the scale is seen on models
+    # with |logits| ≈ 90; a wrong op moves rows by O(1) of it.
+    "fp32": Tolerance(logits_rtol=2e-3, state_rtol=2e-3, kl=1e-6, top1=1.0, greedy_exact=True),
     # narrow weights: a rounded weight can flip a near-tied top-1 routing choice, which moves that token's
-    # hidden state a lot; the distribution metrics (KL, top-1) are the gate, max errors are relative.
-    "fp16": Tolerance(logits_max_abs=5e-2, state_max_abs=1e-1, kl=1e-2, top1=0.95, greedy_exact=False,
-                      relative=True),
-    "bf16": Tolerance(logits_max_abs=1e-1, state_max_abs=2.5e-1, kl=3e-2, top1=0.9, greedy_exact=False,
-                      relative=True),
+    # hidden state a lot; the distribution metrics (KL, top-1) are the gate.
+    "fp16": Tolerance(logits_rtol=5e-2, state_rtol=1e-1, kl=1e-2, top1=0.95, greedy_exact=False, tie=1e-2),
+    "bf16": Tolerance(logits_rtol=1e-1, state_rtol=2.5e-1, kl=3e-2, top1=0.9, greedy_exact=False, tie=4e-2),
 }
 # (batch, new tokens, cached slots): T=1, empty cache, batch > 1 with padding, continuation after a cache.
 # Entries with a fixed T (decode, verify, draft) use their own T.
 SHAPES = [(1, 1, 0), (1, 13, 0), (3, 17, 0), (2, 9, 12), (3, 1, 25)]
+MAX_FLIP_TRIES = 8  # near-tie routing decisions tried, one at a time, to explain a mismatch
 
 
-def logit_metrics(test: np.ndarray, ref: np.ndarray) -> dict[str, float]:
-    """max abs / max rel error, mean and max KL(ref ‖ test), and top-1 agreement of ``[N, V]`` logits."""
+def logit_metrics(test: np.ndarray, ref: np.ndarray, tol: Tolerance | None = None) -> dict[str, float]:
+    """max abs / max rel error (relative to the largest reference |logit|), mean and max KL(ref ‖ test) and
+    top-1 agreement of ``[N, V]`` logits; rows whose reference top-2 gap is within the logit limit are near
+    ties, counted apart and left out of the top-1 rate. Non-finite values make every error infinite."""
     t, r = test.astype(np.float64), ref.astype(np.float64)
+    scale = float(np.abs(r).max()) if r.size else 0.0
+    if not (np.isfinite(t).all() and np.isfinite(r).all()):
+        inf = float("inf")
+        return {"max_abs": inf, "max_rel": inf, "scale": scale, "kl_mean": inf, "kl_max": inf, "top1": 0.0,
+                "near_ties": 0}
     diff = np.abs(t - r)
     log_r = r - np.logaddexp.reduce(r, -1, keepdims=True)
     log_t = t - np.logaddexp.reduce(t, -1, keepdims=True)
     kl = (np.exp(log_r) * (log_r - log_t)).sum(-1)
-    return {"max_abs": float(diff.max()), "max_rel": float((diff / np.maximum(np.abs(r), 1e-6)).max()),
-            "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
-            "top1": float((t.argmax(-1) == r.argmax(-1)).mean())}
+    limit = (tol.logits_rtol if tol else 0.0) * scale
+    top2 = np.sort(r, -1)[..., -2:] if r.shape[-1] > 1 else np.concatenate([r, r], -1)
+    tie = (top2[..., 1] - top2[..., 0]) <= limit
+    agree = t.argmax(-1) == r.argmax(-1)
+    return {"max_abs": float(diff.max()), "max_rel": float(diff.max() / scale) if scale else float(diff.max()),
+            "scale": scale, "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
+            "top1": float(agree[~tie].mean()) if (~tie).any() else 1.0, "near_ties": int(tie.sum())}
+
+
+def _logits_ok(m: dict[str, float], tol: Tolerance) -> bool:
+    kl_limit = max(tol.kl, 0.5 * (tol.logits_rtol * m["scale"]) ** 2)
+    return m["max_rel"] <= tol.logits_rtol and m["kl_max"] <= kl_limit and m["top1"] >= tol.top1
+
+
+def _state_error(got: dict[str, np.ndarray], want: dict[str, np.ndarray], names: list[str]) -> float:
+    """Worst state error, each output relative to its own scale (infinite for non-finite values)."""
+    worst = 0.0
+    for n in names:
+        a, b = got[n].astype(np.float64), want[n].astype(np.float64)
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+            return float("inf")
+        if a.size:
+            scale = float(np.abs(b).max())
+            err = float(np.abs(a - b).max())
+            worst = max(worst, err / scale if scale else err)
+    return worst
+
+
+def _entry_ok(got: dict[str, np.ndarray], want: dict[str, np.ndarray], rows, tol: Tolerance  # noqa: ANN001
+              ) -> tuple[bool, dict[str, float], float]:
+    m = logit_metrics(got["logits"][rows], want["logits"][rows], tol)
+    state = _state_error(got, want, [n for n in got if n != "logits"])
+    return _logits_ok(m, tol) and state <= tol.state_rtol, m, state
+
+
+def _explain_by_flip(ref: TorchBackend, entry: str, inputs: dict[str, np.ndarray], got: dict[str, np.ndarray],
+                     rows, tol: Tolerance) -> dict[str, Any] | None:  # noqa: ANN001
+    """A backend and the eager model may route a near-tie token to different experts, which moves that row by
+    far more than rounding. Re-run the eager model with one near-tie decision flipped to its runner-up (the
+    decisions before it replayed, those after it free); if that reproduces the backend, the mismatch is
+    explained: return where the flip was."""
+    with routing_tape(RoutingTape("record")) as tape:
+        ref.run(entry, inputs)
+    ties = sorted(((float(r.margin[t]), call, t) for call, r in enumerate(tape.routes)
+                   for t in (r.margin <= tol.tie).nonzero().flatten().tolist()))[:MAX_FLIP_TRIES]
+    for margin, call, t in ties:
+        forced = [r.choice.clone() for r in tape.routes]
+        forced[call][t] = tape.routes[call].runner_up[t]
+        with routing_tape(RoutingTape("replay", forced, limit=call + 1)):
+            want = ref.run(entry, inputs)
+        if _entry_ok(got, want, rows, tol)[0]:
+            return {"moe_call": call, "token": t, "margin": margin,
+                    "expert": int(tape.routes[call].runner_up[t]), "instead_of": int(tape.routes[call].choice[t])}
+    return None
 
 
 def _accept_inputs(artifact: Artifact, info: dict[str, Any], B: int, seed: int) -> dict[str, np.ndarray]:
     """Extra inputs of the in-graph TiDAR steps: row b lacks its last b drafts; random draft logits and
     uniforms; sampling at temperature 0.9, top-k 50, top-p 0.95, w 0.5 (so warping and mixing are exercised)."""
     names = {i["name"] for i in info["inputs"]}
+    if "draft_valid" not in names:  # not an in-graph step (every entry of an AR artifact)
+        return {}
     K, V = artifact.manifest["tidar"]["block_len"], artifact.config.vocab_size
     rng = np.random.default_rng(seed)
     extra = {"draft_valid": np.arange(K)[None].repeat(B, 0) < K - np.arange(B)[:, None],
@@ -86,8 +153,11 @@ def _reference_model(artifact: Artifact, checkpoint: Path | None):  # noqa: ANN2
     return load_checkpoint(checkpoint, dtype=compute)
 
 
-def hf_model(model, attn_implementation: str | None = None):  # noqa: ANN001, ANN201
-    """Upstream transformers' ZayaForCausalLM holding ``model``'s weights (needs the ``test`` extra)."""
+def hf_model(model, attn_implementation: str | None = None, as_upstream_loads: bool = False):  # noqa: ANN001, ANN201
+    """Upstream transformers' ZayaForCausalLM holding ``model``'s weights (needs the ``test`` extra).
+
+    ``as_upstream_loads``: also do what upstream 5.23's ``from_pretrained`` does to a checkpoint, reset every
+    router's skip-class balancing bias to -1.0; otherwise the stored (fp32) biases are kept, as this tool does."""
     try:
         import transformers
     except ImportError:
@@ -103,6 +173,8 @@ def hf_model(model, attn_implementation: str | None = None):  # noqa: ANN001, AN
         raise ZayaError(f"upstream model does not take these weights: missing {missing}, unexpected {unexpected}")
     for ours, theirs in zip(model.model.layers, hf.model.layers):  # keep the fp32 routing biases
         theirs.mlp.gate.balancing_biases.copy_(ours.mlp.gate.balancing_biases)
+        if as_upstream_loads:
+            theirs.mlp.gate.balancing_biases[-1] = -1.0
     return hf
 
 
@@ -125,6 +197,10 @@ def validate_artifact(artifact: Artifact, backend: str = "ort", checkpoint: Path
     ref = TorchBackend(ref_model)
     session = Session(artifact.root, backend=backend, allow_version_mismatch=True, device=device)
     hf = hf_model(ref_model) if reference == "hf" else None
+    skip = skip_bias_layers(ref_model) if hf is not None else []
+    hf_loaded = hf_model(ref_model, as_upstream_loads=True) if skip else None
+    quirk = {"layers": [{"layer": i, "stored": v} for i, v in skip], "max_abs_vs_stored": 0.0,
+             "max_abs_vs_as_loaded": 0.0, "top1_vs_as_loaded": 1.0} if skip else None
     checks: list[dict[str, Any]] = []
     for entry, info in artifact.entry_points.items():
         if info.get("debug") or not session.has(entry):  # diagnostics (validate --bisect), or not in this format
@@ -136,27 +212,24 @@ def validate_artifact(artifact: Artifact, backend: str = "ort", checkpoint: Path
             got = session.run(entry, inputs)
             want = ref.run(entry, inputs)
             shape = {"batch": B, "new": T, "cached": S}
-            if "logits" not in got:  # in-graph TiDAR step: integer decisions must match exactly
-                exact = all(np.array_equal(got[n], want[n]) for n in got if got[n].dtype.kind in "iub")
-                state = max(float(np.abs(got[n] - want[n]).max()) for n in got if got[n].dtype.kind == "f")
-                agree = float(np.mean(got["count"] == want["count"]))  # rows that accepted as many drafts
-                # narrow weights may flip a near-tie decision, after which the committed states differ by design
-                ok = exact and state <= tol.state_max_abs * 10 if tol.greedy_exact else agree >= 0.5
-                checks.append({"entry": entry, "shape": shape, "max_abs": 0.0, "max_rel": 0.0, "kl_mean": 0.0,
-                               "kl_max": 0.0, "top1": agree, "state_max_abs": state, "ok": bool(ok)})
+            if "logits" not in got:  # in-graph TiDAR step
+                checks.append({"entry": entry, "shape": shape, **_step_check(ref, entry, inputs, got, want, tol)})
                 continue
-            if hf is not None and S == 0 and entry in ("prefill", "decode", "verify"):  # upstream: causal only
-                want = dict(want, logits=_hf_logits(hf, torch.from_numpy(inputs["input_ids"]),
-                                                     torch.from_numpy(inputs["input_mask"]), want["logits"].ndim == 3))
+            upstream = hf is not None and S == 0 and entry in ("prefill", "decode", "verify")  # causal only
             rows = inputs["input_mask"] if got["logits"].ndim == 3 else slice(None)  # every-row logits: real rows
-            m = logit_metrics(got["logits"][rows], want["logits"][rows])
-            state_names = [n for n in got if n != "logits"]
-            state = max([float(np.abs(got[n] - want[n]).max()) for n in state_names], default=0.0)
-            logit_scale = max(1.0, float(np.abs(want["logits"][rows]).max())) if tol.relative else 1.0
-            state_scale = max([1.0] + [float(np.abs(want[n]).max()) for n in state_names]) if tol.relative else 1.0
-            ok = (m["max_abs"] <= tol.logits_max_abs * logit_scale and m["kl_max"] <= tol.kl
-                  and m["top1"] >= tol.top1 and state <= tol.state_max_abs * state_scale)
-            checks.append({"entry": entry, "shape": shape, **m, "state_max_abs": state, "ok": bool(ok)})
+            if upstream:
+                ids, mask = torch.from_numpy(inputs["input_ids"]), torch.from_numpy(inputs["input_mask"])
+                want = dict(want, logits=_hf_logits(hf, ids, mask, want["logits"].ndim == 3))
+                if hf_loaded is not None:
+                    _note_quirk(quirk, got["logits"][rows], want["logits"][rows],
+                                _hf_logits(hf_loaded, ids, mask, want["logits"].ndim == 3)[rows])
+            ok, m, state = _entry_ok(got, want, rows, tol)
+            flip = None
+            if not ok and not upstream:
+                flip = _explain_by_flip(ref, entry, inputs, got, rows, tol)
+                ok = flip is not None
+            checks.append({"entry": entry, "shape": shape, **m, "state_max_rel": state, "routing_flip": flip,
+                           "ok": bool(ok)})
     prompts = prompts or _default_prompts(artifact, ref_model.config.vocab_size)
     stop = ref_model.config.eos_token_ids
     greedy = []
@@ -164,13 +237,62 @@ def validate_artifact(artifact: Artifact, backend: str = "ort", checkpoint: Path
         got = generate(session, [p], max_new_tokens, stop).tokens[0]
         want = generate_greedy(ref_model, [p], max_new_tokens, stop).tokens[0]
         same = sum(1 for a, b in zip(got, want) if a == b) if len(got) == len(want) else 0
-        ok = got == want if tol.greedy_exact else same / max(len(want), 1) >= tol.top1
-        greedy.append({"prompt_len": len(p), "tokens": got, "reference": want, "equal": got == want, "ok": bool(ok)})
+        tie = None if got == want else _near_tie_divergence(ref_model, p, got, want, tol)
+        ok = (got == want or tie is not None) if tol.greedy_exact else same / max(len(want), 1) >= tol.top1
+        greedy.append({"prompt_len": len(p), "tokens": got, "reference": want, "equal": got == want,
+                       "near_tie": tie, "ok": bool(ok)})
     tidar = _tidar_checks(session, ref_model, prompts, max_new_tokens, tol) if session.has("verify") else []
     report = {"backend": backend, "reference": reference, "dtype": dtype, "tolerance": asdict(tol),
               "checkpoint": str(checkpoint) if checkpoint else None, "entries": checks, "greedy": greedy,
-              "tidar": tidar, "ok": all(c["ok"] for c in checks + greedy + tidar)}
+              "tidar": tidar, "upstream_skip_bias_reset": quirk,
+              "ok": all(c["ok"] for c in checks + greedy + tidar)}
     return report
+
+
+def _note_quirk(quirk: dict[str, Any], got: np.ndarray, stored: np.ndarray, as_loaded: np.ndarray) -> None:
+    """Accumulate how the artifact compares with upstream as it really loads the checkpoint (skip biases reset
+    to -1.0) next to upstream with the stored biases, which is what the parity verdict uses."""
+    quirk["max_abs_vs_stored"] = max(quirk["max_abs_vs_stored"], float(np.abs(got - stored).max()))
+    quirk["max_abs_vs_as_loaded"] = max(quirk["max_abs_vs_as_loaded"], float(np.abs(got - as_loaded).max()))
+    top1 = float((got.argmax(-1) == as_loaded.argmax(-1)).mean())
+    quirk["top1_vs_as_loaded"] = min(quirk["top1_vs_as_loaded"], top1)
+
+
+def _step_check(ref: TorchBackend, entry: str, inputs: dict[str, np.ndarray], got: dict[str, np.ndarray],
+                want: dict[str, np.ndarray], tol: Tolerance) -> dict[str, Any]:
+    """In-graph TiDAR step: its integer decisions must equal the eager model's, unless the packed forward's
+    logits hold a near tie at the top of some row (then either decision is right; the states after two
+    different decisions differ by design). States are compared relative to their scale."""
+    exact = all(np.array_equal(got[n], want[n]) for n in got if got[n].dtype.kind in "iub")
+    state = _state_error(got, want, [n for n in got if got[n].dtype.kind == "f"])
+    agree = float(np.mean(got["count"] == want["count"]))  # rows that accepted as many drafts
+    tie = False
+    if not exact:
+        logits = ref.run("step", inputs)["logits"]  # the same packed forward, with every row's logits
+        top2 = np.sort(logits, -1)[..., -2:]
+        tie = bool(((top2[..., 1] - top2[..., 0]) <= tol.logits_rtol * np.abs(logits).max()).any())
+    if tol.greedy_exact:
+        ok = (exact and state <= tol.state_rtol) or tie
+    else:  # narrow weights may flip a near-tie decision, after which the committed states differ by design
+        ok = agree >= 0.5
+    return {"max_abs": 0.0, "max_rel": 0.0, "kl_mean": 0.0, "kl_max": 0.0, "top1": agree, "state_max_rel": state,
+            "near_ties": int(tie), "routing_flip": None, "ok": bool(ok)}
+
+
+def _near_tie_divergence(model, prompt: list[int], got: list[int], want: list[int],  # noqa: ANN001
+                         tol: Tolerance) -> dict[str, Any] | None:
+    """Where two greedy sequences first differ, the reference's logits for the two tokens: if they are within
+    the logit limit of each other, either continuation is a correct greedy decode (a near tie), so return
+    where and by how much; None when the divergence is a real error."""
+    i = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), None)
+    if i is None:  # one sequence is a prefix of the other: stopped at EOS in one only
+        return None
+    with torch.no_grad():
+        z = model(torch.tensor([prompt + want[:i]]))[0, -1].float()
+    gap = float(z[want[i]] - z[got[i]])
+    if gap <= tol.logits_rtol * float(z.abs().max()):
+        return {"position": i, "reference_token": want[i], "token": got[i], "logit_gap": gap}
+    return None
 
 
 def _tidar_checks(session: Session, ref_model, prompts: list[list[int]], max_new_tokens: int,  # noqa: ANN001
@@ -187,10 +309,12 @@ def _tidar_checks(session: Session, ref_model, prompts: list[list[int]], max_new
             cfg = SamplerConfig(temperature=1.0, seed=len(p))
             got = generate_tidar(session, [p], max_new_tokens, stop, cfg, fused=fused)
             want = generate_tidar(eager, [p], max_new_tokens, stop, cfg, fused=fused)
-            greedy_ok = td.tokens[0] == ar if tol.greedy_exact else True
+            equal = td.tokens[0] == ar
+            tie = None if equal else _near_tie_divergence(ref_model, p, td.tokens[0], ar, tol)
+            greedy_ok = equal or tie is not None if tol.greedy_exact else True
             steps, same = _steps_until_divergence(got, want)
             out.append({"prompt_len": len(p), "mode": "tidar-fused" if fused else "tidar",
-                        "greedy_equals_ar": td.tokens[0] == ar, "acceptance": got.acceptance,
+                        "greedy_equals_ar": equal, "near_tie": tie, "acceptance": got.acceptance,
                         "eager_acceptance": want.acceptance, "same_acceptance": same, "steps_compared": steps,
                         "ok": bool(greedy_ok and (same or not tol.greedy_exact))})
     return out
@@ -243,21 +367,31 @@ def write_report(artifact: Artifact, report: dict[str, Any]) -> None:
 def to_markdown(report: dict[str, Any]) -> str:
     lines = [f"# Validation: {report['backend']} vs {report['reference']} ({report['dtype']})", "",
              f"Result: **{'PASS' if report['ok'] else 'FAIL'}**", "",
-             "| entry | B | T | S | max abs | max rel | KL max | top-1 | state max abs | ok |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "Errors are relative to the largest reference value of each check (logits) or output (state).", "",
+             "| entry | B | T | S | max abs | max rel | KL max | top-1 | near ties | state max rel | routing | ok |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in report["entries"]:
-        s = c["shape"]
+        s, flip = c["shape"], c.get("routing_flip")
+        route = f"near-tie flip (call {flip['moe_call']}, margin {flip['margin']:.1e})" if flip else "same"
         lines.append(f"| {c['entry']} | {s['batch']} | {s['new']} | {s['cached']} | {c['max_abs']:.2e} | "
-                     f"{c['max_rel']:.2e} | {c['kl_max']:.2e} | {c['top1']:.3f} | {c['state_max_abs']:.2e} | "
-                     f"{'✓' if c['ok'] else '✗'} |")
+                     f"{c['max_rel']:.2e} | {c['kl_max']:.2e} | {c['top1']:.3f} | {c.get('near_ties', 0)} | "
+                     f"{c['state_max_rel']:.2e} | {route} | {'✓' if c['ok'] else '✗'} |")
     lines += ["", "| prompt tokens | generated | equal to reference | ok |", "|---|---|---|---|"]
-    lines += [f"| {g['prompt_len']} | {len(g['tokens'])} | {g['equal']} | {'✓' if g['ok'] else '✗'} |"
-              for g in report["greedy"]]
+    lines += [f"| {g['prompt_len']} | {len(g['tokens'])} | {g['equal']}"
+              f"{' (near tie at %d)' % g['near_tie']['position'] if g.get('near_tie') else ''} | "
+              f"{'✓' if g['ok'] else '✗'} |" for g in report["greedy"]]
     if report.get("tidar"):
         lines += ["", "| mode | prompt tokens | greedy TiDAR == AR | acceptance (backend) | acceptance (eager) | ok |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {t['mode']} | {t['prompt_len']} | {t['greedy_equals_ar']} | {t['acceptance']} | "
                   f"{t['eager_acceptance']} | {'✓' if t['ok'] else '✗'} |" for t in report["tidar"]]
+    quirk = report.get("upstream_skip_bias_reset")
+    if quirk:
+        lines += ["", f"Upstream 5.23 resets the skip-class bias of {len(quirk['layers'])} router(s) to -1.0 on load "
+                  "(this artifact uses the stored values). Against upstream with the stored biases: max abs "
+                  f"{quirk['max_abs_vs_stored']:.2e}; against upstream as it loads the file: max abs "
+                  f"{quirk['max_abs_vs_as_loaded']:.2e}, top-1 {quirk['top1_vs_as_loaded']:.3f}. The difference "
+                  "between the two is explained by the reset, not counted against the artifact."]
     return "\n".join(lines) + "\n"
 
 
@@ -277,8 +411,9 @@ def cross_check(artifact: Artifact, backends: list[str], device: str = "local-ta
                 inputs.update(_accept_inputs(artifact, info, B, seed=T + S))
                 x, y = sessions[a].run(entry, inputs), sessions[b].run(entry, inputs)
                 err = {n: float(np.abs(x[n].astype(np.float64) - y[n]).max()) for n in x}
-                limit = {n: (tol.logits_max_abs if n == "logits" else 0.0 if x[n].dtype.kind in "iub"
-                             else tol.state_max_abs) for n in x}
+                scale = {n: float(np.abs(x[n]).max()) if x[n].size else 0.0 for n in x}
+                limit = {n: (tol.logits_rtol * scale[n] if n == "logits" else 0.0 if x[n].dtype.kind in "iub"
+                             else tol.state_rtol * scale[n]) for n in x}
                 out.append({"pair": f"{a}-{b}", "entry": entry, "max_abs": err,
                             "ok": all(err[n] <= limit[n] for n in err)})
     return out
