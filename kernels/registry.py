@@ -7,6 +7,7 @@ Each op module calls :func:`register_onnx` and :func:`register_mlir` once; the e
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -67,7 +68,16 @@ def registered() -> list[str]:
 # ------------------------------------------------------------------------------------------------ MLIR face
 _MLIR: dict[str, Callable] = {}  # by op name: OpOverload objects are not stable keys (torch.ops caches get rebuilt)
 _MLIR_DECODE: dict[str, Callable] = {}  # faces specialised for one token per row
-_INLINE = {"on": False, "decode": False}
+
+
+class _Faces(threading.local):
+    """Which face ``call`` traces, set only inside ``mlir_faces()`` on this thread (no module-global switch)."""
+
+    mlir: bool = False
+    decode: bool = False
+
+
+_SCOPE = _Faces()
 
 
 def register_mlir(name: str, decomposition: Callable, decode: Callable | None = None) -> None:
@@ -84,20 +94,22 @@ def call(name: str, *args):  # noqa: ANN002, ANN201
     (Tracing the faces directly is deterministic; decomposing the custom op afterwards with
     ``run_decompositions`` was found to leave the op in place once upstream transformers had run a model in
     the same process.)"""
-    if not _INLINE["on"]:
+    if not _SCOPE.mlir:
         return getattr(torch.ops.zaya, name)(*args)
-    face = _MLIR_DECODE.get(name, _MLIR[name]) if _INLINE["decode"] else _MLIR[name]
+    face = _MLIR_DECODE.get(name, _MLIR[name]) if _SCOPE.decode else _MLIR[name]
     return face(*args)
 
 
 @contextmanager
 def mlir_faces(decode: bool = False) -> Iterator[None]:
-    """Trace with the MLIR faces; ``decode``: the traced entry has one token per row."""
-    _INLINE.update(on=True, decode=decode)
+    """Trace with the MLIR faces inside the block (this thread only, restored on exit, nestable); ``decode``:
+    the traced entry has one token per row."""
+    outer = (_SCOPE.mlir, _SCOPE.decode)
+    _SCOPE.mlir, _SCOPE.decode = True, decode
     try:
         yield
     finally:
-        _INLINE.update(on=False, decode=False)
+        _SCOPE.mlir, _SCOPE.decode = outer
 
 
 def _bool_and(a, b):  # noqa: ANN001, ANN202

@@ -36,20 +36,47 @@ class Update:
     conv_rows: Tensor  # [L, B, C, κ+T]  committed κ rows followed by the T new pre-conv rows
     omega: Tensor  # [L, B, T, dv]       delayed-value projection of each new token
 
-    def conv_after(self, n: int | Tensor) -> Tensor:
-        """Conv state after committing the first ``n`` new tokens: rows n..n+κ-1 of ``conv_rows``."""
-        kappa = self.conv_rows.shape[-1] - self.k.shape[3]
-        if isinstance(n, int):
-            return self.conv_rows[..., n : n + kappa]
-        idx = n + torch.arange(kappa, device=self.conv_rows.device)
-        return self.conv_rows.index_select(-1, idx)
+    def committed(self, counts: Tensor, rho: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Conv window and ρ after committing the first ``counts[b]`` new tokens of row b (:func:`committed_window`)."""
+        return committed_window(self.conv_rows, self.omega, counts, rho)
 
-    def rho_after(self, n: int | Tensor, rho: Tensor) -> Tensor:
-        """Delayed-value state after committing ``n`` new tokens (``rho`` itself when n = 0)."""
-        if isinstance(n, int):
-            return rho if n == 0 else self.omega[:, :, n - 1]
-        ext = torch.cat([rho[:, :, None], self.omega], dim=2)  # [L, B, T+1, dv]
-        return ext.index_select(2, n.reshape(1)).squeeze(2)
+
+# ---------------------------------------------------------------------------------------------- the commit rule
+# Every cache (DecodeState here, the runtime's numpy KVCache, the IREE in-place commit entries, the in-graph TiDAR
+# step) commits through these two functions; nothing else writes decode state.
+
+
+def committed_window(conv_rows: Tensor, omega: Tensor, counts: Tensor, rho: Tensor | None = None
+                     ) -> tuple[Tensor, Tensor]:
+    """The CCA state after committing the first ``counts[b]`` of T new tokens of row b.
+
+    conv_rows [L, B, C, κ+T] (κ committed rows, then the T new pre-conv rows), omega [L, B, T, dv], counts [B]
+    int64, rho [L, B, dv] the committed ρ (read where counts[b] = 0; may be None when every count is ≥ 1)
+    → conv window [L, B, C, κ] = rows n..n+κ−1, and ρ [L, B, dv] = ω_{n−1} (ρ itself for n = 0)."""
+    L, B, C, W = conv_rows.shape
+    kappa = W - omega.shape[2]
+    window = counts[:, None] + torch.arange(kappa, device=counts.device)[None]  # [B, κ]
+    conv = conv_rows.gather(3, window[None, :, None, :].expand(L, B, C, kappa))
+    dv = omega.shape[-1]
+    if rho is None:
+        return conv, omega.gather(2, (counts - 1)[None, :, None, None].expand(L, B, 1, dv)).squeeze(2)
+    ext = torch.cat([rho[:, :, None], omega], 2)  # [L, B, T+1, dv]: ρ, ω_0..ω_{T−1}
+    return conv, ext.gather(2, counts[None, :, None, None].expand(L, B, 1, dv)).squeeze(2)
+
+
+def write_rows(past_k: Tensor, past_v: Tensor, past_valid: Tensor, lengths: Tensor, counts: Tensor,
+               new_valid: Tensor, new_k: Tensor, new_v: Tensor) -> None:
+    """Scatter the T new key/value rows of each batch row b to slots lengths[b].. of the buffers, in place; a
+    slot becomes valid only for t < counts[b] (and where ``new_valid``: left padding stays invalid).
+    past_k/v [L, B, n_kv, S, d], past_valid [B, S], lengths/counts [B] int64, new_valid [B, T] bool,
+    new_k/v [L, B, n_kv, T, d]; the caller guarantees lengths[b] + T <= S."""
+    L, B, nkv, T, d = new_k.shape
+    slots = lengths[:, None] + torch.arange(T, device=lengths.device)  # [B, T]
+    index = slots[None, :, None, :, None].expand(L, B, nkv, T, d)
+    past_k.scatter_(3, index, new_k)
+    past_v.scatter_(3, index, new_v)
+    keep = torch.logical_and(new_valid, torch.arange(T, device=counts.device)[None] < counts[:, None])  # [B, T]
+    past_valid.scatter_(1, slots, keep)
 
 
 def empty_past(config: ZayaConfig, batch: int, dtype: torch.dtype, device: torch.device | str = "cpu",
@@ -94,10 +121,10 @@ class DecodeState:
             raise ValueError(f"cannot commit {n} of {T} new tokens")
         if self.length + n > self.capacity:
             raise ValueError(f"decode state is full: {self.length} + {n} tokens exceed capacity {self.capacity}")
-        end = self.length + n
-        self.k[:, :, :, self.length : end] = update.k[:, :, :, :n]
-        self.v[:, :, :, self.length : end] = update.v[:, :, :, :n]
-        self.valid[:, self.length : end] = True if new_valid is None else new_valid[:, :n]
-        self.conv = update.conv_after(n).clone()
-        self.rho = update.rho_after(n, self.rho).clone()
-        self.length = end
+        B = self.valid.shape[0]
+        lengths = torch.full((B,), self.length, dtype=torch.long, device=self.valid.device)
+        counts = torch.full((B,), n, dtype=torch.long, device=self.valid.device)
+        valid = torch.ones(B, n, dtype=torch.bool, device=self.valid.device) if new_valid is None else new_valid[:, :n]
+        write_rows(self.k, self.v, self.valid, lengths, counts, valid, update.k[:, :, :, :n], update.v[:, :, :, :n])
+        self.conv, self.rho = update.committed(counts, self.rho)
+        self.length += n

@@ -20,7 +20,8 @@ import torch
 
 from zaya_export.models import Past, ZayaForCausalLM
 from zaya_export.models.packed import packed_layout
-from zaya_export.tracing import Entry, EntrySpec, example_inputs, greedy_inputs, packed_entry_specs
+from zaya_export.models.state import committed_window
+from zaya_export.models.entries import Entry, EntrySpec, example_inputs, greedy_inputs, packed_entry_specs
 
 from .base import Pass, PassError
 from .probe_check import Comparison, ProbeTolerance, record, replay, stack_routes, tolerance_for
@@ -91,11 +92,12 @@ def _check_one(model: ZayaForCausalLM, specs: dict[str, EntrySpec], inputs: tupl
         """verify over the block, then a draft of K+1 masks after committing a, d_1..d_λ for each level."""
         verify_out = Entry(model, specs["verify"])(block, mask, pk, pv, valid, conv, rho)
         logits, new_k, new_v, conv_rows, omega = verify_out
-        rows, kappa = [logits], conv.shape[-1]
+        rows = [logits]
         for lam in layout.levels:
             n = lam + 1  # the anchor and λ_p drafts are committed
+            window = committed_window(conv_rows, omega, torch.full((B,), n), rho)
             past = Past(torch.cat([pk, new_k[..., :n, :]], 3), torch.cat([pv, new_v[..., :n, :]], 3),
-                        torch.cat([valid, mask[:, :n]], 1), conv_rows[..., n : n + kappa], omega[:, :, n - 1])
+                        torch.cat([valid, mask[:, :n]], 1), *window)
             masks = torch.full_like(block, M)
             rows.append(Entry(model, specs["draft"])(masks, torch.ones_like(mask), past.k, past.v, past.valid,
                                                      past.conv, past.rho)[0])

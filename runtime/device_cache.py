@@ -4,7 +4,7 @@
 copy the whole preallocated cache host → device, and every update device → host. :class:`DeviceKVCache` holds
 the same five buffers as IREE device arrays instead. A forward fed device state returns its state outputs as
 device arrays too (``IreeBackend.run``), and :meth:`DeviceKVCache.commit` hands them to the module's in-place
-``commit``/``commit_accepted`` entry (``zaya_export.commit_entry``). Only token ids, masks, lengths and logits
+``commit``/``commit_accepted`` entry (``zaya_export.models.commit_entry``). Only token ids, masks, lengths and logits
 cross the host boundary.
 
 The buffers have ``slack`` slots past the capacity: a commit scatters all T new rows at the row's offset
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from zaya_export.commit_entry import COMMIT_SPECS, STATE_INPUTS
+from zaya_export.models.commit_entry import COMMIT_SPECS, STATE_INPUTS
 from zaya_export.models import ZayaConfig
 
-from .session import KVCache
+from .host_cache import KVCache
 
 
 class DeviceKVCache:

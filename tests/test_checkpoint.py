@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import random_model, small_config
-from zaya_export import legacy
-from zaya_export.checkpoint import expected_tensors, load_checkpoint, save_checkpoint
+from zaya_export.models import legacy
+from zaya_export.models.checkpoint import expected_tensors, load_checkpoint, save_checkpoint
 from zaya_export.errors import CheckpointError
 
 
@@ -37,7 +37,7 @@ def test_round_trip(model, ckpt):
     loaded = load_checkpoint(ckpt)
     assert _same(model, loaded)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # tied, stored once
-    from zaya_export.safetensors_header import read_header
+    from zaya_export.models.safetensors_header import read_header
 
     assert "lm_head.weight" not in read_header(ckpt / "model.safetensors")
     ids = torch.randint(0, 1000, (1, 9), generator=torch.Generator().manual_seed(0))
@@ -199,7 +199,7 @@ def test_pickle_weights_are_refused_not_unpickled(tmp_path, ckpt):
 def test_save_is_atomic_and_refuses_to_overwrite(tmp_path, model, ckpt, monkeypatch):
     with pytest.raises(CheckpointError, match="already exists"):
         save_checkpoint(model, ckpt)
-    import zaya_export.checkpoint as io
+    import zaya_export.models.checkpoint as io
 
     real = io.save_file
     calls = []

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from zaya_export.checkpoint import load_checkpoint
+from zaya_export.models.checkpoint import load_checkpoint
 from zaya_export.cli import main
 from zaya_export.runtime.generate import generate_greedy
 

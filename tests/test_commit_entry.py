@@ -1,4 +1,4 @@
-"""The in-place state commits of the IREE module (``zaya_export.commit_entry``), run eagerly: they must leave the
+"""The in-place state commits of the IREE module (``zaya_export.models.commit_entry``), run eagerly: they must leave the
 buffers exactly as ``KVCache.commit`` does for any lengths, counts, padding and update form."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import small_config
-from zaya_export.commit_entry import COMMIT_SPECS, commit_module, export_commit
+from zaya_export.models.commit_entry import COMMIT_SPECS, commit_module, export_commit
 from zaya_export.runtime.session import KVCache
 
 CONFIG = small_config(num_hidden_layers=2, layer_types=["hybrid", "hybrid_sliding"], sliding_window=8)

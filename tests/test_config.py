@@ -81,3 +81,14 @@ def test_presets_are_valid_and_sized():
     small = preset("small")
     assert (small.num_attention_heads, small.num_key_value_heads, small.head_dim) == (8, 2, 128)
     json.dumps(preset("tiny").to_dict())
+
+
+def test_only_a_config_naming_a_mask_token_or_block_length_is_a_tidar_one():
+    upstream = {k: v for k, v in ZayaConfig().to_dict().items() if k not in ("mask_token_id", "diffusion_block_len")}
+    ar = ZayaConfig.from_dict(upstream)
+    assert not ar.declares_tidar
+    assert "mask_token_id" not in ar.to_dict() and not ZayaConfig.from_dict(ar.to_dict()).declares_tidar
+    assert ZayaConfig.from_dict({**upstream, "draft_mask_token_id": 7}).declares_tidar
+    assert ZayaConfig.from_dict({**upstream, "diffusion_block_len": 8}).declares_tidar
+    assert ZayaConfig.from_dict({**upstream, "mask_token_id": None}).declares_tidar is False
+    assert ZayaConfig().declares_tidar and ZayaConfig.from_dict(ZayaConfig().to_dict()).declares_tidar

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import random_model, small_config
-from zaya_export.artifact import ArtifactError, open_artifact
-from zaya_export.checkpoint import save_checkpoint
+from zaya_export.runtime.artifact import ArtifactError, open_artifact
+from zaya_export.models.checkpoint import save_checkpoint
 from zaya_export.cli import main
 from zaya_export.exporter import ExportError, export_artifact
 from zaya_export.runtime.generate import generate, generate_greedy

@@ -12,8 +12,8 @@ import torch
 from click.testing import CliRunner
 
 from upstream_checkpoints import upstream_as_loaded, upstream_greedy, write_upstream_checkpoint
-from zaya_export.artifact import open_artifact
-from zaya_export.checkpoint import load_checkpoint
+from zaya_export.runtime.artifact import open_artifact
+from zaya_export.models.checkpoint import load_checkpoint
 from zaya_export.cli import main
 from zaya_export.exporter import export_artifact
 from zaya_export.mlir_export import TARGETS

@@ -113,7 +113,7 @@ def test_reference_ops_equal_the_model_regions():
     included) stay within fp32 rounding."""
     from zaya_export.passes.base import PassManager
     from zaya_export.passes.fusion import fusion_pipeline
-    from zaya_export.tracing import Entry, accept_inputs, entry_specs, example_inputs
+    from zaya_export.models.entries import Entry, accept_inputs, entry_specs, example_inputs
 
     model = random_model(small_config(), seed=4)
     specs = entry_specs(3).values()

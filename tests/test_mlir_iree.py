@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import random_model, small_config
-from zaya_export.artifact import open_artifact
+from zaya_export.runtime.artifact import open_artifact
 from zaya_export.bisect import bisect, describe
-from zaya_export.checkpoint import save_checkpoint
+from zaya_export.models.checkpoint import save_checkpoint
 from zaya_export.cli import main
 from zaya_export.errors import InputError
 from zaya_export.exporter import ExportError, export_artifact
@@ -28,7 +28,7 @@ from zaya_export.runtime.device_cache import DeviceKVCache
 from zaya_export.runtime.sampling import SamplerConfig
 from zaya_export.runtime.session import KVCache, Session
 from zaya_export.runtime.tidar import generate_tidar
-from zaya_export.ingraph_step import first_argmax
+from zaya_export.models.ingraph_step import first_argmax
 from zaya_export.validate import cross_check, validate_artifact
 
 GPU_TARGETS = ("gfx942", "gfx90a", "gfx1100")

@@ -10,7 +10,7 @@ from conftest import random_model, small_config
 from zaya_export.passes.base import Pass, PassError, PassManager
 from zaya_export.passes.fusion import FuseCCA, FuseMoE, fusion_pipeline
 from zaya_export.passes.onnx_cleanup import CheckFusedNodes
-from zaya_export.tracing import Entry, entry_specs, example_inputs, export_entry, op_histogram
+from zaya_export.models.entries import Entry, entry_specs, example_inputs, export_entry, op_histogram
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ def test_pack_tidar_step_adds_verified_packed_entries(monkeypatch):
     import zaya_export.passes.tidar_packing as packing
     from zaya_export.models.packed import packed_layout
     from zaya_export.passes.tidar_packing import ExportPlan, PackTidarStep
-    from zaya_export.tracing import base_entry_specs
+    from zaya_export.models.entries import base_entry_specs
 
     model = random_model(small_config(num_hidden_layers=2, layer_types=["hybrid", "hybrid_sliding"],
                                       sliding_window=6), seed=4)

@@ -17,7 +17,7 @@ from zaya_export.passes.base import PassError, PassManager
 from zaya_export.passes.fusion import FuseMoE, fusion_pipeline
 from zaya_export.passes.probe_check import PROBE_TOLERANCE, compare_outputs
 from zaya_export.passes.tidar_packing import ExportPlan, PackTidarStep
-from zaya_export.tracing import Entry, base_entry_specs, entry_specs, example_inputs, greedy_inputs
+from zaya_export.models.entries import Entry, base_entry_specs, entry_specs, example_inputs, greedy_inputs
 
 K, LEVELS = 4, (0, 2, 4)
 GEOMETRIES = {

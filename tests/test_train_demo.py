@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import random_model, small_config
-from zaya_export.checkpoint import load_checkpoint
+from zaya_export.models.checkpoint import load_checkpoint
 from zaya_export.corpus import stdlib_corpus
 from zaya_export.models import Past
 from zaya_export.models.packed import training_layout
@@ -32,7 +32,7 @@ def test_training_layout_is_ar_then_draft_after_each_block(window):
             s, past = beta * B, model.empty_past(2)
             if s:
                 _, up = model.step(x[:, :s], past)
-                past = Past(up.k, up.v, torch.ones(2, s, dtype=torch.bool), up.conv_after(s), up.rho_after(s, past.rho))
+                past = Past(up.k, up.v, torch.ones(2, s, dtype=torch.bool), *up.committed(torch.full((2,), s), past.rho))
             draft, _ = model.step(torch.full((2, B), M), past, causal=False)
             assert (logits[:, N + s : N + s + B] - draft).abs().max().item() <= 1e-4, beta
     with pytest.raises(ValueError, match="multiple of the block length"):

@@ -15,7 +15,7 @@ from zaya_export.runtime.generate import generate, generate_greedy
 from zaya_export.runtime.session import Session, _model_from_artifact
 from zaya_export.runtime.tidar import generate_tidar
 
-from .artifact import Artifact
+from zaya_export.runtime.artifact import Artifact
 
 
 def bench_prompt(artifact: Artifact, prompt_len: int) -> list[int]:
@@ -23,7 +23,7 @@ def bench_prompt(artifact: Artifact, prompt_len: int) -> list[int]:
     drafts behave as in use), random ids otherwise."""
     if artifact.tokenizer is not None:
         from .corpus import Corpus, stdlib_corpus
-        from .tokenizer import load_tokenizer
+        from zaya_export.runtime.tokenizer import load_tokenizer
 
         # the held-out file richest in methods: ordinary code, not a data table or a license header
         text = max((Corpus.read(f) for f in stdlib_corpus().heldout), key=lambda t: t.count("\n    def "))

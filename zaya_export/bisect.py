@@ -14,7 +14,7 @@ import numpy as np
 
 from zaya_export.runtime.session import Session
 
-from .tracing import INPUT_NAMES, PROBE, example_inputs
+from zaya_export.models.entries import INPUT_NAMES, PROBE, example_inputs
 
 _REGIONS = ("attention (zaya.cca + zaya.block_attention)", "MoE (zaya.moe_top1)")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .errors import InputError, ZayaError
+from zaya_export.errors import InputError, ZayaError
 
 
 class _Group(click.Group):
@@ -48,9 +48,9 @@ def main() -> None:
 def init(preset_name: str, seed: int, dtype: str, force: bool, as_json: bool, out: Path) -> None:
     """Write a random-weight checkpoint in Hugging Face layout (with a small tokenizer) to OUT."""
     import torch
-    from .checkpoint import DTYPES, save_checkpoint
+    from zaya_export.models.checkpoint import DTYPES, save_checkpoint
     from .models import ZayaForCausalLM, init_weights, preset
-    from .tokenizer import build_tokenizer
+    from zaya_export.runtime.tokenizer import build_tokenizer
 
     if out.exists() and not force:
         raise InputError(f"{out}: already exists (use --force to replace it)")
@@ -150,11 +150,11 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
         mode: str, sampler_name: str, mix_w: float, temperature: float, top_k: int, top_p: float, seed: int,
         dtype: str | None, allow_version_mismatch: bool, as_json: bool) -> None:
     """Generate from SOURCE, an exported artifact or a checkpoint directory."""
-    from .artifact import is_artifact
-    from .runtime.generate import generate
-    from .runtime.sampling import SamplerConfig
-    from .runtime.session import Session
-    from .runtime.tidar import generate_tidar
+    from zaya_export.runtime.artifact import is_artifact
+    from zaya_export.runtime.generate import generate
+    from zaya_export.runtime.sampling import SamplerConfig
+    from zaya_export.runtime.session import Session
+    from zaya_export.runtime.tidar import generate_tidar
 
     if (prompt is None) == (prompt_ids is None):
         raise InputError("give exactly one of --prompt or --prompt-ids")
@@ -279,7 +279,7 @@ def inspect(artifact: Path, as_json: bool) -> None:
 
     import onnx
 
-    from .artifact import open_artifact
+    from zaya_export.runtime.artifact import open_artifact
 
     art = open_artifact(artifact, allow_version_mismatch=True)
     info = {"artifact": str(artifact), "dtype": art.manifest["dtype"], "versions": art.manifest["versions"],
@@ -347,9 +347,9 @@ def _inspect_iree(art) -> dict:  # noqa: ANN001
 def validate(artifact: Path, checkpoint: Path | None, reference: str, backends: str, device: str, do_bisect: bool,
              as_json: bool) -> None:
     """Check ARTIFACT against the source model; exit 1 when any check fails."""
-    from .artifact import open_artifact
+    from zaya_export.runtime.artifact import open_artifact
     from .bisect import bisect, describe
-    from .runtime.session import Session
+    from zaya_export.runtime.session import Session
     from .validate import _reference_model, cross_check, to_markdown, validate_artifact, write_report
 
     names = [b.strip() for b in backends.split(",") if b.strip()]
@@ -408,7 +408,7 @@ def validate(artifact: Path, checkpoint: Path | None, reference: str, backends: 
 def bench(artifact: Path, backends: str, prompt_len: int, new_tokens: int, repeats: int, modes: str | None,
           mix_w: float, as_json: bool) -> None:
     """Decode tok/s: a backend vs the eager torch model (AR), or AR vs TiDAR modes on one backend (--modes)."""
-    from .artifact import open_artifact
+    from zaya_export.runtime.artifact import open_artifact
     from .bench import BACKENDS, bench_artifact, bench_matrix
 
     art = open_artifact(artifact)

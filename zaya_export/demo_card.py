@@ -20,9 +20,9 @@ from zaya_export.runtime.sampling import SamplerConfig
 from zaya_export.runtime.session import Session
 from zaya_export.runtime.tidar import generate_tidar
 
-from .checkpoint import load_checkpoint
+from zaya_export.models.checkpoint import load_checkpoint
 from .corpus import encode_files, stdlib_corpus
-from .tokenizer import load_tokenizer
+from zaya_export.runtime.tokenizer import load_tokenizer
 
 
 def heldout_prompts(tokenizer, count: int = 8, length: int = 48, seed: int = 7) -> list[list[int]]:  # noqa: ANN001

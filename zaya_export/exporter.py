@@ -29,13 +29,13 @@ from zaya_export.passes.fusion import fusion_pipeline
 from zaya_export.passes.probe_check import tolerance_for
 from zaya_export.passes.tidar_packing import ExportPlan, PackTidarStep
 
-from .artifact import FORMAT, SCHEMA_VERSION, atomic_directory, tool_versions, write_manifest
-from .checkpoint import DTYPES, load_checkpoint
-from .commit_entry import COMMIT_SPECS, export_commit
-from .errors import ZayaError
+from zaya_export.runtime.artifact import FORMAT, SCHEMA_VERSION, atomic_directory, tool_versions, write_manifest
+from zaya_export.models.checkpoint import DTYPES, load_checkpoint
+from zaya_export.models.commit_entry import COMMIT_SPECS, export_commit
+from zaya_export.errors import ZayaError
 from .mlir_export import MLIR_FILE, PARAM_SCOPE, Target, compile_target, externalize_weights, lower_module
 from .onnx_export import WEIGHTS_FILE, bind_external_weights, lower_entry, save_entry, write_weights
-from .tracing import (AR_ENTRIES, PROBE, Entry, base_entry_specs, default_levels, entry_specs, example_inputs,
+from zaya_export.models.entries import (AR_ENTRIES, PROBE, Entry, base_entry_specs, default_levels, entry_specs, example_inputs,
                       export_entry, greedy_inputs, op_histogram)
 
 FORMATS = ("onnx", "mlir")

@@ -23,8 +23,8 @@ import zaya_export.kernels as kernels
 from zaya_export.passes.base import PassManager, PassRecord
 from zaya_export.passes.onnx_cleanup import onnx_pipeline
 
-from .safetensors_header import read_header
-from .tracing import INPUT_NAMES
+from zaya_export.models.safetensors_header import read_header
+from zaya_export.models.entries import INPUT_NAMES
 
 OPSET = 20
 WEIGHTS_FILE = "weights.safetensors"

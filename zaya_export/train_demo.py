@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from .corpus import Corpus, encode_files, stdlib_corpus
 from .models import ZayaConfig, ZayaForCausalLM, init_weights
-from .models.packed import PackedLayout, training_layout
-from .tokenizer import build_tokenizer
+from zaya_export.models.packed import PackedLayout, training_layout
+from zaya_export.runtime.tokenizer import build_tokenizer
 
 
 @dataclass
@@ -97,7 +97,7 @@ def unigram_entropy(train: np.ndarray, heldout: np.ndarray, vocab: int) -> float
 def train(out: Path, settings: TrainSettings, log: Callable[[str], None] = print) -> dict:
     """Train, then write the checkpoint (fp16), ``tokenizer.json``, ``train_log.json`` and ``loss.png`` to
     ``out``. Returns the metrics dict (also in ``train_log.json``)."""
-    from .checkpoint import save_checkpoint
+    from zaya_export.models.checkpoint import save_checkpoint
 
     torch.manual_seed(settings.seed)
     torch.set_num_threads(settings.threads)

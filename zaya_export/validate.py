@@ -25,10 +25,10 @@ from zaya_export.runtime.session import Session, TorchBackend, _model_from_artif
 from zaya_export.kernels.routing import RoutingTape, routing_tape
 from zaya_export.models.upstream import skip_bias_layers
 
-from .artifact import Artifact
-from .checkpoint import load_checkpoint
-from .errors import ZayaError
-from .tracing import INPUT_NAMES, example_inputs
+from zaya_export.runtime.artifact import Artifact
+from zaya_export.models.checkpoint import load_checkpoint
+from zaya_export.errors import ZayaError
+from zaya_export.models.entries import INPUT_NAMES, example_inputs
 
 
 @dataclass(frozen=True)
@@ -339,7 +339,7 @@ def _steps_until_divergence(got, want) -> tuple[int, bool]:  # noqa: ANN001 - Ti
 def _default_prompts(artifact: Artifact, vocab: int) -> list[list[int]]:
     prompts = []
     if artifact.tokenizer is not None:
-        from .tokenizer import load_tokenizer
+        from zaya_export.runtime.tokenizer import load_tokenizer
 
         tok = load_tokenizer(artifact.tokenizer)
         prompts += [tok.encode(t).ids for t in ("def main():", "import os\nimport sys\n", "class Tree:\n    def")]

@@ -20,12 +20,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from zaya_export.models import ZayaConfig, ZayaForCausalLM
-from zaya_export.models.config import ConfigError
-from zaya_export.models.upstream import skip_bias_warning
+from .config import ConfigError, ZayaConfig
+from .upstream import skip_bias_warning
+from .zaya import ZayaForCausalLM
 
 from . import legacy
-from .errors import CheckpointError
+from zaya_export.errors import CheckpointError
 from .safetensors_header import FLOAT_DTYPES, TensorInfo, read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")

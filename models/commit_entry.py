@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from zaya_export.models import ZayaConfig
-
-from .tracing import INPUT_NAMES, MAX_BATCH, MAX_SEQ
+from .config import ZayaConfig
+from .entries import INPUT_NAMES, MAX_BATCH, MAX_SEQ
+from .state import committed_window, write_rows
 
 STATE_INPUTS = INPUT_NAMES[2:]  # the forward entries' state inputs, mutated in place here
 
@@ -59,20 +59,6 @@ COMMIT_SPECS = {
 UPDATE_OUTPUTS = frozenset(n for spec in COMMIT_SPECS.values() for n in spec.update)
 
 
-def write_rows(past_k: Tensor, past_v: Tensor, past_valid: Tensor, lengths: Tensor, counts: Tensor,
-               new_valid: Tensor, new_k: Tensor, new_v: Tensor) -> None:
-    """Scatter the T new rows of each batch row b to slots lengths[b].. of the buffers; valid only for t < n.
-    past_k/v [L, B, n_kv, S, d], past_valid [B, S], lengths/counts [B], new_valid [B, T], new_k/v [L, B, n_kv,
-    T, d]."""
-    L, B, nkv, T, d = new_k.shape
-    slots = lengths[:, None] + torch.arange(T, device=lengths.device)  # [B, T]
-    index = slots[None, :, None, :, None].expand(L, B, nkv, T, d)
-    past_k.scatter_(3, index, new_k)
-    past_v.scatter_(3, index, new_v)
-    keep = torch.logical_and(new_valid, torch.arange(T, device=counts.device)[None] < counts[:, None])  # [B, T]
-    past_valid.scatter_(1, slots, keep)
-
-
 class CommitRows(nn.Module):
     """``commit``: state after the first ``counts[b]`` tokens of a forward's update (``Update`` semantics)."""
 
@@ -80,12 +66,9 @@ class CommitRows(nn.Module):
                 lengths: Tensor, counts: Tensor, new_valid: Tensor, new_k: Tensor, new_v: Tensor,
                 conv_rows: Tensor, omega: Tensor) -> tuple[Tensor, ...]:
         write_rows(past_k, past_v, past_valid, lengths, counts, new_valid, new_k, new_v)
-        L, B, C, kappa = conv_state.shape
-        window = (counts[:, None] + torch.arange(kappa, device=counts.device))  # [B, κ]: rows n..n+κ−1
-        conv_state.copy_(conv_rows.gather(3, window[None, :, None].expand(L, B, C, kappa)))
-        ext = torch.cat([rho_state[:, :, None], omega], 2)  # [L, B, T+1, dv]: ρ, ω_0..ω_{T−1}
-        dv = ext.shape[-1]
-        rho_state.copy_(ext.gather(2, counts[None, :, None, None].expand(L, B, 1, dv)).squeeze(2))
+        conv, rho = committed_window(conv_rows, omega, counts, rho_state)
+        conv_state.copy_(conv)
+        rho_state.copy_(rho)
         return ()
 
 

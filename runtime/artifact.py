@@ -30,7 +30,7 @@ from typing import Any
 
 from zaya_export.models import ZayaConfig
 
-from .errors import ZayaError
+from zaya_export.errors import ZayaError
 
 SCHEMA_VERSION = 2  # 2: TiDAR entries; state outputs conv_rows/omega
 MANIFEST = "manifest.json"

@@ -31,8 +31,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from zaya_export.models import Past, ZayaForCausalLM, decode, prefill
-from zaya_export.models.packed import PackedLayout, packed_layout
+from .decode import decode, prefill
+from .state import Past
+from .zaya import ZayaForCausalLM
+from .packed import PackedLayout, packed_layout
 
 from .ingraph_step import ACCEPT_INPUTS, ACCEPT_OUTPUTS, greedy_step, sample_step, sampler_vector
 
@@ -42,7 +44,7 @@ MAX_BATCH, MAX_SEQ = 64, 1 << 20
 AR_ENTRIES = ("prefill", "decode")  # what every artifact has; TiDAR ones add verify, draft and the packed step
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EntrySpec:
     name: str
     tokens: int | None  # static T (None = dynamic)
@@ -83,10 +85,10 @@ def base_entry_specs(block_len: int) -> dict[str, EntrySpec]:
     """AR entries and the two TiDAR forwards (verify, draft) of K+1 tokens."""
     K1 = block_len + 1
     return {
-        "prefill": EntrySpec("prefill", None, False, True, True),
-        "decode": EntrySpec("decode", 1, False, True, True),
-        "verify": EntrySpec("verify", K1, True, True, True),
-        "draft": EntrySpec("draft", K1, True, False, False),
+        "prefill": EntrySpec(name="prefill", tokens=None, all_rows=False, causal=True, state=True),
+        "decode": EntrySpec(name="decode", tokens=1, all_rows=False, causal=True, state=True),
+        "verify": EntrySpec(name="verify", tokens=K1, all_rows=True, causal=True, state=True),
+        "draft": EntrySpec(name="draft", tokens=K1, all_rows=True, causal=False, state=False),
     }
 
 
@@ -94,15 +96,18 @@ def packed_entry_specs(packed: PackedLayout) -> dict[str, EntrySpec]:
     """The single-forward TiDAR step: host acceptance (``step``), in-graph greedy (``step_greedy``) and in-graph
     stochastic lossless / logit-mixing acceptance (``step_sample``)."""
     return {
-        "step": EntrySpec("step", packed.size, True, True, True, packed),
-        "step_greedy": EntrySpec("step_greedy", packed.size, True, True, True, packed, accept="greedy"),
-        "step_sample": EntrySpec("step_sample", packed.size, True, True, True, packed, accept="sample"),
+        "step": EntrySpec(name="step", tokens=packed.size, all_rows=True, causal=True, state=True,
+                          packed=packed),
+        "step_greedy": EntrySpec(name="step_greedy", tokens=packed.size, all_rows=True, causal=True, state=True,
+                                 packed=packed, accept="greedy"),
+        "step_sample": EntrySpec(name="step_sample", tokens=packed.size, all_rows=True, causal=True, state=True,
+                                 packed=packed, accept="sample"),
     }
 
 
 # Debug entry for ``validate --bisect``: a causal forward that also returns hidden [2L, B, T, H], the residual
 # stream after layer i's attention (row 2i) and after its MoE (row 2i+1).
-PROBE = EntrySpec("layers", None, True, True, False, probe=True)
+PROBE = EntrySpec(name="layers", tokens=None, all_rows=True, causal=True, state=False, probe=True)
 
 
 class Entry(nn.Module):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from zaya_export.models.packed import PackedLayout
+from .packed import PackedLayout
 
 _STATE_OUT = ["new_k", "new_v", "conv_state_out", "rho_state_out"]
 ACCEPT_INPUTS = {"greedy": ["draft_valid"], "sample": ["draft_valid", "draft_logits", "uniforms", "sampler"]}
@@ -68,12 +68,7 @@ def _proposal_rows(hidden: Tensor, ell: Tensor, packed: PackedLayout) -> tuple[T
 
 def _commit(u, ell: Tensor, K1: int) -> tuple[Tensor, ...]:  # noqa: ANN001 - models.Update
     """The verify rows' k/v, and the conv window / delayed value after committing ℓ+1 tokens (gathers)."""
-    L, B, C, _ = u.conv_rows.shape
-    kappa = u.conv_rows.shape[-1] - u.k.shape[3]
-    at = ell[:, None] + 1 + torch.arange(kappa, device=ell.device)[None]  # [B, κ] rows ℓ+1 .. ℓ+κ
-    conv = u.conv_rows.gather(3, at[None, :, None, :].expand(L, B, C, kappa))
-    dv = u.omega.shape[-1]
-    rho = u.omega.gather(2, ell[None, :, None, None].expand(L, B, 1, dv)).squeeze(2)
+    conv, rho = u.committed(ell + 1, None)  # the anchor is always committed: ρ = ω_ℓ
     return u.k[:, :, :, :K1], u.v[:, :, :, :K1], conv, rho
 
 

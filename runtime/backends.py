@@ -1,0 +1,149 @@
+"""The backends behind :class:`~zaya_export.runtime.session.Session`, one entry-point signature for all:
+numpy arrays in and out (``models.entries``). ``ort`` runs an artifact's ONNX graphs with onnxruntime,
+``iree`` its compiled IREE module, ``torch`` the eager reference model."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from zaya_export.models import entries
+from zaya_export.models.commit_entry import UPDATE_OUTPUTS
+from zaya_export.errors import InputError
+
+
+class Backend:
+    name = "base"
+
+    def run(self, entry: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+class OrtBackend(Backend):
+    """onnxruntime on the CPU (or an execution provider given explicitly, asserted to be in use).
+
+    Sessions are created on first use of an entry: each onnxruntime session holds its own copy of the
+    initializers, so AR decoding never pays for the TiDAR graphs it does not run."""
+
+    name = "ort"
+
+    def __init__(self, artifact, threads: int | None = None, providers: list[str] | None = None) -> None:  # noqa: ANN001
+        import onnxruntime as ort
+
+        self.ort, self.artifact = ort, artifact
+        self.options = ort.SessionOptions()
+        # Small graphs are dominated by per-op thread hand-offs: one thread decodes `tiny` ~30% faster than two.
+        small = artifact.weights.stat().st_size < 64 * 2**20
+        self.options.intra_op_num_threads = threads or (1 if small else (os.cpu_count() or 1))
+        self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.providers = providers or ["CPUExecutionProvider"]
+        self.sessions: dict = {}
+
+    def session(self, entry: str):  # noqa: ANN201 - onnxruntime.InferenceSession
+        if entry not in self.sessions:
+            if "onnx" not in self.artifact.entry_points.get(entry, {}):
+                raise KeyError(f"the artifact has no ONNX graph for the {entry!r} entry point")
+            path = self.artifact.path(self.artifact.entry_points[entry]["onnx"])
+            session = self.ort.InferenceSession(str(path), self.options, providers=self.providers)
+            if session.get_providers()[0] != self.providers[0]:  # ORT silently falls back to CPU
+                raise RuntimeError(f"onnxruntime did not enable {self.providers[0]} (got {session.get_providers()})")
+            self.sessions[entry] = (session, [o.name for o in session.get_outputs()])
+        return self.sessions[entry]
+
+    def run(self, entry: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session, names = self.session(entry)
+        return dict(zip(names, session.run(names, inputs)))
+
+
+class IreeBackend(Backend):
+    """The artifact's IREE module (``iree/<target>.vmfb``) on an IREE driver: ``local-task`` (CPU thread pool),
+    ``local-sync`` (one thread) or ``hip`` (AMD GPU). Parameters are read in place from the artifact's
+    safetensors file through an IREE parameter index, so no second copy of the weights is made."""
+
+    name = "iree"
+
+    def __init__(self, artifact, device: str = "local-task", target: str | None = None) -> None:  # noqa: ANN001
+        import iree.runtime as rt
+
+        modules = artifact.manifest.get("iree") or {}
+        if not modules:
+            raise InputError(f"{artifact.root}: no IREE module (export with --format onnx,mlir --target cpu)")
+        gpu = device.split(":")[0] in ("hip", "rocm")
+        if target is None:
+            wanted = [n for n, m in modules.items() if (m["driver"] == "hip") == gpu]
+            if not wanted:
+                raise InputError(f"{artifact.root}: no IREE module for device {device!r} (have {sorted(modules)})")
+            target = wanted[0]
+        if target not in modules:
+            raise InputError(f"{artifact.root}: no IREE module for target {target!r} (have {sorted(modules)})")
+        try:
+            self.config = rt.Config(device)
+        except (RuntimeError, ValueError) as exc:
+            raise InputError(f"IREE device {device!r} is not available here: {str(exc).splitlines()[0]}"
+                             + (" (the hip driver needs the ROCm runtime, libamdhip64.so, and an AMD GPU)" if gpu
+                                else "")) from None
+        index = rt.ParameterIndex()
+        index.load(str(artifact.weights))
+        params = rt.create_io_parameters_module(self.config.vm_instance,
+                                                index.create_provider(scope=artifact.manifest["mlir"]["parameters"]
+                                                                      ["scope"]))
+        vmfb = rt.VmModule.mmap(self.config.vm_instance, str(artifact.path(modules[target]["vmfb"])))
+        self.context = rt.SystemContext(config=self.config, vm_modules=[
+            params, rt.create_hal_module(self.config.vm_instance, self.config.device), vmfb])
+        self.module = self.context.modules.module
+        self.rt = rt
+        # model entries, then the in-place state commits (absent from artifacts exported before them)
+        self.entries = {**artifact.entry_points, **artifact.manifest["mlir"].get("state_entries", {})}
+        self.target, self.device = target, device
+
+    @property
+    def commits_on_device(self) -> bool:
+        return "commit" in self.entries
+
+    def to_device(self, array: np.ndarray):  # noqa: ANN201 - iree.runtime.DeviceArray
+        return self.rt.asdevicearray(self.config.device, np.ascontiguousarray(array))
+
+    def run(self, entry: str, inputs: dict) -> dict:
+        """Run one entry. Inputs may be numpy or device arrays. When the state comes in as device arrays
+        (``DeviceKVCache``), the state outputs stay on the device for the in-place commit; everything else comes
+        back as owned numpy arrays."""
+        if entry not in self.entries:
+            raise KeyError(f"the artifact has no {entry!r} entry point")
+        spec = self.entries[entry]
+        args = [inputs[i["name"]] for i in spec["inputs"]]
+        outs = getattr(self.module, entry)(*[a if isinstance(a, self.rt.DeviceArray) else np.ascontiguousarray(a)
+                                             for a in args])
+        outs = [] if outs is None else outs if isinstance(outs, (list, tuple)) else [outs]
+        resident = isinstance(inputs.get("past_k"), self.rt.DeviceArray)
+        # to_host() may alias device buffers that the next call reuses: copy, as the other backends return owned
+        # arrays (the TiDAR loop keeps a step's draft logits across the next forward)
+        return {o["name"]: r if resident and o["name"] in UPDATE_OUTPUTS else np.array(r.to_host(), copy=True)
+                for o, r in zip(spec["outputs"], outs)}
+
+
+class TorchBackend(Backend):
+    """The eager PyTorch reference model behind the same entry signature. State crosses the boundary as fp32
+    (exact for fp16/bf16 values) because numpy has no bfloat16."""
+
+    name = "torch"
+
+    def __init__(self, model, block_len: int | None = None, levels: tuple[int, ...] | None = None,  # noqa: ANN001
+                 tidar: bool = True) -> None:
+        import torch
+
+        self.torch, self.model = torch, model
+        specs = entries.entry_specs(block_len or model.config.diffusion_block_len, levels, model.config.conv_history)
+        if not tidar:  # an AR artifact: the same entries as its graphs
+            specs = {name: spec for name, spec in specs.items() if name in entries.AR_ENTRIES}
+        specs[entries.PROBE.name] = entries.PROBE
+        self.entries = {name: entries.Entry(model, spec).eval() for name, spec in specs.items()}
+
+    def run(self, entry: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self.torch
+        module = self.entries[entry]
+        args = [torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in module.spec.inputs]
+        args = [a.to(self.model.dtype) if a.is_floating_point() else a for a in args]
+        with torch.no_grad():
+            out = module(*args)
+        return {n: (t.float() if t.is_floating_point() else t).numpy() for n, t in zip(module.spec.outputs, out)}
