@@ -5,6 +5,7 @@ and validate; ORT greedy and greedy TiDAR (both modes) equal upstream's greedy g
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -121,7 +122,9 @@ def test_stored_skip_bias_warns_and_validate_reports_the_upstream_reset(tmp_path
     with pytest.warns(UserWarning, match="resets them to -1.0"):
         load_checkpoint(ckpt)
     out = tmp_path / "art"
-    result = CliRunner().invoke(main, ["export", str(ckpt), "-o", str(out), "--json"])
+    with warnings.catch_warnings():  # as in a fresh CLI process: the suite's filters would hide it
+        warnings.simplefilter("always")
+        result = CliRunner().invoke(main, ["export", str(ckpt), "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output
     assert "warning:" in result.output and "skip-class balancing bias" in result.output
     assert json.loads(result.output.splitlines()[-1])["entry_points"] == ["decode", "layers", "prefill"]
@@ -130,3 +133,24 @@ def test_stored_skip_bias_warns_and_validate_reports_the_upstream_reset(tmp_path
     quirk = report["upstream_skip_bias_reset"]
     assert [q["stored"] for q in quirk["layers"]] == pytest.approx([-0.6, -0.6])
     assert quirk["max_abs_vs_as_loaded"] > 100 * quirk["max_abs_vs_stored"]  # the reset explains the difference
+
+
+def test_validate_still_fails_a_wrong_artifact(gqa, tmp_path):
+    """Scale-aware limits are not loose ones: the artifact checked against a checkpoint whose experts of one
+    layer are 10% off fails."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    ckpt, art = gqa
+    other = shutil.copytree(ckpt, tmp_path / "other")
+    tensors = load_file(str(other / "model.safetensors"))
+    name = "model.layers.1.mlp.experts.down_proj"
+    tensors[name] = tensors[name] * 1.1
+    save_file(tensors, str(other / "model.safetensors"), metadata={"format": "pt"})
+    report = validate_artifact(open_artifact(art), checkpoint=other)
+    assert not report["ok"]
+    assert not all(c["ok"] for c in report["entries"])
+    runner = CliRunner()
+    result = runner.invoke(main, ["bench", str(art), "--modes", "ar,tidar"])
+    assert result.exit_code == 2 and "no TiDAR entry points" in result.output

@@ -421,6 +421,9 @@ def bench(artifact: Path, backends: str, prompt_len: int, new_tokens: int, repea
             bad = sorted(set(wanted) - {"ar", "tidar", "tidar-fused"})
             if bad:
                 raise InputError(f"unknown --modes {bad}; choose from ar, tidar, tidar-fused")
+            if set(wanted) - {"ar"} and art.manifest.get("tidar") is None:
+                raise InputError(f"{artifact}: no TiDAR entry points (exported from an AR checkpoint; re-export "
+                                 "with --tidar on to bench the TiDAR modes)")
             result = bench_matrix(art, tuple(names), prompt_len, new_tokens, repeats, wanted, mix_w)
         else:
             result = bench_artifact(art, tuple(n for n in names if n != "torch"), prompt_len, new_tokens, repeats)
