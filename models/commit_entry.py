@@ -31,29 +31,28 @@ import torch
 from torch import Tensor, nn
 
 from .config import ZayaConfig
-from .entries import INPUT_NAMES, MAX_BATCH, MAX_SEQ
+from .io_table import (ACCEPTED_UPDATE, COMMIT_META, MAX_BATCH, MAX_SEQ, STATE, TABLE, UPDATE, Name, config_sizes,
+                       dynamic_shape, shape)
 from .state import committed_window, write_rows
-
-STATE_INPUTS = INPUT_NAMES[2:]  # the forward entries' state inputs, mutated in place here
 
 
 @dataclass(frozen=True)
 class CommitSpec:
     name: str
-    update: list[str]  # the forward outputs it consumes
+    update: tuple[Name, ...]  # the forward outputs it consumes
 
     @property
-    def inputs(self) -> list[str]:
-        return [*STATE_INPUTS, "lengths", "counts", "new_valid", *self.update]
+    def inputs(self) -> list[Name]:
+        return [*STATE, *COMMIT_META, *self.update]
 
     @property
-    def mutates(self) -> list[str]:
-        return STATE_INPUTS
+    def mutates(self) -> list[Name]:
+        return list(STATE)
 
 
 COMMIT_SPECS = {
-    "commit": CommitSpec("commit", ["new_k", "new_v", "conv_rows", "omega"]),
-    "commit_accepted": CommitSpec("commit_accepted", ["new_k", "new_v", "conv_state_out", "rho_state_out"]),
+    "commit": CommitSpec("commit", UPDATE),
+    "commit_accepted": CommitSpec("commit_accepted", ACCEPTED_UPDATE),
 }
 # forward outputs that only feed a commit: the IREE backend leaves them on the device when the state lives there
 UPDATE_OUTPUTS = frozenset(n for spec in COMMIT_SPECS.values() for n in spec.update)
@@ -95,21 +94,18 @@ def commit_module(name: str) -> nn.Module:
 def export_commit(config: ZayaConfig, name: str) -> torch.export.ExportedProgram:
     """Trace one commit entry (functionalised, so the mutations are in the graph signature) with dynamic B, S
     and T; the examples avoid 0/1 so no dim is specialised."""
-    L, nkv, d = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
-    C, kappa, dv = config.conv_channels, config.conv_history, config.value_half
-    B, S, T = 2, 9, 3
-    state = (torch.zeros(L, B, nkv, S, d), torch.zeros(L, B, nkv, S, d), torch.zeros(B, S, dtype=torch.bool),
-             torch.zeros(L, B, C, kappa), torch.zeros(L, B, dv))
-    meta = (torch.tensor([1, 2]), torch.tensor([3, 1]), torch.ones(B, T, dtype=torch.bool))
-    new_kv = (torch.randn(L, B, nkv, T, d), torch.randn(L, B, nkv, T, d))
-    update = (torch.randn(L, B, C, kappa + T), torch.randn(L, B, T, dv)) if name == "commit" \
-        else (torch.randn(L, B, C, kappa), torch.randn(L, B, dv))
-    b = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    s = torch.export.Dim("past", min=1, max=MAX_SEQ)
+    spec = COMMIT_SPECS[name]
+    sizes = {**config_sizes(config), "B": 2, "S": 9, "T": 3}
+    kappa = sizes["kappa"]
+    examples = {n: torch.randn(shape(n, sizes)) for n in spec.update}
+    examples |= {n: torch.zeros(shape(n, sizes), dtype=TABLE[n].dtype) for n in STATE}
+    examples |= {Name.LENGTHS: torch.tensor([1, 2]), Name.COUNTS: torch.tensor([3, 1]),
+                 Name.NEW_VALID: torch.ones(shape(Name.NEW_VALID, sizes), dtype=torch.bool)}
     t = torch.export.Dim("seq", min=1, max=MAX_SEQ)
-    dynamic = ({1: b, 3: s}, {1: b, 3: s}, {0: b, 1: s}, {1: b}, {1: b}, {0: b}, {0: b}, {0: b, 1: t},
-               {1: b, 3: t}, {1: b, 3: t}, *(({1: b, 3: kappa + t}, {1: b, 2: t}) if name == "commit"
-                                             else ({1: b}, {1: b})))
+    dims = {"B": torch.export.Dim("batch", min=1, max=MAX_BATCH), "S": torch.export.Dim("past", min=1, max=MAX_SEQ),
+            "T": t, "kappa+T": kappa + t}
+    dynamic = tuple(dynamic_shape(n, dims) for n in spec.inputs)
     with torch.no_grad():
-        program = torch.export.export(commit_module(name), (*state, *meta, *new_kv, *update), dynamic_shapes=dynamic)
+        program = torch.export.export(commit_module(name), tuple(examples[n] for n in spec.inputs),
+                                      dynamic_shapes=dynamic)
     return program.run_decompositions({})

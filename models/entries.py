@@ -36,11 +36,9 @@ from .state import Past
 from .zaya import ZayaForCausalLM
 from .packed import PackedLayout, packed_layout
 
-from .ingraph_step import ACCEPT_INPUTS, ACCEPT_OUTPUTS, greedy_step, sample_step, sampler_vector
+from .ingraph_step import greedy_step, sample_step, sampler_vector
+from .io_table import ACCEPT_INPUTS, ACCEPT_OUTPUTS, FORWARD_INPUTS, MAX_BATCH, MAX_SEQ, UPDATE, Name, dynamic_shape
 
-INPUT_NAMES = ["input_ids", "input_mask", "past_k", "past_v", "past_valid", "conv_state", "rho_state"]
-STATE_OUTPUTS = ["new_k", "new_v", "conv_rows", "omega"]
-MAX_BATCH, MAX_SEQ = 64, 1 << 20
 AR_ENTRIES = ("prefill", "decode")  # what every artifact has; TiDAR ones add verify, draft and the packed step
 
 
@@ -57,16 +55,16 @@ class EntrySpec:
 
 
     @property
-    def inputs(self) -> list[str]:
-        return [*INPUT_NAMES, *ACCEPT_INPUTS[self.accept]] if self.accept else INPUT_NAMES
+    def inputs(self) -> list[Name]:
+        return [*FORWARD_INPUTS, *ACCEPT_INPUTS[self.accept]] if self.accept else list(FORWARD_INPUTS)
 
     @property
-    def outputs(self) -> list[str]:
+    def outputs(self) -> list[Name]:
         if self.accept:
-            return ACCEPT_OUTPUTS[self.accept]
+            return list(ACCEPT_OUTPUTS[self.accept])
         if self.probe:
-            return ["logits", "hidden"]
-        return ["logits", *STATE_OUTPUTS] if self.state else ["logits"]
+            return [Name.LOGITS, Name.HIDDEN]
+        return [Name.LOGITS, *UPDATE] if self.state else [Name.LOGITS]
 
 
 def default_levels(block_len: int) -> tuple[int, ...]:
@@ -159,6 +157,11 @@ def example_inputs(model: ZayaForCausalLM, B: int, T: int, S: int, seed: int = 0
     return (ids, mask, past[0], past[1], valid, conv, rho)
 
 
+def example_feed(model: ZayaForCausalLM, B: int, T: int, S: int, seed: int = 0) -> dict[Name, "np.ndarray"]:
+    """:func:`example_inputs` as a backend feed: forward input name → numpy array."""
+    return dict(zip(FORWARD_INPUTS, (x.numpy() for x in example_inputs(model, B, T, S, seed))))
+
+
 def greedy_inputs(model: ZayaForCausalLM, B: int, T: int, S: int, seed: int = 0) -> tuple[Tensor, ...]:
     """Inputs of the entry signature drawn from the model's own distribution: the real state after a random
     prompt of S tokens, and as new ids the model's greedy continuation of T tokens (what a greedy TiDAR
@@ -191,14 +194,13 @@ def accept_inputs(spec: EntrySpec, B: int, vocab: int, seed: int = 0, temperatur
 
 def export_entry(model: ZayaForCausalLM, spec: EntrySpec) -> torch.export.ExportedProgram:
     """Trace one entry point with its dynamic dims (examples avoid 0/1 so no dim gets specialised)."""
-    B = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    S = torch.export.Dim("past", min=0, max=MAX_SEQ)
-    seq = {0: B, 1: torch.export.Dim("seq", min=1, max=MAX_SEQ)} if spec.tokens is None else {0: B}
-    dynamic = (seq, seq, {1: B, 3: S}, {1: B, 3: S}, {0: B, 1: S}, {1: B}, {1: B})
+    dims = {"B": torch.export.Dim("batch", min=1, max=MAX_BATCH), "S": torch.export.Dim("past", min=0, max=MAX_SEQ)}
+    if spec.tokens is None:
+        dims["T"] = torch.export.Dim("seq", min=1, max=MAX_SEQ)
+    dynamic = tuple(dynamic_shape(name, dims) for name in spec.inputs)
     inputs = example_inputs(model, 2, spec.tokens or 7, 3)
     if spec.accept:
-        extra = accept_inputs(spec, 2, model.config.vocab_size)
-        dynamic, inputs = (*dynamic, *({0: B} if t.dim() > 1 else None for t in extra)), (*inputs, *extra)
+        inputs = (*inputs, *accept_inputs(spec, 2, model.config.vocab_size))
     with torch.no_grad():
         return torch.export.export(Entry(model, spec), inputs, dynamic_shapes=dynamic)
 

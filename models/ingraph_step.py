@@ -18,12 +18,6 @@ from torch import Tensor, nn
 
 from .packed import PackedLayout
 
-_STATE_OUT = ["new_k", "new_v", "conv_state_out", "rho_state_out"]
-ACCEPT_INPUTS = {"greedy": ["draft_valid"], "sample": ["draft_valid", "draft_logits", "uniforms", "sampler"]}
-ACCEPT_OUTPUTS = {
-    "greedy": ["count", "tokens", "next_drafts", "next_valid", *_STATE_OUT],
-    "sample": ["count", "tokens", "next_drafts", "next_valid", "next_draft_logits", *_STATE_OUT],
-}
 
 
 def sampler_vector(temperature: float, top_k: int, top_p: float, w: float) -> Tensor:
@@ -74,7 +68,7 @@ def _commit(u, ell: Tensor, K1: int) -> tuple[Tensor, ...]:  # noqa: ANN001 - mo
 
 def greedy_step(ids: Tensor, hidden: Tensor, head: nn.Module, u, draft_valid: Tensor,  # noqa: ANN001
                 packed: PackedLayout) -> tuple[Tensor, ...]:
-    """ids [B, N] (anchor, K drafts, masks), hidden [B, N, H] final-normed → ``ACCEPT_OUTPUTS["greedy"]``."""
+    """ids [B, N] (anchor, K drafts, masks), hidden [B, N, H] final-normed → ``io_table.ACCEPT_OUTPUTS["greedy"]``."""
     K1 = packed.block_len + 1
     best = first_argmax(head(hidden[:, :K1]))  # [B, K+1] AR argmax of the verify rows
     drafts = ids[:, 1:K1]
@@ -107,7 +101,7 @@ def sample_step(ids: Tensor, hidden: Tensor, head: nn.Module, u, draft_valid: Te
                 draft_logits: Tensor, uniforms: Tensor, sampler: Tensor, packed: PackedLayout) -> tuple[Tensor, ...]:
     """Stochastic lossless / mixing acceptance in-graph. draft_logits ζ [B, K, V] (the logits the drafts came
     from; used when w < 1), uniforms [B, K+1] (K acceptance tests, then the correction/bonus draw), sampler
-    [4] → ``ACCEPT_OUTPUTS["sample"]``."""
+    [4] → ``io_table.ACCEPT_OUTPUTS["sample"]``."""
     K = packed.block_len
     K1 = K + 1
     temperature, top_k, top_p, w = sampler[0], sampler[1], sampler[2], sampler[3]

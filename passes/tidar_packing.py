@@ -22,6 +22,7 @@ from zaya_export.models import Past, ZayaForCausalLM
 from zaya_export.models.packed import packed_layout
 from zaya_export.models.state import committed_window
 from zaya_export.models.entries import Entry, EntrySpec, example_inputs, greedy_inputs, packed_entry_specs
+from zaya_export.models.io_table import UPDATE, Name
 
 from .base import Pass, PassError
 from .probe_check import Comparison, ProbeTolerance, record, replay, stack_routes, tolerance_for
@@ -112,4 +113,4 @@ def _check_one(model: ZayaForCausalLM, specs: dict[str, EntrySpec], inputs: tupl
     segments = 1 + len(layout.levels)  # the tape holds L verify calls, then L calls per draft
     forced_routes = [stack_routes([ref.routes[s * L + layer] for s in range(segments)], B) for layer in range(L)]
     return replay(packed, forced=[r.choice for r in forced_routes], reference_routes=forced_routes,
-                  want=ref.outputs, names=["logits", "new_k", "new_v", "conv_rows", "omega"])
+                  want=ref.outputs, names=[Name.LOGITS, *UPDATE])

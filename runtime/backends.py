@@ -10,6 +10,7 @@ import numpy as np
 
 from zaya_export.models import entries
 from zaya_export.models.commit_entry import UPDATE_OUTPUTS
+from zaya_export.models.io_table import Name
 from zaya_export.errors import InputError
 
 
@@ -115,7 +116,7 @@ class IreeBackend(Backend):
         outs = getattr(self.module, entry)(*[a if isinstance(a, self.rt.DeviceArray) else np.ascontiguousarray(a)
                                              for a in args])
         outs = [] if outs is None else outs if isinstance(outs, (list, tuple)) else [outs]
-        resident = isinstance(inputs.get("past_k"), self.rt.DeviceArray)
+        resident = isinstance(inputs.get(Name.PAST_K), self.rt.DeviceArray)
         # to_host() may alias device buffers that the next call reuses: copy, as the other backends return owned
         # arrays (the TiDAR loop keeps a step's draft logits across the next forward)
         return {o["name"]: r if resident and o["name"] in UPDATE_OUTPUTS else np.array(r.to_host(), copy=True)

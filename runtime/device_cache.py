@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from zaya_export.models.commit_entry import COMMIT_SPECS, STATE_INPUTS
 from zaya_export.models import ZayaConfig
+from zaya_export.models.commit_entry import COMMIT_SPECS
+from zaya_export.models.io_table import Name, state_buffers
 
 from .host_cache import KVCache
 
@@ -27,9 +28,8 @@ class DeviceKVCache:
     def __init__(self, backend, config: ZayaConfig, batch: int, capacity: int, slack: int) -> None:  # noqa: ANN001
         self.backend, self.capacity, self.slots = backend, capacity, capacity + slack
         self.lengths = np.zeros(batch, np.int64)
-        fresh = KVCache(config, batch, self.slots)
         self.state = {name: backend.to_device(a)
-                      for name, a in zip(STATE_INPUTS, (fresh.k, fresh.v, fresh.valid, fresh.conv, fresh.rho))}
+                      for name, a in state_buffers(config, batch, self.slots, np.float32, np.zeros).items()}
 
     @property
     def length(self) -> int:
@@ -38,12 +38,12 @@ class DeviceKVCache:
     def inputs(self, ids: np.ndarray, mask: np.ndarray | None = None) -> dict:
         """Entry inputs for new tokens ``ids`` [B, T]: host ids and mask, the state as device arrays."""
         mask = np.ones(ids.shape, bool) if mask is None else mask.astype(bool)
-        return {"input_ids": ids.astype(np.int64), "input_mask": mask, **self.state}
+        return {Name.INPUT_IDS: ids.astype(np.int64), Name.INPUT_MASK: mask, **self.state}
 
     def commit(self, out: dict, counts: np.ndarray | None = None, mask: np.ndarray | None = None) -> None:
         """Keep the first ``counts[b]`` new tokens of row b (all T by default) of a forward's device-resident
         outputs ``out``; ``mask`` marks left padding."""
-        T = out["new_k"].shape[3]
+        T = out[Name.NEW_K].shape[3]
         counts = np.full(len(self.lengths), T, np.int64) if counts is None else np.asarray(counts, np.int64)
         if (self.lengths + counts).max() > self.capacity:
             raise ValueError(f"cache full: committing {counts.max()} more tokens exceeds capacity {self.capacity}")
@@ -52,17 +52,14 @@ class DeviceKVCache:
                              f"({self.slots} allocated)")
         new_valid = np.ones((len(counts), T), bool) if mask is None else np.ascontiguousarray(mask[:, :T], bool)
         # the in-graph steps (step_greedy, step_sample) already gathered the committed conv window and ρ
-        spec = COMMIT_SPECS["commit_accepted" if "conv_state_out" in out else "commit"]
-        self.backend.run(spec.name, {**self.state, "lengths": self.lengths, "counts": counts,
-                                     "new_valid": new_valid, **{name: out[name] for name in spec.update}})
+        spec = COMMIT_SPECS["commit_accepted" if Name.CONV_STATE_OUT in out else "commit"]
+        self.backend.run(spec.name, {**self.state, Name.LENGTHS: self.lengths, Name.COUNTS: counts,
+                                     Name.NEW_VALID: new_valid, **{name: out[name] for name in spec.update}})
         self.lengths = self.lengths + counts
 
     def to_host(self) -> KVCache:
         """A numpy copy (tests, debugging); the first ``capacity`` slots."""
-        snapshot = KVCache.__new__(KVCache)  # filled from the device, not allocated
         host = {name: np.array(a.to_host(), copy=True) for name, a in self.state.items()}
-        snapshot.capacity, snapshot.lengths = self.capacity, self.lengths.copy()
-        snapshot.k, snapshot.v = host["past_k"][..., : self.capacity, :], host["past_v"][..., : self.capacity, :]
-        snapshot.valid = host["past_valid"][:, : self.capacity]
-        snapshot.conv, snapshot.rho = host["conv_state"], host["rho_state"]
-        return snapshot
+        slots = {Name.PAST_K: np.s_[..., : self.capacity, :], Name.PAST_V: np.s_[..., : self.capacity, :],
+                 Name.PAST_VALID: np.s_[:, : self.capacity]}
+        return KVCache.from_buffers({n: a[slots.get(n, ...)] for n, a in host.items()}, self.lengths.copy())

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from zaya_export.models import ZayaForCausalLM, decode, prefill
+from zaya_export.models.io_table import Name
 
 from .sampling import Sampler, SamplerConfig
 from .session import Session
@@ -77,7 +78,7 @@ def generate(session: Session, prompts: list[list[int]], max_new_tokens: int, st
     first = time.perf_counter() - start
     forwards, stopper = 1, _Stopper(len(prompts), stop_ids)
     for step in range(max_new_tokens):
-        token = choose(out["logits"])
+        token = choose(out[Name.LOGITS])
         if not stopper.emit(token) or step == max_new_tokens - 1:
             break
         out = session.run("decode", cache.inputs(token[:, None]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from zaya_export.models import entries
+from zaya_export.models.io_table import Name
 from zaya_export.models.checkpoint import load_checkpoint
 from zaya_export.errors import InputError
 
@@ -76,7 +77,7 @@ class Session:
         commits (unless ``state_on_device`` is off), numpy buffers otherwise."""
         if isinstance(self.backend, IreeBackend) and self.backend.commits_on_device and self.state_on_device:
             stateful = [e["tokens"] or 0 for e in self.artifact.entry_points.values()
-                        if any(o["name"] == "new_k" for o in e["outputs"])]
+                        if any(o["name"] == Name.NEW_K for o in e["outputs"])]
             return DeviceKVCache(self.backend, self.config, batch, capacity, slack=max(stateful, default=0))
         return KVCache(self.config, batch, capacity)
 

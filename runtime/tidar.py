@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from zaya_export.models.io_table import Name
+
 from .generate import GenerationResult, _Stopper, left_pad
 from .sampling import Sampler, SamplerConfig, sample, warp
 from .session import Session
@@ -81,7 +83,7 @@ def accept(z: np.ndarray, drafts: np.ndarray, zeta: np.ndarray, cfg: SamplerConf
 
 def _draft(session: Session, cache, anchor: np.ndarray, K: int, mask_id: int):  # noqa: ANN001
     ids = np.concatenate([anchor[:, None], np.full((len(anchor), K), mask_id)], 1)
-    logits = session.run("draft", cache.inputs(ids))["logits"][:, 1:]  # [B, K, V]; slot 0 is discarded
+    logits = session.run("draft", cache.inputs(ids))[Name.LOGITS][:, 1:]  # [B, K, V]; slot 0 is discarded
     return logits.argmax(-1), logits
 
 
@@ -114,7 +116,7 @@ def generate_tidar(session: Session, prompts: list[list[int]], max_new_tokens: i
     cache = session.new_cache(len(prompts), ids.shape[1] + max_new_tokens + 2 * (K + 1))
     out = session.run("prefill", cache.inputs(ids, mask if padded else None))
     cache.commit(out, mask=mask.astype(bool) if padded else None)
-    anchor = Sampler(sampler)(out["logits"]) if sampler.greedy else sample(warp(out["logits"], sampler),
+    anchor = Sampler(sampler)(out[Name.LOGITS]) if sampler.greedy else sample(warp(out[Name.LOGITS], sampler),
                                                                               rng.random(len(prompts)))
     first = time.perf_counter() - start
     stopper = _Stopper(len(prompts), stop_ids)
@@ -136,18 +138,18 @@ def generate_tidar(session: Session, prompts: list[list[int]], max_new_tokens: i
             block = np.concatenate([block, np.full((len(block), (K + 1) * len(levels)), mask_id)], 1)
         forwards, steps = forwards + 1, steps + 1
         if in_graph and sampler.greedy:
-            out = session.run("step_greedy", {**cache.inputs(block), "draft_valid": valid})
+            out = session.run("step_greedy", {**cache.inputs(block), Name.DRAFT_VALID: valid})
         elif in_graph:
             uniforms = np.concatenate([rng.random((len(block), K)), rng.random(len(block))[:, None]], 1)
-            out = session.run("step_sample", {**cache.inputs(block), "draft_valid": valid,
-                                              "draft_logits": zeta.astype(np.float32),
-                                              "uniforms": uniforms.astype(np.float32), "sampler": params})
+            out = session.run("step_sample", {**cache.inputs(block), Name.DRAFT_VALID: valid,
+                                              Name.DRAFT_LOGITS: zeta.astype(np.float32),
+                                              Name.UNIFORMS: uniforms.astype(np.float32), Name.SAMPLER: params})
         else:
             out = session.run("step" if fused else "verify", cache.inputs(block))
-            ell, anchor = accept(out["logits"][:, : K + 1], drafts, zeta, sampler, w, rng, valid)
+            ell, anchor = accept(out[Name.LOGITS][:, : K + 1], drafts, zeta, sampler, w, rng, valid)
         if in_graph:
-            ell = out["count"] - 1
-            anchor = out["tokens"][np.arange(len(ell)), ell]
+            ell = out[Name.COUNT] - 1
+            anchor = out[Name.TOKENS][np.arange(len(ell)), ell]
         active = stopper.active.copy()
         cache.commit(out, counts=np.where(active, ell + 1, 0))
         for b in np.flatnonzero(active):
@@ -160,10 +162,10 @@ def generate_tidar(session: Session, prompts: list[list[int]], max_new_tokens: i
         stopper.active &= np.array([len(t) < max_new_tokens for t in stopper.out])
         live = bool(stopper.active.any())
         if live and in_graph:
-            drafts, valid = out["next_drafts"], out["next_valid"]
-            zeta = out.get("next_draft_logits", zeta)
+            drafts, valid = out[Name.NEXT_DRAFTS], out[Name.NEXT_VALID]
+            zeta = out.get(Name.NEXT_DRAFT_LOGITS, zeta)
         elif live and fused:
-            drafts, zeta, valid = _select_proposals(out["logits"], ell, levels, K)
+            drafts, zeta, valid = _select_proposals(out[Name.LOGITS], ell, levels, K)
         elif live:
             drafts, zeta = _draft(session, cache, anchor, K, mask_id)
             forwards += 1

@@ -14,7 +14,8 @@ import numpy as np
 
 from zaya_export.runtime.session import Session
 
-from zaya_export.models.entries import INPUT_NAMES, PROBE, example_inputs
+from zaya_export.models.entries import PROBE, example_feed
+from zaya_export.models.io_table import Name
 
 _REGIONS = ("attention (zaya.cca + zaya.block_attention)", "MoE (zaya.moe_top1)")
 
@@ -26,14 +27,14 @@ def bisect(a: Session, b: Session, model, rtol: float = 1e-4, shapes: tuple = ((
         raise KeyError(f"both backends need the debug entry {PROBE.name!r} (re-export with this zaya-export)")
     points = []
     for B, T, S in shapes:
-        inputs = dict(zip(INPUT_NAMES, (x.numpy() for x in example_inputs(model, B, T, S, seed=99 + T + S))))
+        inputs = example_feed(model, B, T, S, seed=99 + T + S)
         got, want = a.run(PROBE.name, inputs), b.run(PROBE.name, inputs)
-        rows = inputs["input_mask"]  # real tokens only: padded rows carry no meaning
-        for i in range(got["hidden"].shape[0]):
-            x, y = got["hidden"][i][rows], want["hidden"][i][rows]
+        rows = inputs[Name.INPUT_MASK]  # real tokens only: padded rows carry no meaning
+        for i in range(got[Name.HIDDEN].shape[0]):
+            x, y = got[Name.HIDDEN][i][rows], want[Name.HIDDEN][i][rows]
             err = float(np.abs(x - y).max() / max(1.0, float(np.abs(y).max())))
             points.append({"shape": (B, T, S), "layer": i // 2, "region": _REGIONS[i % 2], "rel_err": err})
-        x, y = got["logits"][rows], want["logits"][rows]
+        x, y = got[Name.LOGITS][rows], want[Name.LOGITS][rows]
         points.append({"shape": (B, T, S), "layer": None, "region": "final norm + lm_head",
                        "rel_err": float(np.abs(x - y).max() / max(1.0, float(np.abs(y).max())))})
     first = next((p for p in points if p["rel_err"] > rtol), None)

@@ -24,7 +24,7 @@ from zaya_export.passes.base import PassManager, PassRecord
 from zaya_export.passes.onnx_cleanup import onnx_pipeline
 
 from zaya_export.models.safetensors_header import read_header
-from zaya_export.models.entries import INPUT_NAMES
+from zaya_export.models.io_table import FORWARD_INPUTS
 
 OPSET = 20
 WEIGHTS_FILE = "weights.safetensors"
@@ -52,7 +52,7 @@ def write_weights(model: torch.nn.Module, path: Path, dtype: torch.dtype | None 
 
 
 def lower_entry(program: torch.export.ExportedProgram, expected_ops: dict[str, int],
-                output_names: list[str], input_names: list[str] = INPUT_NAMES) -> tuple[ir.Model, list[PassRecord]]:
+                output_names: list[str], input_names: list[str] = list(FORWARD_INPUTS)) -> tuple[ir.Model, list[PassRecord]]:
     """ExportedProgram → ONNX IR model with function bodies attached and the cleanup pipeline applied."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -28,7 +28,8 @@ from zaya_export.models.upstream import skip_bias_layers
 from zaya_export.runtime.artifact import Artifact
 from zaya_export.models.checkpoint import load_checkpoint
 from zaya_export.errors import ZayaError
-from zaya_export.models.entries import INPUT_NAMES, example_inputs
+from zaya_export.models.entries import example_feed
+from zaya_export.models.io_table import Name
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,8 @@ def _state_error(got: dict[str, np.ndarray], want: dict[str, np.ndarray], names:
 
 def _entry_ok(got: dict[str, np.ndarray], want: dict[str, np.ndarray], rows, tol: Tolerance  # noqa: ANN001
               ) -> tuple[bool, dict[str, float], float]:
-    m = logit_metrics(got["logits"][rows], want["logits"][rows], tol)
-    state = _state_error(got, want, [n for n in got if n != "logits"])
+    m = logit_metrics(got[Name.LOGITS][rows], want[Name.LOGITS][rows], tol)
+    state = _state_error(got, want, [n for n in got if n != Name.LOGITS])
     return _logits_ok(m, tol) and state <= tol.state_rtol, m, state
 
 
@@ -133,14 +134,14 @@ def _accept_inputs(artifact: Artifact, info: dict[str, Any], B: int, seed: int) 
     """Extra inputs of the in-graph TiDAR steps: row b lacks its last b drafts; random draft logits and
     uniforms; sampling at temperature 0.9, top-k 50, top-p 0.95, w 0.5 (so warping and mixing are exercised)."""
     names = {i["name"] for i in info["inputs"]}
-    if "draft_valid" not in names:  # not an in-graph step (every entry of an AR artifact)
+    if Name.DRAFT_VALID not in names:  # not an in-graph step (every entry of an AR artifact)
         return {}
     K, V = artifact.manifest["tidar"]["block_len"], artifact.config.vocab_size
     rng = np.random.default_rng(seed)
-    extra = {"draft_valid": np.arange(K)[None].repeat(B, 0) < K - np.arange(B)[:, None],
-             "draft_logits": rng.standard_normal((B, K, V)).astype(np.float32),
-             "uniforms": rng.random((B, K + 1)).astype(np.float32),
-             "sampler": np.array([0.9, 50, 0.95, 0.5], np.float32)}
+    extra = {Name.DRAFT_VALID: np.arange(K)[None].repeat(B, 0) < K - np.arange(B)[:, None],
+             Name.DRAFT_LOGITS: rng.standard_normal((B, K, V)).astype(np.float32),
+             Name.UNIFORMS: rng.random((B, K + 1)).astype(np.float32),
+             Name.SAMPLER: np.array([0.9, 50, 0.95, 0.5], np.float32)}
     return {k: v for k, v in extra.items() if k in names}
 
 
@@ -207,22 +208,23 @@ def validate_artifact(artifact: Artifact, backend: str = "ort", checkpoint: Path
             continue
         shapes = SHAPES if info.get("tokens") is None else sorted({(B, info["tokens"], S) for B, _, S in SHAPES})
         for B, T, S in shapes:
-            inputs = dict(zip(INPUT_NAMES, (x.numpy() for x in example_inputs(ref_model, B, T, S, seed=B * 7 + T + S))))
+            inputs = example_feed(ref_model, B, T, S, seed=B * 7 + T + S)
             inputs.update(_accept_inputs(artifact, info, B, seed=B + T + S))
             got = session.run(entry, inputs)
             want = ref.run(entry, inputs)
             shape = {"batch": B, "new": T, "cached": S}
-            if "logits" not in got:  # in-graph TiDAR step
+            if Name.LOGITS not in got:  # in-graph TiDAR step
                 checks.append({"entry": entry, "shape": shape, **_step_check(ref, entry, inputs, got, want, tol)})
                 continue
             upstream = hf is not None and S == 0 and entry in ("prefill", "decode", "verify")  # causal only
-            rows = inputs["input_mask"] if got["logits"].ndim == 3 else slice(None)  # every-row logits: real rows
+            rows = inputs[Name.INPUT_MASK] if got[Name.LOGITS].ndim == 3 else slice(None)  # every-row logits: real rows
             if upstream:
-                ids, mask = torch.from_numpy(inputs["input_ids"]), torch.from_numpy(inputs["input_mask"])
-                want = dict(want, logits=_hf_logits(hf, ids, mask, want["logits"].ndim == 3))
+                ids, mask = torch.from_numpy(inputs[Name.INPUT_IDS]), torch.from_numpy(inputs[Name.INPUT_MASK])
+                every_row = want[Name.LOGITS].ndim == 3
+                want = {**want, Name.LOGITS: _hf_logits(hf, ids, mask, every_row)}
                 if hf_loaded is not None:
-                    _note_quirk(quirk, got["logits"][rows], want["logits"][rows],
-                                _hf_logits(hf_loaded, ids, mask, want["logits"].ndim == 3)[rows])
+                    _note_quirk(quirk, got[Name.LOGITS][rows], want[Name.LOGITS][rows],
+                                _hf_logits(hf_loaded, ids, mask, every_row)[rows])
             ok, m, state = _entry_ok(got, want, rows, tol)
             flip = None
             if not ok and not upstream:
@@ -265,10 +267,10 @@ def _step_check(ref: TorchBackend, entry: str, inputs: dict[str, np.ndarray], go
     different decisions differ by design). States are compared relative to their scale."""
     exact = all(np.array_equal(got[n], want[n]) for n in got if got[n].dtype.kind in "iub")
     state = _state_error(got, want, [n for n in got if got[n].dtype.kind == "f"])
-    agree = float(np.mean(got["count"] == want["count"]))  # rows that accepted as many drafts
+    agree = float(np.mean(got[Name.COUNT] == want[Name.COUNT]))  # rows that accepted as many drafts
     tie = False
     if not exact:
-        logits = ref.run("step", inputs)["logits"]  # the same packed forward, with every row's logits
+        logits = ref.run("step", inputs)[Name.LOGITS]  # the same packed forward, with every row's logits
         top2 = np.sort(logits, -1)[..., -2:]
         tie = bool(((top2[..., 1] - top2[..., 0]) <= tol.logits_rtol * np.abs(logits).max()).any())
     if tol.greedy_exact:
@@ -407,12 +409,12 @@ def cross_check(artifact: Artifact, backends: list[str], device: str = "local-ta
                 if info.get("debug") or not (sessions[a].has(entry) and sessions[b].has(entry)):
                     continue
                 B, T, S = 2, info.get("tokens") or 9, 12
-                inputs = dict(zip(INPUT_NAMES, (x.numpy() for x in example_inputs(model, B, T, S, seed=T + S))))
+                inputs = example_feed(model, B, T, S, seed=T + S)
                 inputs.update(_accept_inputs(artifact, info, B, seed=T + S))
                 x, y = sessions[a].run(entry, inputs), sessions[b].run(entry, inputs)
                 err = {n: float(np.abs(x[n].astype(np.float64) - y[n]).max()) for n in x}
                 scale = {n: float(np.abs(x[n]).max()) if x[n].size else 0.0 for n in x}
-                limit = {n: (tol.logits_rtol * scale[n] if n == "logits" else 0.0 if x[n].dtype.kind in "iub"
+                limit = {n: (tol.logits_rtol * scale[n] if n == Name.LOGITS else 0.0 if x[n].dtype.kind in "iub"
                              else tol.state_rtol * scale[n]) for n in x}
                 out.append({"pair": f"{a}-{b}", "entry": entry, "max_abs": err,
                             "ok": all(err[n] <= limit[n] for n in err)})
