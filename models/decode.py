@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .layout import Readout
 from .state import DecodeState
 from .zaya import ZayaForCausalLM
 
@@ -18,7 +19,7 @@ def prefill(model: ZayaForCausalLM, input_ids: Tensor, attention_mask: Tensor | 
     capacity = T if capacity is None else capacity
     state = DecodeState(model.config, B, capacity, model.dtype, input_ids.device, model.rho_init())
     mask = None if attention_mask is None else attention_mask.bool()
-    logits, update = model.step(input_ids, state.past(), mask, last_only=True)
+    logits, update = model.step(input_ids, state.past(), mask, readout=Readout.LAST)
     state.commit(update, new_valid=mask)
     return logits[:, -1], state
 
@@ -26,6 +27,6 @@ def prefill(model: ZayaForCausalLM, input_ids: Tensor, attention_mask: Tensor | 
 @torch.no_grad()
 def decode(model: ZayaForCausalLM, tokens: Tensor, state: DecodeState) -> Tensor:
     """Feed one token per row (``[B]`` or ``[B, 1]``), commit it, and return the next logits ``[B, V]``."""
-    logits, update = model.step(tokens.reshape(-1, 1), state.past(), last_only=True)
+    logits, update = model.step(tokens.reshape(-1, 1), state.past(), readout=Readout.LAST)
     state.commit(update)
     return logits[:, -1]

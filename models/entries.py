@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from .decode import decode, prefill
 from .state import Past
 from .zaya import ZayaForCausalLM
+from .layout import BIDIRECTIONAL, CAUSAL, Readout, StepLayout, packed_of
 from .packed import PackedLayout, packed_layout
 
 from .ingraph_step import greedy_step, sample_step, sampler_vector
@@ -47,12 +48,23 @@ class EntrySpec:
     name: str
     tokens: int | None  # static T (None = dynamic)
     all_rows: bool  # logits for every new token, not just the last
-    causal: bool  # False: bidirectional block (draft)
     state: bool  # returns the state update
-    packed: PackedLayout | None = None  # the single-forward TiDAR step
+    layout: StepLayout = CAUSAL  # BIDIRECTIONAL: the draft block; a PackedLayout: the single-forward TiDAR step
     accept: str = ""  # "greedy" | "sample": acceptance, commit and next-draft selection inside the graph
     probe: bool = False  # debug: also return the residual stream after every attention and MoE
 
+    @property
+    def packed(self) -> PackedLayout | None:
+        """The packed TiDAR layout of a ``step*`` entry, else None."""
+        return packed_of(self.layout)
+
+    @property
+    def readout(self) -> Readout:
+        """What ``model.step`` returns: hidden states for in-graph acceptance (the head runs on 2K+1 rows
+        only), else every row's logits or the last row's."""
+        if self.accept:
+            return Readout.HIDDEN
+        return Readout.LOGITS if self.all_rows else Readout.LAST
 
     @property
     def inputs(self) -> list[Name]:
@@ -83,10 +95,10 @@ def base_entry_specs(block_len: int) -> dict[str, EntrySpec]:
     """AR entries and the two TiDAR forwards (verify, draft) of K+1 tokens."""
     K1 = block_len + 1
     return {
-        "prefill": EntrySpec(name="prefill", tokens=None, all_rows=False, causal=True, state=True),
-        "decode": EntrySpec(name="decode", tokens=1, all_rows=False, causal=True, state=True),
-        "verify": EntrySpec(name="verify", tokens=K1, all_rows=True, causal=True, state=True),
-        "draft": EntrySpec(name="draft", tokens=K1, all_rows=True, causal=False, state=False),
+        "prefill": EntrySpec(name="prefill", tokens=None, all_rows=False, state=True),
+        "decode": EntrySpec(name="decode", tokens=1, all_rows=False, state=True),
+        "verify": EntrySpec(name="verify", tokens=K1, all_rows=True, state=True),
+        "draft": EntrySpec(name="draft", tokens=K1, all_rows=True, state=False, layout=BIDIRECTIONAL),
     }
 
 
@@ -94,18 +106,17 @@ def packed_entry_specs(packed: PackedLayout) -> dict[str, EntrySpec]:
     """The single-forward TiDAR step: host acceptance (``step``), in-graph greedy (``step_greedy``) and in-graph
     stochastic lossless / logit-mixing acceptance (``step_sample``)."""
     return {
-        "step": EntrySpec(name="step", tokens=packed.size, all_rows=True, causal=True, state=True,
-                          packed=packed),
-        "step_greedy": EntrySpec(name="step_greedy", tokens=packed.size, all_rows=True, causal=True, state=True,
-                                 packed=packed, accept="greedy"),
-        "step_sample": EntrySpec(name="step_sample", tokens=packed.size, all_rows=True, causal=True, state=True,
-                                 packed=packed, accept="sample"),
+        "step": EntrySpec(name="step", tokens=packed.size, all_rows=True, state=True, layout=packed),
+        "step_greedy": EntrySpec(name="step_greedy", tokens=packed.size, all_rows=True, state=True, layout=packed,
+                                 accept="greedy"),
+        "step_sample": EntrySpec(name="step_sample", tokens=packed.size, all_rows=True, state=True, layout=packed,
+                                 accept="sample"),
     }
 
 
 # Debug entry for ``validate --bisect``: a causal forward that also returns hidden [2L, B, T, H], the residual
 # stream after layer i's attention (row 2i) and after its MoE (row 2i+1).
-PROBE = EntrySpec(name="layers", tokens=None, all_rows=True, causal=True, state=False, probe=True)
+PROBE = EntrySpec(name="layers", tokens=None, all_rows=True, state=False, probe=True)
 
 
 class Entry(nn.Module):
@@ -122,8 +133,7 @@ class Entry(nn.Module):
         spec = self.spec
         probe: list[Tensor] | None = [] if spec.probe else None
         logits, u = self.model.step(input_ids, Past(past_k, past_v, past_valid, conv_state, rho_state), input_mask,
-                                    last_only=not spec.all_rows, causal=spec.causal, packed=spec.packed, probe=probe,
-                                    head=not spec.accept)
+                                    layout=spec.layout, readout=spec.readout, probe=probe)
         if probe is not None:
             return logits, torch.stack(probe)
         if spec.accept == "greedy":  # `logits` are the normed hidden states here: the head runs on 2K+1 rows only

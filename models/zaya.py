@@ -13,6 +13,7 @@ channels, κ conv history, dv = n_kv·d/2 value half, R router hidden, E experts
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from zaya_export.kernels.routing import top1
 
 from .config import ZayaConfig
+from .layout import BIDIRECTIONAL, CAUSAL, BlockLayout, Readout, StepLayout, packed_of
 from .packed import PackedLayout, Segments
 from .state import Past, Update, empty_past
 
@@ -155,7 +157,11 @@ class CCAAttention(nn.Module):
     """``self_attn``: CCA projection, QK norm, partial RoPE and masked GQA attention over [cache ; new keys].
 
     ``project`` and ``attend`` are the two regions the fusion passes replace (by ``zaya.cca`` and
-    ``zaya.block_attention``); ``forward`` only wires them."""
+    ``zaya.block_attention``): a pass fills the slot ``fused_project`` / ``fused_attend`` (plain callables of
+    the same signature, not modules, so never in the state_dict) for the duration of a
+    ``passes.fusion.fused`` scope, and ``forward``, which only wires the regions, calls the slot when set."""
+
+    fused_slots = ("fused_project", "fused_attend")
 
     def __init__(self, config: ZayaConfig) -> None:
         super().__init__()
@@ -164,16 +170,18 @@ class CCAAttention(nn.Module):
         self.o_proj = nn.Linear(config.num_attention_heads * config.head_dim, config.hidden_size,
                                 bias=config.attention_bias)
         self.G = config.num_key_value_groups
+        self.fused_project: Callable[..., tuple[Tensor, ...]] | None = None  # (x, conv, rho, cos, sin)
+        self.fused_attend: Callable[..., Tensor] | None = None  # (q, k, v, past_k, past_v, layout)
 
     def forward(self, x: Tensor, past_k: Tensor, past_v: Tensor, conv: Tensor, rho: Tensor, layout: AttnLayout,
                 cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """x [B, T, H]; past_k/v [B, n_kv, S, d] → out [B, T, H] and this layer's k, v, conv_rows, omega."""
         if layout.segments is not None:  # packed TiDAR step: the reference path (the fused ops are one-segment)
-            q, k, v, conv_rows, omega = CCAAttention.project(self, x, conv, rho, cos, sin, layout.segments)
-            out = CCAAttention.attend(self, q, k, v, past_k, past_v, layout)
+            q, k, v, conv_rows, omega = self.project(x, conv, rho, cos, sin, layout.segments)
+            out = self.attend(q, k, v, past_k, past_v, layout)
             return self.o_proj(out), k, v, conv_rows, omega
-        q, k, v, conv_rows, omega = self.project(x, conv, rho, cos, sin)
-        out = self.attend(q, k, v, past_k, past_v, layout)
+        q, k, v, conv_rows, omega = (self.fused_project or self.project)(x, conv, rho, cos, sin)
+        out = (self.fused_attend or self.attend)(q, k, v, past_k, past_v, layout)
         return self.o_proj(out), k, v, conv_rows, omega
 
     def project(self, x: Tensor, conv: Tensor, rho: Tensor, cos: Tensor, sin: Tensor,  # noqa: ANN201
@@ -277,12 +285,21 @@ class Experts(nn.Module):
 
 
 class SparseMoE(nn.Module):
+    """``mlp``: router + experts, the region ``fuse_moe`` replaces by ``zaya.moe_top1`` through the slot
+    ``fused_forward`` (a plain callable of ``forward``'s signature, set only inside a fusion scope)."""
+
+    fused_slots = ("fused_forward",)
+
     def __init__(self, config: ZayaConfig, layer_idx: int) -> None:
         super().__init__()
         self.gate = Router(config, layer_idx)
         self.experts = Experts(config)
+        self.fused_forward: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]] | None = None
 
     def forward(self, x: Tensor, prev_router: Tensor | None) -> tuple[Tensor, Tensor]:
+        """x [B, T, H], the previous layer's router state [B·T, R] or None → out [B, T, H], router state."""
+        if self.fused_forward is not None:
+            return self.fused_forward(x, prev_router)
         B, T, H = x.shape
         choice, weight, router_state = self.gate(x.reshape(B * T, H), prev_router)
         out = self.experts(x.reshape(B * T, H), choice, weight)
@@ -398,20 +415,26 @@ class ZayaForCausalLM(nn.Module):
         biases = [layer.self_attn.qkv_proj.v_proj_delayed.bias for layer in self.model.layers]
         return None if biases[0] is None else torch.stack([b.detach() for b in biases])
 
-    def step(self, input_ids: Tensor, past: Past, input_mask: Tensor | None = None,
-             last_only: bool = False, causal: bool = True, packed: PackedLayout | None = None,
-             probe: list[Tensor] | None = None, head: bool = True) -> tuple[Tensor, Update]:
+    def step(self, input_ids: Tensor, past: Past, input_mask: Tensor | None = None, *,
+             layout: StepLayout = CAUSAL, readout: Readout = Readout.LOGITS,
+             probe: list[Tensor] | None = None) -> tuple[Tensor, Update]:
         """Forward T new tokens after the committed state ``past``.
 
-        input_ids [B, T]; input_mask [B, T] bool (False = left padding) or None → logits [B, T, V] (or
-        [B, 1, V] with ``last_only``) and the uncommitted :class:`Update`. ``causal=False`` is the TiDAR draft
-        layout: the block attends to the cache and bidirectionally to itself, while the CCA conv and delayed
-        value still continue from the committed state (they are sequence-local, not mask-driven).
-        ``packed`` is the single-forward TiDAR layout (verify + proposals, ``packed.py``); T must be its size.
-        ``probe`` (a list) receives the residual stream [B, T, H] after each layer's attention and MoE.
-        ``head=False`` returns the final-normed hidden states [B, T, H] instead of logits, so a caller can apply
-        the LM head to only the rows it needs (the in-graph TiDAR step: 2K+1 of N rows).
+        input_ids [B, T]; input_mask [B, T] bool (False = left padding) or None → the ``readout`` and the
+        uncommitted :class:`Update`. ``layout`` (``layout.py``): ``CAUSAL``; ``BIDIRECTIONAL``, the TiDAR draft
+        block, which attends to the cache and bidirectionally to itself while the CCA conv and delayed value
+        still continue from the committed state (they are sequence-local, not mask-driven); or a
+        :class:`PackedLayout`, the single-forward TiDAR layout (verify + proposals, ``packed.py``), T its size.
+        ``readout``: ``LOGITS`` [B, T, V]; ``LAST`` [B, 1, V]; ``HIDDEN`` the final-normed hidden states
+        [B, T, H], so a caller can apply the LM head to only the rows it needs (the in-graph TiDAR step: 2K+1
+        of N rows). ``probe`` (a list) receives the residual stream [B, T, H] after each layer's attention and
+        MoE.
         """
+        if not isinstance(layout, (BlockLayout, PackedLayout)):
+            raise TypeError(f"layout must be CAUSAL, BIDIRECTIONAL or a PackedLayout, got {layout!r}")
+        readout = Readout(readout)
+        packed = packed_of(layout)
+        causal = layout is not BIDIRECTIONAL
         cfg, m = self.config, self.model
         B, T = input_ids.shape
         dtype = self.dtype
@@ -426,24 +449,24 @@ class ZayaForCausalLM(nn.Module):
             else:
                 allowed, pos = packed_allowed(past.valid, packed, window)
             cos, sin = rope_cos_sin(pos, cfg.rotary_dim(layer_type), cfg.rope_theta(layer_type), dtype)
-            layout = AttnLayout(allowed, past.valid, new_valid, window or 0, causal,
-                                None if packed is None else packed.segments)
-            per_type[layer_type] = (layout, cos, sin)
+            attn = AttnLayout(allowed, past.valid, new_valid, window or 0, causal,
+                              None if packed is None else packed.segments)
+            per_type[layer_type] = (attn, cos, sin)
         router_state = None
         ks, vs, convs, omegas = [], [], [], []
         for i, layer in enumerate(m.layers):
-            layout, cos, sin = per_type[cfg.layer_types[i]]
+            attn, cos, sin = per_type[cfg.layer_types[i]]
             h, router_state, (k, v, conv_rows, omega) = layer(
-                h, router_state, input_mask, past.k[i], past.v[i], past.conv[i], past.rho[i], layout, cos, sin, probe
+                h, router_state, input_mask, past.k[i], past.v[i], past.conv[i], past.rho[i], attn, cos, sin, probe
             )
             ks.append(k)
             vs.append(v)
             convs.append(conv_rows)
             omegas.append(omega)
-        if last_only:
+        if readout is Readout.LAST:
             h = h[:, -1:]
         out = m.norm(h.to(dtype))
-        logits = self.lm_head(out) if head else out
+        logits = out if readout is Readout.HIDDEN else self.lm_head(out)
         return logits, Update(torch.stack(ks), torch.stack(vs), torch.stack(convs), torch.stack(omegas))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:

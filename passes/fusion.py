@@ -1,22 +1,42 @@
-"""Fusion passes: each rewrites one region per ZAYA1 layer into a single ``zaya.*`` op.
+"""Fusion passes: each rewrites one region per ZAYA1 layer into a single ``zaya.*`` op, for one scope.
 
 The regions are the model's own module boundaries (``CCAAttention.project``, ``CCAAttention.attend``,
 ``SparseMoE.forward``): the same information ``torch.export`` records as ``nn_module_stack``, used before
 tracing instead of after it. Rewriting at that level binds every weight and activation to the op's
 signature by name, so a fused graph cannot silently take the wrong operand; the traced graph is then
 checked for exactly one op per layer (``expected_ops``).
+
+A rewrite fills the module's fused slot (``fused_project``, ``fused_attend``, ``fused_forward``: plain
+callables, not modules, so the state_dict never changes) and is reversible: the passes run only inside
+``with fused(model, passes) as log:``, which restores every slot on exit, exception or not, so a model is
+never left fused.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 import zaya_export.kernels as kernels  # registers the zaya.* ops
 from zaya_export.models import ZayaForCausalLM
 from zaya_export.models.zaya import AttnLayout
 
-from .base import Pass, PassError
+from .base import Pass, PassError, PassManager, PassRecord
+
+
+class _Scopes(threading.local):
+    """ids of the models inside a ``fused`` scope on this thread, once per open scope (a fusion pass refuses
+    any other model). Thread-local like ``kernels.routing``'s tape, not a context variable."""
+
+    open: tuple[int, ...] = ()
+
+
+_SCOPES = _Scopes()
 
 
 def _fused(fn, op: str):  # noqa: ANN001, ANN202
@@ -24,31 +44,62 @@ def _fused(fn, op: str):  # noqa: ANN001, ANN202
     return fn
 
 
+def fused_slots(model: nn.Module) -> dict[tuple[str, str], Callable[..., Any]]:
+    """Every fused slot that is set: (module name, slot) → the callable in it."""
+    return {(name, slot): fn for name, module in model.named_modules()
+            for slot in getattr(module, "fused_slots", ()) if (fn := getattr(module, slot)) is not None}
+
+
+@contextmanager
+def fused(model: ZayaForCausalLM, passes: Sequence[Pass[ZayaForCausalLM]] | None = None,
+          **manager_options: Any) -> Iterator[list[PassRecord]]:
+    """Run the fusion ``passes`` (default :func:`fusion_pipeline`) on ``model`` through a :class:`PassManager`
+    (``manager_options``: its ``probe``, ``tolerance``, ``dump``...) and yield the pass log. On exit, also when
+    a pass or the body raises, every fused slot gets back the value it had on entry (none, outside an
+    enclosing scope): the model computes with its reference regions again, and its state_dict never changed.
+    """
+    saved = [(module, slot, getattr(module, slot)) for module in model.modules()
+             for slot in getattr(module, "fused_slots", ())]
+    _SCOPES.open = (*_SCOPES.open, id(model))
+    try:
+        yield PassManager(fusion_pipeline() if passes is None else passes, **manager_options).run(model)
+    finally:
+        still_open = list(_SCOPES.open)
+        still_open.remove(id(model))  # this scope's entry, whatever order scopes close in
+        _SCOPES.open = tuple(still_open)
+        for module, slot, value in saved:
+            setattr(module, slot, value)
+
+
 class _LayerFusion(Pass[ZayaForCausalLM]):
-    """Replaces method ``attr`` of each layer's submodule ``owner_path`` by a call to the fused op ``op``."""
+    """Fills the fused slot ``slot`` of each layer's submodule ``owner_path`` with a call to the fused op
+    ``op``; only inside a :func:`fused` scope, which undoes it."""
 
     op: str = ""
     owner_path: str = ""
-    attr: str = ""
+    slot: str = ""
 
-    def owner(self, layer):  # noqa: ANN001, ANN201 - the module whose method is replaced
+    def owner(self, layer):  # noqa: ANN001, ANN201 - the module whose region is replaced
         return getattr(layer, self.owner_path)
 
     def fused(self, owner, model):  # noqa: ANN001, ANN201 - the replacement, bound to owner's weights
         raise NotImplementedError
 
     def _is_fused(self, owner) -> bool:  # noqa: ANN001
-        return getattr(owner.__dict__.get(self.attr), "zaya_op", None) == self.op
+        return getattr(getattr(owner, self.slot), "zaya_op", None) == self.op
 
     def requires(self, model: ZayaForCausalLM) -> None:
-        done = [i for i, layer in enumerate(model.model.layers) if self._is_fused(self.owner(layer))]
+        if id(model) not in _SCOPES.open:
+            raise PassError(f"{self.name}: fusion runs only inside `with passes.fusion.fused(model, ...)`, "
+                            "which unfuses the model again on exit")
+        done = [i for i, layer in enumerate(model.model.layers) if getattr(self.owner(layer), self.slot) is not None]
         if done:
             raise PassError(f"{self.name}: layers {done} are already fused")
 
     def run(self, model: ZayaForCausalLM) -> int:
         for layer in model.model.layers:
             owner = self.owner(layer)
-            setattr(owner, self.attr, _fused(self.fused(owner, model), self.op))
+            setattr(owner, self.slot, _fused(self.fused(owner, model), self.op))
         return len(model.model.layers)
 
     def ensures(self, model: ZayaForCausalLM, rewrites: int) -> None:
@@ -64,7 +115,7 @@ class _LayerFusion(Pass[ZayaForCausalLM]):
 class FuseCCA(_LayerFusion):
     """q/k/v projections + q/k mean residual + two-stage conv + L2 norm·τ + partial RoPE → ``zaya.cca``."""
 
-    name, op, owner_path, attr = "fuse_cca", "zaya.cca", "self_attn", "project"
+    name, op, owner_path, slot = "fuse_cca", "zaya.cca", "self_attn", "fused_project"
 
     def requires(self, model: ZayaForCausalLM) -> None:
         if model.config.attention_bias:
@@ -87,7 +138,7 @@ class FuseCCA(_LayerFusion):
 class FuseAttention(_LayerFusion):
     """Masked GQA attention → ``zaya.block_attention`` (mask rebuilt inside the op from the layout)."""
 
-    name, op, owner_path, attr = "fuse_attention", "zaya.block_attention", "self_attn", "attend"
+    name, op, owner_path, slot = "fuse_attention", "zaya.block_attention", "self_attn", "fused_attend"
 
     def fused(self, attn, model):  # noqa: ANN001, ANN201
         def attend(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor, layout: AttnLayout) -> Tensor:
@@ -100,7 +151,7 @@ class FuseAttention(_LayerFusion):
 class FuseMoE(_LayerFusion):
     """Router MLP with EDA state + biased top-1 with skip class + SwiGLU experts → ``zaya.moe_top1``."""
 
-    name, op, owner_path, attr = "fuse_moe", "zaya.moe_top1", "mlp", "forward"
+    name, op, owner_path, slot = "fuse_moe", "zaya.moe_top1", "mlp", "fused_forward"
 
     def fused(self, moe, model):  # noqa: ANN001, ANN201
         gate, experts, eps = moe.gate, moe.experts, model.config.rms_norm_eps

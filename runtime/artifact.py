@@ -26,15 +26,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
-
-from zaya_export.models import ZayaConfig
 
 from zaya_export.errors import ZayaError
+from zaya_export.models import ZayaConfig
 
-SCHEMA_VERSION = 2  # 2: TiDAR entries; state outputs conv_rows/omega
+from .manifest import FORMAT, SCHEMA_VERSION, EntryPoint, Manifest, ManifestError
+
+__all__ = ["FORMAT", "MANIFEST", "SCHEMA_VERSION", "Artifact", "ArtifactError", "Manifest", "atomic_directory",
+           "is_artifact", "open_artifact", "tool_versions", "write_manifest"]
+
 MANIFEST = "manifest.json"
-FORMAT = "zaya-export-artifact"
 # Versions that must match between the exporting and the loading environment.
 PINNED = ("zaya-export", "torch", "onnx", "onnxruntime", "onnxscript", "onnx-ir", "iree-base-compiler",
           "iree-base-runtime", "iree-turbine")
@@ -66,14 +67,11 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def rehash(root: Path, manifest: dict[str, Any]) -> None:
-    manifest["files"] = {p.relative_to(root).as_posix(): sha256(p) for p in _files(root)}
-
-
-def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    rehash(root, manifest)
+def write_manifest(root: Path, manifest: Manifest) -> None:
+    """Hash every file under ``root`` into ``manifest.files`` and write ``manifest.json`` atomically."""
+    manifest.files = {p.relative_to(root).as_posix(): sha256(p) for p in _files(root)}
     tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n")
     os.replace(tmp, root / MANIFEST)
 
 
@@ -103,23 +101,29 @@ def atomic_directory(out: Path, force: bool) -> Iterator[Path]:
 
 @dataclass
 class Artifact:
+    """An opened, checked artifact: its root and typed manifest. Paths go through :meth:`path`, which keeps
+    them inside ``root``; the config is the hashed ``config.json`` (checked equal to the manifest's copy)."""
+
     root: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
+    config: ZayaConfig
 
     @property
-    def config(self) -> ZayaConfig:
-        return ZayaConfig.from_dict(self.manifest["config"], warn_unknown=False)
-
-    @property
-    def entry_points(self) -> dict[str, Any]:
-        return self.manifest["entry_points"]
+    def entry_points(self) -> dict[str, EntryPoint]:
+        return self.manifest.entry_points
 
     def path(self, relative: str) -> Path:
-        return self.root / relative
+        """``root / relative``, refused when it resolves outside the artifact (a link or an edited manifest)."""
+        path = self.root / relative
+        try:
+            path.resolve().relative_to(self.root.resolve())
+        except ValueError:
+            raise ArtifactError(f"{self.root}: {relative!r} resolves outside the artifact") from None
+        return path
 
     @property
     def weights(self) -> Path:
-        return self.root / self.manifest["weights"]
+        return self.path(self.manifest.weights)
 
     @property
     def tokenizer(self) -> Path | None:
@@ -135,21 +139,22 @@ def is_artifact(path: Path) -> bool:
 
 
 def open_artifact(path: str | Path, verify: bool = True, allow_version_mismatch: bool = False) -> Artifact:
-    """Load and check an artifact: schema, every file's sha256, no unlisted files, tool versions."""
+    """Load and check an artifact: schema and structure, every file's sha256, no unlisted files, every path the
+    manifest names inside the artifact and hashed, the config, tool versions."""
     root = Path(path)
     mpath = root / MANIFEST
     if not mpath.is_file():
         raise ArtifactError(f"{root}: not an artifact (no {MANIFEST})")
     try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        assert isinstance(manifest, dict) and manifest.get("format") == FORMAT
-    except Exception:
+        raw = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
         raise ArtifactError(f"{mpath}: corrupt manifest") from None
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ArtifactError(f"{mpath}: schema version {manifest.get('schema_version')!r} is not supported "
-                            f"(this zaya-export reads {SCHEMA_VERSION})")
+    try:
+        manifest = Manifest.from_json(raw)
+    except ManifestError as exc:
+        raise ArtifactError(f"{mpath}: {exc}") from None
     if verify:
-        listed = manifest.get("files", {})
+        listed = manifest.files
         present = {p.relative_to(root).as_posix() for p in _files(root)}
         for rel in sorted(set(listed) - present):
             raise ArtifactError(f"{root / rel}: missing (listed in the manifest)")
@@ -158,13 +163,30 @@ def open_artifact(path: str | Path, verify: bool = True, allow_version_mismatch:
         for rel, digest in sorted(listed.items()):
             if sha256(root / rel) != digest:
                 raise ArtifactError(f"{root / rel}: sha256 does not match the manifest (tampered or corrupt)")
-    built, here = manifest.get("versions", {}), tool_versions()
+        for where, rel in manifest.paths().items():
+            if rel not in listed:
+                raise ArtifactError(f"{mpath}: {where} names {rel!r}, which is not one of the artifact's files")
+    built, here = manifest.versions, tool_versions()
     diffs = [f"{k} {built.get(k)} (artifact) vs {here.get(k)} (here)" for k in PINNED if built.get(k) != here.get(k)]
     if diffs and not allow_version_mismatch:
         raise ArtifactError(f"{root}: built with other tool versions: {'; '.join(diffs)} "
                             "(re-export, or pass --allow-version-mismatch)")
+    artifact = Artifact(root, manifest, _config(root, manifest))
+    for rel in manifest.paths().values():
+        artifact.path(rel)
+    return artifact
+
+
+def _config(root: Path, manifest: Manifest) -> ZayaConfig:
+    """The hashed ``config.json``; the manifest's copy (what ``inspect`` shows) must say the same."""
     try:
-        ZayaConfig.from_dict(manifest["config"], warn_unknown=False)
-    except Exception as exc:
-        raise ArtifactError(f"{mpath}: invalid config ({exc})") from None
-    return Artifact(root, manifest)
+        on_disk = json.loads((root / "config.json").read_text(encoding="utf-8"))
+        config = ZayaConfig.from_dict(on_disk, warn_unknown=False)
+        copy = ZayaConfig.from_dict(manifest.config, warn_unknown=False)
+    except Exception as exc:  # noqa: BLE001 - any parse or validation failure is an invalid artifact
+        raise ArtifactError(f"{root}: invalid config ({exc})") from None
+    if config.to_dict() != copy.to_dict():
+        differ = sorted(k for k, v in config.to_dict().items() if copy.to_dict().get(k) != v)
+        raise ArtifactError(f"{root}: the manifest's config differs from config.json in {', '.join(differ)} "
+                            "(tampered?)")
+    return config

@@ -43,9 +43,10 @@ class OrtBackend(Backend):
 
     def session(self, entry: str):  # noqa: ANN201 - onnxruntime.InferenceSession
         if entry not in self.sessions:
-            if "onnx" not in self.artifact.entry_points.get(entry, {}):
+            point = self.artifact.entry_points.get(entry)
+            if point is None or point.onnx is None:
                 raise KeyError(f"the artifact has no ONNX graph for the {entry!r} entry point")
-            path = self.artifact.path(self.artifact.entry_points[entry]["onnx"])
+            path = self.artifact.path(point.onnx)
             session = self.ort.InferenceSession(str(path), self.options, providers=self.providers)
             if session.get_providers()[0] != self.providers[0]:  # ORT silently falls back to CPU
                 raise RuntimeError(f"onnxruntime did not enable {self.providers[0]} (got {session.get_providers()})")
@@ -67,12 +68,12 @@ class IreeBackend(Backend):
     def __init__(self, artifact, device: str = "local-task", target: str | None = None) -> None:  # noqa: ANN001
         import iree.runtime as rt
 
-        modules = artifact.manifest.get("iree") or {}
+        modules = artifact.manifest.iree
         if not modules:
             raise InputError(f"{artifact.root}: no IREE module (export with --format onnx,mlir --target cpu)")
         gpu = device.split(":")[0] in ("hip", "rocm")
         if target is None:
-            wanted = [n for n, m in modules.items() if (m["driver"] == "hip") == gpu]
+            wanted = [n for n, m in modules.items() if (m.driver == "hip") == gpu]
             if not wanted:
                 raise InputError(f"{artifact.root}: no IREE module for device {device!r} (have {sorted(modules)})")
             target = wanted[0]
@@ -87,15 +88,14 @@ class IreeBackend(Backend):
         index = rt.ParameterIndex()
         index.load(str(artifact.weights))
         params = rt.create_io_parameters_module(self.config.vm_instance,
-                                                index.create_provider(scope=artifact.manifest["mlir"]["parameters"]
-                                                                      ["scope"]))
-        vmfb = rt.VmModule.mmap(self.config.vm_instance, str(artifact.path(modules[target]["vmfb"])))
+                                                index.create_provider(scope=artifact.manifest.mlir.parameter_scope))
+        vmfb = rt.VmModule.mmap(self.config.vm_instance, str(artifact.path(modules[target].vmfb)))
         self.context = rt.SystemContext(config=self.config, vm_modules=[
             params, rt.create_hal_module(self.config.vm_instance, self.config.device), vmfb])
         self.module = self.context.modules.module
         self.rt = rt
         # model entries, then the in-place state commits (absent from artifacts exported before them)
-        self.entries = {**artifact.entry_points, **artifact.manifest["mlir"].get("state_entries", {})}
+        self.entries = {**artifact.entry_points, **artifact.manifest.mlir.state_entries}
         self.target, self.device = target, device
 
     @property
@@ -112,15 +112,15 @@ class IreeBackend(Backend):
         if entry not in self.entries:
             raise KeyError(f"the artifact has no {entry!r} entry point")
         spec = self.entries[entry]
-        args = [inputs[i["name"]] for i in spec["inputs"]]
+        args = [inputs[n] for n in spec.input_names]
         outs = getattr(self.module, entry)(*[a if isinstance(a, self.rt.DeviceArray) else np.ascontiguousarray(a)
                                              for a in args])
         outs = [] if outs is None else outs if isinstance(outs, (list, tuple)) else [outs]
         resident = isinstance(inputs.get(Name.PAST_K), self.rt.DeviceArray)
         # to_host() may alias device buffers that the next call reuses: copy, as the other backends return owned
         # arrays (the TiDAR loop keeps a step's draft logits across the next forward)
-        return {o["name"]: r if resident and o["name"] in UPDATE_OUTPUTS else np.array(r.to_host(), copy=True)
-                for o, r in zip(spec["outputs"], outs)}
+        return {n: r if resident and n in UPDATE_OUTPUTS else np.array(r.to_host(), copy=True)
+                for n, r in zip(spec.output_names, outs)}
 
 
 class TorchBackend(Backend):

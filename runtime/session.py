@@ -5,14 +5,13 @@ the device (``device_cache.DeviceKVCache``, whose in-place commit entries write 
 
 from __future__ import annotations
 
-from pathlib import Path
+import numpy as np
 
 from zaya_export.models import entries
-from zaya_export.models.io_table import Name
 from zaya_export.models.checkpoint import load_checkpoint
 from zaya_export.errors import InputError
 
-from .artifact import is_artifact, open_artifact
+from .artifact import Artifact
 from .backends import Backend, IreeBackend, OrtBackend, TorchBackend
 from .device_cache import DeviceKVCache
 from .host_cache import KVCache
@@ -20,48 +19,45 @@ from .tokenizer import load_tokenizer
 
 __all__ = ["Backend", "DeviceKVCache", "IreeBackend", "KVCache", "OrtBackend", "Session", "TorchBackend"]
 
+BACKENDS = ("ort", "iree", "torch")
+
 
 class Session:
-    """Open an artifact (``ort``, ``iree`` or ``torch`` backend) or a checkpoint (``torch`` only)."""
+    """An opened artifact or model behind one entry-point interface. Build it from opened objects:
+    :meth:`from_artifact` (``ort``, ``iree`` or ``torch`` on the artifact's own weights) or :meth:`from_model`
+    (eager). Telling a path's kind apart is the caller's business (``zaya_export.sources``)."""
 
-    def __init__(self, path: str | Path, backend: str = "ort", threads: int | None = None,
-                 allow_version_mismatch: bool = False, dtype: str | None = None, device: str = "local-task",
-                 target: str | None = None, state_on_device: bool = True) -> None:
-        path = Path(path)
+    def __init__(self, backend: Backend, config, block_len: int | None, levels: tuple[int, ...],  # noqa: ANN001
+                 artifact: Artifact | None = None, tokenizer=None, state_on_device: bool = False) -> None:  # noqa: ANN001
+        self.backend, self.config, self.artifact, self.tokenizer = backend, config, artifact, tokenizer
+        self.block_len, self.levels = block_len, tuple(levels)
         self.state_on_device = state_on_device  # IREE: keep the decode state on the device (off: numpy, copied)
-        self.artifact = open_artifact(path, allow_version_mismatch=allow_version_mismatch) if is_artifact(path) \
-            else None
+
+    @classmethod
+    def from_artifact(cls, artifact: Artifact, backend: str = "ort", threads: int | None = None,
+                      dtype: str | None = None, device: str = "local-task", target: str | None = None,
+                      state_on_device: bool = True) -> "Session":
+        tidar = artifact.manifest.tidar
+        tokenizer = load_tokenizer(artifact.tokenizer) if artifact.tokenizer is not None else None
         if backend in ("ort", "iree"):
-            if self.artifact is None:
-                raise InputError(f"{path}: the {backend} backend needs an exported artifact (run `zaya-export export`)")
-            self.backend: Backend = OrtBackend(self.artifact, threads) if backend == "ort" \
-                else IreeBackend(self.artifact, device, target)
-            self.config = self.artifact.config
-            tidar = self.artifact.manifest.get("tidar") or {}
-            self.block_len, self.levels = tidar.get("block_len"), tuple(tidar.get("levels", ()))
-        elif backend == "torch":
-            model = load_checkpoint(path, dtype=dtype) if self.artifact is None \
-                else _model_from_artifact(self.artifact, dtype)
-            tidar = (self.artifact.manifest.get("tidar") or {}) if self.artifact else {}
-            self.block_len = tidar.get("block_len") or model.config.diffusion_block_len
-            self.levels = tuple(tidar.get("levels", ())) or entries.default_levels(self.block_len)
-            ar_artifact = self.artifact is not None and self.artifact.manifest.get("tidar") is None
-            self.backend = TorchBackend(model, self.block_len, self.levels, tidar=not ar_artifact)
-            self.config = model.config
-        else:
-            raise InputError(f"unknown backend {backend!r}; choose ort, iree or torch")
-        tok = (self.artifact.tokenizer if self.artifact else (path / "tokenizer.json"))
-        self.tokenizer = load_tokenizer(tok) if tok is not None and tok.is_file() else None
+            runner: Backend = OrtBackend(artifact, threads) if backend == "ort" \
+                else IreeBackend(artifact, device, target)
+            return cls(runner, artifact.config, tidar and tidar.block_len, tidar.levels if tidar else (),
+                       artifact, tokenizer, state_on_device)
+        if backend != "torch":
+            raise InputError(f"unknown backend {backend!r}; choose {', '.join(BACKENDS)}")
+        model = artifact_model(artifact, dtype)
+        block_len = tidar.block_len if tidar else model.config.diffusion_block_len
+        levels = tidar.levels if tidar else entries.default_levels(block_len)
+        runner = TorchBackend(model, block_len, levels, tidar=tidar is not None)
+        return cls(runner, model.config, block_len, levels, artifact, tokenizer, state_on_device)
 
     @classmethod
     def from_model(cls, model, block_len: int | None = None,  # noqa: ANN001 - ZayaForCausalLM
-                   levels: tuple[int, ...] | None = None) -> "Session":
-        self = cls.__new__(cls)
-        self.artifact, self.tokenizer, self.state_on_device = None, None, False
-        self.block_len = block_len or model.config.diffusion_block_len
-        self.levels = tuple(levels or entries.default_levels(self.block_len))
-        self.backend, self.config = TorchBackend(model, self.block_len, self.levels), model.config
-        return self
+                   levels: tuple[int, ...] | None = None, tokenizer=None) -> "Session":  # noqa: ANN001
+        block_len = block_len or model.config.diffusion_block_len
+        levels = tuple(levels or entries.default_levels(block_len))
+        return cls(TorchBackend(model, block_len, levels), model.config, block_len, levels, tokenizer=tokenizer)
 
     def run(self, entry: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.backend.run(entry, inputs)
@@ -69,19 +65,18 @@ class Session:
     def has(self, entry: str) -> bool:
         if isinstance(self.backend, TorchBackend):
             return entry in self.backend.entries
-        return entry in self.artifact.entry_points and (self.backend.name != "ort"
-                                                        or "onnx" in self.artifact.entry_points[entry])
+        point = self.artifact.entry_points.get(entry)
+        return point is not None and (self.backend.name != "ort" or point.onnx is not None)
 
     def new_cache(self, batch: int, capacity: int) -> "KVCache | DeviceKVCache":
         """Decode state for ``capacity`` tokens per row: on the device for IREE modules with the in-place
         commits (unless ``state_on_device`` is off), numpy buffers otherwise."""
         if isinstance(self.backend, IreeBackend) and self.backend.commits_on_device and self.state_on_device:
-            stateful = [e["tokens"] or 0 for e in self.artifact.entry_points.values()
-                        if any(o["name"] == Name.NEW_K for o in e["outputs"])]
+            stateful = [e.tokens or 0 for e in self.artifact.entry_points.values() if e.stateful]
             return DeviceKVCache(self.backend, self.config, batch, capacity, slack=max(stateful, default=0))
         return KVCache(self.config, batch, capacity)
 
 
-def _model_from_artifact(artifact, dtype: str | None):  # noqa: ANN001, ANN202
+def artifact_model(artifact: Artifact, dtype: str | None = None):  # noqa: ANN201 - ZayaForCausalLM
     """The eager reference model on the artifact's own weights (the checkpoint loader, pointed at them)."""
     return load_checkpoint(artifact.root, dtype=dtype, weights_dir=artifact.weights.parent)

@@ -18,6 +18,7 @@ from zaya_export.exporter import ExportError, export_artifact
 from zaya_export.runtime.generate import generate, generate_greedy
 from zaya_export.runtime.sampling import SamplerConfig
 from zaya_export.runtime.session import Session
+from zaya_export.sources import open_session
 from zaya_export.validate import validate_artifact
 
 
@@ -42,19 +43,20 @@ def artifact(ckpt):
 def test_artifact_layout_and_manifest(artifact, model):
     art = open_artifact(artifact)
     m = art.manifest
-    assert set(m["files"]) == {"config.json", "generation_config.json", "onnx/weights.safetensors",
+    assert set(m.files) == {"config.json", "generation_config.json", "onnx/weights.safetensors",
                                *(f"onnx/{e}.onnx" for e in ("prefill", "decode", "verify", "draft", "step", "step_greedy",
                                                                  "step_sample", "layers"))}
-    assert m["tidar"] == {"block_len": model.config.diffusion_block_len, "levels": [0, 6, 16], "mask_token_id": 4}
-    assert m["op_counts"]["step"]["zaya.moe_top1"] == 3 and "zaya.cca" not in m["op_counts"]["step"]
-    assert [(r["name"], r["rewrites"]) for r in m["pass_log"]["model"]] == [
+    assert m.tidar.to_json() == {"block_len": model.config.diffusion_block_len, "levels": [0, 6, 16],
+                                 "mask_token_id": 4}
+    assert m.op_counts["step"]["zaya.moe_top1"] == 3 and "zaya.cca" not in m.op_counts["step"]
+    assert [(r["name"], r["rewrites"]) for r in m.model_passes] == [
         ("fuse_cca", 3), ("fuse_attention", 3), ("fuse_moe", 3), ("pack_tidar_step", 3)]
     for entry in ("prefill", "decode", "verify", "draft"):
-        assert m["op_counts"][entry]["zaya.cca"] == 3
-        assert [i["name"] for i in m["entry_points"][entry]["inputs"]][:2] == ["input_ids", "input_mask"]
-        assert {r["name"] for r in m["pass_log"]["onnx"][entry]} == {"fold_constants", "dead_code",
+        assert m.op_counts[entry]["zaya.cca"] == 3
+        assert m.entry_points[entry].input_names[:2] == ["input_ids", "input_mask"]
+        assert {r["name"] for r in m.pass_log["onnx"][entry]} == {"fold_constants", "dead_code",
                                                                      "check_fused_nodes"}
-    assert set(m["versions"]) >= {"torch", "onnx", "onnxruntime", "zaya-export"}
+    assert set(m.versions) >= {"torch", "onnx", "onnxruntime", "zaya-export"}
     assert {**art.config.to_dict(), "dtype": None} == {**model.config.to_dict(), "dtype": None}
 
 
@@ -85,17 +87,17 @@ def test_ort_matches_the_source_model(artifact, ckpt, reference):
 
 def test_batched_padded_greedy_generation_matches_eager(artifact, model):
     prompts = [[5, 9, 31, 200, 7, 7, 8], [44], [300, 301, 302, 303]]
-    ort_result = generate(Session(artifact, "ort"), prompts, 12)
+    ort_result = generate(open_session(artifact, "ort"), prompts, 12)
     assert ort_result.tokens == generate_greedy(model, prompts, 12).tokens
     assert ort_result.forwards == 12
 
 
 def test_sampling_is_seeded_and_identical_across_backends(artifact):
     cfg = SamplerConfig(temperature=20.0, top_k=40, top_p=0.95, seed=7)  # flat enough to vary
-    ort_tokens = generate(Session(artifact, "ort"), [[5, 6, 7]], 20, sampler=cfg).tokens
-    torch_tokens = generate(Session(artifact, "torch"), [[5, 6, 7]], 20, sampler=cfg).tokens
-    again = generate(Session(artifact, "ort"), [[5, 6, 7]], 20, sampler=cfg).tokens
-    other = generate(Session(artifact, "ort"), [[5, 6, 7]], 20, sampler=SamplerConfig(temperature=20.0, seed=8)).tokens
+    ort_tokens = generate(open_session(artifact, "ort"), [[5, 6, 7]], 20, sampler=cfg).tokens
+    torch_tokens = generate(open_session(artifact, "torch"), [[5, 6, 7]], 20, sampler=cfg).tokens
+    again = generate(open_session(artifact, "ort"), [[5, 6, 7]], 20, sampler=cfg).tokens
+    other = generate(open_session(artifact, "ort"), [[5, 6, 7]], 20, sampler=SamplerConfig(temperature=20.0, seed=8)).tokens
     assert ort_tokens == torch_tokens == again
     assert other != ort_tokens
 
@@ -104,6 +106,21 @@ def _flip_last_byte(path):
     data = bytearray(path.read_bytes())
     data[-1] ^= 1
     path.write_bytes(bytes(data))
+
+
+def _edit(artifact, change):
+    path = artifact / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def _outside_link(artifact, rel):
+    """``rel`` replaced by a link to an identical file outside the artifact: the hash still matches."""
+    outside = artifact.parent / "outside.bin"
+    shutil.copyfile(artifact / rel, outside)
+    (artifact / rel).unlink()
+    (artifact / rel).symlink_to(outside)
 
 
 def _copy(artifact, tmp_path):
@@ -121,12 +138,25 @@ def _copy(artifact, tmp_path):
     (lambda a: (a / "manifest.json").write_text(
         (a / "manifest.json").read_text().replace('"onnxruntime": "', '"onnxruntime": "0.0.')),
      "built with other tool versions: onnxruntime"),
+    # an edited manifest cannot point a backend outside the artifact, nor at an unhashed file
+    (lambda a: _edit(a, lambda m: m.update(weights="../other/onnx/weights.safetensors")), "points outside"),
+    (lambda a: _edit(a, lambda m: m.update(weights="/etc/passwd")), "points outside"),
+    (lambda a: _edit(a, lambda m: m["entry_points"]["decode"].update(onnx="onnx/../../x.onnx")), "points outside"),
+    (lambda a: _edit(a, lambda m: m["files"].pop("onnx/decode.onnx") and (a / "onnx" / "decode.onnx").unlink()),
+     "entry_points.decode.onnx names 'onnx/decode.onnx', which is not one of the artifact's files"),
+    (lambda a: _outside_link(a, "onnx/decode.onnx"), "resolves outside the artifact"),
+    # the config comes from the hashed config.json; an edit of the manifest's copy is refused
+    (lambda a: _edit(a, lambda m: m["config"].update(eos_token_id=7)), "differs from config.json in eos_token_id"),
+    (lambda a: _edit(a, lambda m: m.update(surprise=1)), "unknown field"),
+    (lambda a: _edit(a, lambda m: m["entry_points"]["decode"].update(tokens="1")),
+     r"entry_points.decode.tokens: expected int or null, got str"),
+    (lambda a: _edit(a, lambda m: m["entry_points"]["decode"].pop("inputs")), "decode: missing 'inputs'"),
 ])
 def test_tampered_artifacts_are_refused(artifact, tmp_path, tamper, message):
     copy = _copy(artifact, tmp_path)
     tamper(copy)
     with pytest.raises(ArtifactError, match=message):
-        Session(copy, "ort")
+        open_session(copy, "ort")
 
 
 def test_export_is_atomic(ckpt, artifact, tmp_path, monkeypatch):
@@ -196,7 +226,7 @@ def test_validation_failure_exits_non_zero(artifact, tmp_path, monkeypatch):
     monkeypatch.setitem(validate.TOLERANCES, "fp32", validate.Tolerance(0.0, 0.0, -1.0, 1.1, True))
     result = CliRunner().invoke(main, ["validate", str(copy)])
     assert result.exit_code == 1 and "validation failed" in result.stderr
-    summary = open_artifact(copy).manifest["validation"]["validation-ort-eager"]
+    summary = open_artifact(copy).manifest.validation["validation-ort-eager"]
     assert summary["ok"] is False
 
 
@@ -217,7 +247,7 @@ def test_narrow_weight_storage(ckpt, artifact, tmp_path, dtype):
     """--dtype bf16/fp16 stores the weights once at half the size; the graphs cast them and compute in fp32."""
     out = tmp_path / dtype
     manifest = export_artifact(ckpt, out, dtype=dtype, tidar="on" if dtype == "bf16" else "off")  # fp16: AR only
-    assert (manifest["dtype"], manifest["compute_dtype"]) == (dtype, "fp32")
+    assert (manifest.dtype, manifest.compute_dtype) == (dtype, "fp32")
     full = (artifact / "onnx" / "weights.safetensors").stat().st_size
     assert (out / "onnx" / "weights.safetensors").stat().st_size < 0.55 * full
     proto = onnx.load(str(out / "onnx" / "decode.onnx"), load_external_data=False)
@@ -235,7 +265,7 @@ def test_tidar_on_onnxruntime(artifact, model):
     from zaya_export.runtime.tidar import generate_tidar
 
     prompts = [[5, 9, 31, 200, 7, 7, 8], [44], [300, 301]]
-    ort_session = Session(artifact, "ort")
+    ort_session = open_session(artifact, "ort")
     assert ort_session.levels == (0, 6, 16)
     for fused in (False, True):
         greedy = generate_tidar(ort_session, prompts, 20, fused=fused)  # fused greedy: in-graph step_greedy
@@ -254,3 +284,25 @@ def test_tidar_on_onnxruntime(artifact, model):
     assert report["tokens_per_forward"] > 1
     result = CliRunner().invoke(main, ["run", str(artifact), "--prompt-ids", "5", "--sampler", "mix"])
     assert result.exit_code == 2 and "needs --mode tidar" in result.stderr
+
+
+def test_dump_after_any_phase(ckpt, tmp_path):
+    """--dump-after takes every phase and every fusion pass; each dump is what that phase produced."""
+    from zaya_export.exporter import PHASES
+
+    dumps = tmp_path / "dumps"
+    manifest = export_artifact(ckpt, tmp_path / "a", tidar="off", dump_dir=dumps,
+                               dump_after=("prepare", "fuse_moe", "trace", "lower-onnx", "write", "lower-mlir"))
+    names = sorted(p.name for p in dumps.iterdir())
+    index = {name: i for i, (name, _) in enumerate(PHASES)}
+    assert f"phase{index['prepare']}-prepare-prefill.txt" in names
+    assert any(n.endswith("-fuse_moe.txt") for n in names)
+    traced = (dumps / f"phase{index['trace']}-trace-prefill.txt").read_text()
+    assert "zaya.moe_top1" in traced and "zaya.moe_top1" not in (
+        dumps / f"phase{index['prepare']}-prepare-prefill.txt").read_text()
+    assert "zaya.MoETop1" in (dumps / f"phase{index['lower-onnx']}-lower-onnx-decode.txt").read_text()
+    written = json.loads((dumps / f"phase{index['write']}-write-manifest.txt").read_text())
+    assert sorted(written["entry_points"]) == sorted(manifest.entry_points)
+    assert "nothing to dump" in (dumps / f"phase{index['lower-mlir']}-lower-mlir.txt").read_text()
+    with pytest.raises(ExportError, match="unknown passes or phases"):
+        export_artifact(ckpt, tmp_path / "b", dump_after=("tracing",))

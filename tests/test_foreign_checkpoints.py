@@ -19,7 +19,7 @@ from zaya_export.cli import main
 from zaya_export.exporter import export_artifact
 from zaya_export.mlir_export import TARGETS
 from zaya_export.runtime.generate import generate
-from zaya_export.runtime.session import Session
+from zaya_export.sources import open_session
 from zaya_export.runtime.tidar import generate_tidar
 from zaya_export.validate import validate_artifact
 
@@ -70,7 +70,7 @@ def test_ort_greedy_equals_upstream_greedy(fixture, request):
     ckpt, art = request.getfixturevalue(fixture)
     hf = upstream_as_loaded(ckpt)
     prompts = _prompts(hf.config.vocab_size)
-    session = Session(art, backend="ort")
+    session = open_session(art, backend="ort")
     want = upstream_greedy(hf, prompts, N_NEW)
     assert generate(session, prompts, N_NEW).tokens == want  # batched, left padded
     for p, w in zip(prompts, want):
@@ -82,7 +82,7 @@ def test_greedy_tidar_equals_upstream_greedy_ar(sliding, fused):
     ckpt, art = sliding
     hf = upstream_as_loaded(ckpt)
     prompts = _prompts(hf.config.vocab_size)
-    session = Session(art, backend="ort")
+    session = open_session(art, backend="ort")
     for p, w in zip(prompts, upstream_greedy(hf, prompts, N_NEW)):
         assert generate_tidar(session, [p], N_NEW, fused=fused).tokens[0] == w
 
@@ -91,7 +91,7 @@ def test_iree_greedy_equals_upstream_greedy(gqa):
     ckpt, art = gqa
     hf = upstream_as_loaded(ckpt)
     prompts = _prompts(hf.config.vocab_size)
-    session = Session(art, backend="iree")
+    session = open_session(art, backend="iree")
     for p, w in zip(prompts, upstream_greedy(hf, prompts, N_NEW)):
         assert generate(session, [p], N_NEW).tokens[0] == w
 
@@ -107,7 +107,7 @@ def test_validate_passes_with_scale_aware_tolerances(fixture, backend, request):
 def test_ar_checkpoint_exports_ar_entries_only_and_refuses_tidar_runs(gqa):
     ckpt, art = gqa
     manifest = open_artifact(art).manifest
-    assert sorted(manifest["entry_points"]) == ["decode", "layers", "prefill"] and manifest["tidar"] is None
+    assert sorted(manifest.entry_points) == ["decode", "layers", "prefill"] and manifest.tidar is None
     runner = CliRunner()
     result = runner.invoke(main, ["run", str(art), "--prompt-ids", "5,6,7", "--mode", "tidar"])
     assert result.exit_code == 2 and "exported from an AR checkpoint" in result.output

@@ -111,8 +111,7 @@ def test_moe_top1_onnx_body_matches_reference(N, E, skip, seed):
 def test_reference_ops_equal_the_model_regions():
     """Each fusion pass swaps a region for its op; the whole model's outputs (every entry, the packed step
     included) stay within fp32 rounding."""
-    from zaya_export.passes.base import PassManager
-    from zaya_export.passes.fusion import fusion_pipeline
+    from zaya_export.passes.fusion import fused, fusion_pipeline
     from zaya_export.models.entries import Entry, accept_inputs, entry_specs, example_inputs
 
     model = random_model(small_config(), seed=4)
@@ -125,7 +124,8 @@ def test_reference_ops_equal_the_model_regions():
         with torch.no_grad():
             return [t for spec, inputs in cases for t in Entry(m, spec)(*inputs)]
 
-    log = PassManager(fusion_pipeline(), probe=probe).run(model)
+    with fused(model, fusion_pipeline(), probe=probe) as log:
+        pass
     assert [(r.name, r.rewrites) for r in log] == [("fuse_cca", 2), ("fuse_attention", 2), ("fuse_moe", 2)]
     assert log[0].max_abs_diff == 0.0  # same arithmetic, different summation order only in attention
     assert all(r.max_rel_diff <= 1e-5 and r.routing_flips == 0 for r in log)

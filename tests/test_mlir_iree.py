@@ -27,6 +27,7 @@ from zaya_export.runtime.generate import generate, generate_greedy
 from zaya_export.runtime.device_cache import DeviceKVCache
 from zaya_export.runtime.sampling import SamplerConfig
 from zaya_export.runtime.session import KVCache, Session
+from zaya_export.sources import open_session
 from zaya_export.runtime.tidar import generate_tidar
 from zaya_export.models.ingraph_step import first_argmax
 from zaya_export.validate import cross_check, validate_artifact
@@ -90,26 +91,26 @@ def test_first_argmax_is_argmax_with_ties():
 def test_module_has_every_entry_and_external_weights(artifact):
     art = open_artifact(artifact)
     m = art.manifest
-    assert m["formats"] == ["onnx", "mlir"]
-    assert set(m["mlir"]["ops_per_entry"]) == {"prefill", "decode", "verify", "draft", "step", "step_greedy",
+    assert m.formats == ("onnx", "mlir")
+    assert set(m.mlir.ops_per_entry) == {"prefill", "decode", "verify", "draft", "step", "step_greedy",
                                                "step_sample", "layers", "commit", "commit_accepted"}
-    assert set(m["mlir"]["state_entries"]) == {"commit", "commit_accepted"}
-    text = (artifact / m["mlir"]["module"]).read_text()
+    assert set(m.mlir.state_entries) == {"commit", "commit_accepted"}
+    text = (artifact / m.mlir.module).read_text()
     # weights are named external parameters, not inlined constants: the module is small
     assert '#flow.parameter.named<"model"::"model.embed_tokens.weight">' in text
-    assert (artifact / m["mlir"]["module"]).stat().st_size < (artifact / m["weights"]).stat().st_size * 3
+    assert (artifact / m.mlir.module).stat().st_size < (artifact / m.weights).stat().st_size * 3
     assert "dense_resource<torch_tensor_1024_128" not in text
     for target in ("cpu", *GPU_TARGETS):
-        assert m["iree"][target]["flags"][0] == "--iree-input-type=torch"
-    assert m["versions"]["iree-base-compiler"] and m["versions"]["iree-turbine"]
+        assert m.iree[target].flags[0] == "--iree-input-type=torch"
+    assert m.versions["iree-base-compiler"] and m.versions["iree-turbine"]
 
 
 def test_gpu_modules_contain_amd_code_objects_for_their_arch(artifact):
     m = open_artifact(artifact).manifest
     for target in GPU_TARGETS:
-        archs = amd_archs_in(artifact / m["iree"][target]["vmfb"])
+        archs = amd_archs_in(artifact / m.iree[target].vmfb)
         assert archs and set(archs) == {target}, (target, archs)
-    assert amd_archs_in(artifact / m["iree"]["cpu"]["vmfb"]) == []
+    assert amd_archs_in(artifact / m.iree["cpu"].vmfb) == []
     info = json.loads(CliRunner().invoke(main, ["inspect", str(artifact), "--json"]).stdout)
     assert all(info["iree"][t]["archs_ok"] and info["iree"][t]["amd_archs_found"] == [t] for t in GPU_TARGETS)
     assert info["iree"]["cpu"]["archs_ok"] and info["iree"]["cpu"]["bytes"] > 0
@@ -128,7 +129,7 @@ def test_iree_cpu_matches_eager_and_ort(artifact):
 
 
 def test_iree_greedy_tokens_equal_eager_and_ort_ar_and_tidar(artifact, model):
-    iree, ort = Session(artifact, backend="iree"), Session(artifact, backend="ort")
+    iree, ort = open_session(artifact, backend="iree"), open_session(artifact, backend="ort")
     prompts = [[2, 17, 301, 44, 9], [5], [2, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
     for p in prompts:
         want = generate_greedy(model, [p], 20).tokens[0]
@@ -142,8 +143,8 @@ def test_iree_greedy_tokens_equal_eager_and_ort_ar_and_tidar(artifact, model):
 def test_state_stays_on_the_device_and_commits_like_the_host_cache(artifact, model):
     import iree.runtime as rt
 
-    iree = Session(artifact, backend="iree")
-    host = Session(artifact, backend="iree", state_on_device=False)
+    iree = open_session(artifact, backend="iree")
+    host = open_session(artifact, backend="iree", state_on_device=False)
     dev, ref = iree.new_cache(2, 24), host.new_cache(2, 24)
     assert isinstance(dev, DeviceKVCache) and isinstance(ref, KVCache)
     prompt, mask = np.array([[0, 0, 7, 9], [3, 4, 5, 6]]), np.array([[0, 0, 1, 1], [1, 1, 1, 1]], bool)
@@ -176,7 +177,7 @@ def test_state_stays_on_the_device_and_commits_like_the_host_cache(artifact, mod
 
 def test_bisect_names_the_first_divergent_layer_and_op(model, artifact):
     base = Session.from_model(model)
-    assert not bisect(base, Session(artifact, backend="iree"), model)["diverged"]
+    assert not bisect(base, open_session(artifact, backend="iree"), model)["diverged"]
     for layer, attr, region in ((1, "experts", "MoE"), (0, "o_proj", "attention")):
         broken = random_model(model.config, seed=5)
         with torch.no_grad():
@@ -210,7 +211,7 @@ def test_cli_three_way_validate_and_bench(artifact):
 
 def test_hip_without_driver_fails_clearly(artifact):
     with pytest.raises(InputError, match="hip.*not available|libamdhip64"):
-        Session(artifact, backend="iree", device="hip")
+        open_session(artifact, backend="iree", device="hip")
     result = CliRunner().invoke(main, ["run", str(artifact), "--backend", "iree", "--device", "hip",
                                        "--prompt-ids", "2,9"])
     assert result.exit_code == 2 and "hip" in result.stderr and "Traceback" not in result.output
@@ -230,5 +231,5 @@ def test_bad_mlir_requests_fail_clearly(artifact, tmp_path):
     onnx_only = tmp_path / "onnx-only"
     export_artifact(ckpt, onnx_only)
     with pytest.raises(InputError, match="no IREE module"):
-        Session(onnx_only, backend="iree")
+        open_session(onnx_only, backend="iree")
     assert not np.any([(tmp_path / n).exists() for n in ("a", "b", "c", "d")])

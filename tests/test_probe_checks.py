@@ -14,6 +14,7 @@ from zaya_export.kernels.routing import Route, RoutingTape, routing_flips, routi
 from zaya_export.models.packed import packed_layout
 from zaya_export.passes import tidar_packing
 from zaya_export.passes.base import PassError, PassManager
+from zaya_export.passes import fusion
 from zaya_export.passes.fusion import FuseMoE, fusion_pipeline
 from zaya_export.passes.probe_check import PROBE_TOLERANCE, compare_outputs
 from zaya_export.passes.tidar_packing import ExportPlan, PackTidarStep
@@ -46,15 +47,11 @@ def _probe(model):
     return run
 
 
-def _fused(name: str):
-    model = _big_model(name)
-    PassManager(fusion_pipeline(), probe=_probe(model)).run(model)
-    return model
-
-
 @pytest.fixture(scope="module", params=sorted(GEOMETRIES))
 def fused(request):
-    return _fused(request.param)
+    model = _big_model(request.param)
+    with fusion.fused(model, fusion_pipeline(), probe=_probe(model)):
+        yield model
 
 
 def test_correct_rewrites_pass_on_large_logit_models(fused):
@@ -140,7 +137,8 @@ def test_fusion_probe_catches_a_wrong_expert(broken, message):
     model = _big_model("sliding_kappa3")
     passes = [p if p.name != "fuse_moe" else broken() for p in fusion_pipeline()]
     with pytest.raises(PassError, match=f"fuse_moe changed the outputs: .*{message}"):
-        PassManager(passes, probe=_probe(model)).run(model)
+        with fusion.fused(model, passes, probe=_probe(model)):
+            pass
 
 
 class NearTie(FuseMoE):
@@ -170,8 +168,8 @@ def test_near_tie_flips_are_reported_not_refused():
             out[:2] *= 4
             layer.mlp.gate.balancing_biases.zero_()
     passes = [p if p.name != "fuse_moe" else NearTie() for p in fusion_pipeline()]
-    log = PassManager(passes, probe=_probe(model)).run(model)
-    moe = log[-1]
+    with fusion.fused(model, passes, probe=_probe(model)) as log:
+        moe = log[-1]
     assert moe.name == "fuse_moe" and moe.routing_flips > 0 and moe.max_flip_margin <= 1e-6
     assert moe.max_rel_diff <= 1e-5  # replayed routing: the numbers still agree
 

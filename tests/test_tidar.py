@@ -39,6 +39,7 @@ def test_greedy_tidar_equals_greedy_ar(name, fused):
 def test_packed_step_rows_equal_verify_and_drafts_after_each_level():
     """The exactness property of the packed layout: verify rows are AR rows, and proposal p's rows equal a
     bidirectional draft of K+1 masks made after committing the anchor and λ_p drafts (per-segment CCA)."""
+    from zaya_export.models.layout import BIDIRECTIONAL
     from zaya_export.models.packed import packed_layout
 
     model = random_model(small_config(diffusion_block_len=5, num_hidden_layers=3,
@@ -49,12 +50,12 @@ def test_packed_step_rows_equal_verify_and_drafts_after_each_level():
     with torch.no_grad():
         _, state = prefill(model, prompt)
         ids = torch.cat([block] + [torch.full((1, K + 1), M)] * len(levels), 1)
-        logits, _ = model.step(ids, state.past(), packed=layout)
+        logits, _ = model.step(ids, state.past(), layout=layout)
         verify, _ = model.step(block, state.past())
         assert (logits[:, : K + 1] - verify).abs().max().item() <= 1e-4
         for p, lam in enumerate(levels, 1):
             _, after = prefill(model, torch.cat([prompt, block[:, : lam + 1]], 1))
-            draft, _ = model.step(torch.full((1, K + 1), M), after.past(), causal=False)
+            draft, _ = model.step(torch.full((1, K + 1), M), after.past(), layout=BIDIRECTIONAL)
             assert (logits[:, (K + 1) * p : (K + 1) * (p + 1)] - draft).abs().max().item() <= 1e-4, lam
 
 

@@ -12,6 +12,7 @@ from conftest import random_model, small_config
 from zaya_export.models.checkpoint import load_checkpoint
 from zaya_export.corpus import stdlib_corpus
 from zaya_export.models import Past
+from zaya_export.models.layout import BIDIRECTIONAL
 from zaya_export.models.packed import training_layout
 from zaya_export.train_demo import TrainSettings, tidar_loss, train
 
@@ -26,14 +27,14 @@ def test_training_layout_is_ar_then_draft_after_each_block(window):
     layout = training_layout(N, B, cfg.conv_history)
     x = torch.randint(5, cfg.vocab_size, (2, N), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logits, _ = model.step(torch.cat([x, torch.full_like(x, M)], 1), model.empty_past(2), packed=layout)
+        logits, _ = model.step(torch.cat([x, torch.full_like(x, M)], 1), model.empty_past(2), layout=layout)
         assert (logits[:, :N] - model(x)).abs().max().item() <= 1e-4
         for beta in range(N // B):
             s, past = beta * B, model.empty_past(2)
             if s:
                 _, up = model.step(x[:, :s], past)
                 past = Past(up.k, up.v, torch.ones(2, s, dtype=torch.bool), *up.committed(torch.full((2,), s), past.rho))
-            draft, _ = model.step(torch.full((2, B), M), past, causal=False)
+            draft, _ = model.step(torch.full((2, B), M), past, layout=BIDIRECTIONAL)
             assert (logits[:, N + s : N + s + B] - draft).abs().max().item() <= 1e-4, beta
     with pytest.raises(ValueError, match="multiple of the block length"):
         training_layout(30, 8, 2)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from zaya_export.runtime.generate import generate, generate_greedy
-from zaya_export.runtime.session import Session, _model_from_artifact
+from zaya_export.runtime.session import Session, artifact_model
 from zaya_export.runtime.tidar import generate_tidar
 
 from zaya_export.runtime.artifact import Artifact
@@ -40,14 +40,14 @@ BACKENDS = ("ort", "iree", "iree-host", "torch")
 def _session(artifact: Artifact, name: str, threads: int | None = None) -> Session:
     """``iree-host`` is IREE with the decode state in host buffers, copied in on every call: the baseline for
     keeping it on the device (``iree``)."""
-    return Session(artifact.root, backend=name.removesuffix("-host"), threads=threads,
-                   state_on_device=not name.endswith("-host"))
+    return Session.from_artifact(artifact, name.removesuffix("-host"), threads=threads,
+                                 state_on_device=not name.endswith("-host"))
 
 
 def bench_artifact(artifact: Artifact, backends: tuple[str, ...] = ("ort",), prompt_len: int = 128,
                    new_tokens: int = 128, repeats: int = 3, threads: int | None = None) -> dict[str, Any]:
     """Greedy AR decode of each backend and of the eager model, interleaved per repeat; best of ``repeats``."""
-    model = _model_from_artifact(artifact, artifact.manifest.get("compute_dtype"))
+    model = artifact_model(artifact, artifact.manifest.compute_dtype)
     sessions = {b: _session(artifact, b, threads) for b in backends}
     prompt = bench_prompt(artifact, prompt_len)
     runs: dict[str, list[float]] = {"eager": [], **{b: [] for b in backends}}

@@ -5,6 +5,7 @@ Every bad input surfaces as one ``error: ...`` line on stderr and exit code 2 (s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -86,19 +87,34 @@ def init(preset_name: str, seed: int, dtype: str, force: bool, as_json: bool, ou
               help="Stop early after this long (0 = run every step); the card records the steps run.")
 @click.option("--stop-after", type=click.IntRange(min=0), default=0,
               help="Run only the first N steps of the --steps schedule (replays a run cut by --max-minutes).")
-@click.option("--card-only", is_flag=True, help="Only re-measure an already trained OUT and rewrite its card.")
-def train_demo(out: Path, steps: int, seed: int, max_minutes: float, stop_after: int, card_only: bool) -> None:
-    """Train the demo checkpoint (small ZAYA1, TiDAR objective, stdlib source, CPU) into OUT, then measure it
-    on held-out files and write its model card."""
+@click.option("--stage", type=click.Choice(["all", "scratch", "distill", "card"]), default="all", show_default=True,
+              help="scratch: stage 1 only (TiDAR objective on the corpus); distill: stage 2 only, on a trained OUT "
+                   "(self-distilled drafter, resumable per round); card: only re-measure OUT and rewrite its card.")
+@click.option("--distill-rounds", type=click.IntRange(min=1), default=None,
+              help="On-policy self-distillation rounds of stage 2 (default: the recipe's, in self_distill.py).")
+def train_demo(out: Path, steps: int, seed: int, max_minutes: float, stop_after: int, stage: str,
+               distill_rounds: int) -> None:
+    """Train the demo checkpoint (small ZAYA1, stdlib source, CPU) into OUT: stage 1 from scratch with the TiDAR
+    objective, stage 2 self-distills its drafter on its own generations; then measure it on held-out files and
+    code from outside the corpus, and write its model card."""
     from .demo_card import measure, write_card
+    from .self_distill import DistillSettings, distill_checkpoint
     from .train_demo import TrainSettings, train
 
     console = _stderr()
-    if not card_only:
+    if stage in ("all", "scratch"):
         train(out, TrainSettings(seed=seed, steps=steps, max_minutes=max_minutes, stop_after=stop_after),
               log=console.print)
-    elif not (out / "train_log.json").is_file():
-        raise InputError(f"{out}: no train_log.json (train it first)")
+    if not (out / "train_log.json").is_file():
+        raise InputError(f"{out}: no train_log.json (train it first: --stage scratch)")
+    if stage in ("all", "distill"):
+        try:
+            settings = DistillSettings(seed=seed)
+            if distill_rounds is not None:
+                settings = dataclasses.replace(settings, rounds=distill_rounds)
+            distill_checkpoint(out, settings, log=console.print)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
     with console.status("measuring on held-out prompts"):
         figures = measure(out)
     console.print(f"wrote {write_card(out, figures)}")
@@ -109,6 +125,11 @@ def _stderr():  # noqa: ANN202
     from rich.console import Console
 
     return Console(stderr=True)
+
+
+def _split(text: str) -> list[str]:
+    """A comma-separated option value as its non-empty items."""
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -150,20 +171,19 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
         mode: str, sampler_name: str, mix_w: float, temperature: float, top_k: int, top_p: float, seed: int,
         dtype: str | None, allow_version_mismatch: bool, as_json: bool) -> None:
     """Generate from SOURCE, an exported artifact or a checkpoint directory."""
-    from zaya_export.runtime.artifact import is_artifact
     from zaya_export.runtime.generate import generate
     from zaya_export.runtime.sampling import SamplerConfig
-    from zaya_export.runtime.session import Session
     from zaya_export.runtime.tidar import generate_tidar
+
+    from .sources import kind, open_session
 
     if (prompt is None) == (prompt_ids is None):
         raise InputError("give exactly one of --prompt or --prompt-ids")
-    backend = backend or ("ort" if is_artifact(source) else "torch")
-    if not is_artifact(source) and not (source / "config.json").is_file():
-        raise InputError(f"{source}: neither an artifact (manifest.json) nor a checkpoint (config.json)")
+    backend = backend or ("ort" if kind(source) == "artifact" else "torch")
     with _stderr().status(f"opening {source} ({backend})"):
-        session = Session(source, backend=backend, dtype=dtype, allow_version_mismatch=allow_version_mismatch,
-                          device=device)
+        options = {"device": device} if kind(source) == "artifact" else {}
+        session = open_session(source, backend, dtype=dtype, allow_version_mismatch=allow_version_mismatch,
+                               **options)
     config, tokenizer = session.config, session.tokenizer
     if prompt is not None:
         if tokenizer is None:
@@ -183,7 +203,7 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
         raise InputError("--sampler mix needs --mode tidar")
     if mode != "ar" and session.artifact is not None and not session.has("step"):
         why = ("it was exported from an AR checkpoint, whose config names no mask token; re-export with "
-               "--tidar on to add them" if session.artifact.manifest.get("tidar") is None
+               "--tidar on to add them" if session.artifact.manifest.tidar is None
                else "re-export it with this zaya-export")
         raise InputError(f"{source}: no TiDAR entry points for --mode {mode} ({why})")
     greedy = sampler_name == "greedy"
@@ -224,7 +244,9 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
               "mlir: cpu.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
-@click.option("--dump-after", multiple=True, help="Dump the traced prefill graph after this pass (repeatable).")
+@click.option("--dump-after", multiple=True,
+              help="Dump what a phase (prepare, fuse, pack, trace, weights, lower-onnx, lower-mlir, write) or a "
+                   "fusion pass (fuse_cca, fuse_attention, fuse_moe) produced, into OUT.dump/ (repeatable).")
 @click.option("--block-len", type=click.IntRange(min=1), default=None,
               help="TiDAR drafts per step K (default: the config's diffusion_block_len).")
 @click.option("--levels", default=None, help="Acceptance levels of the packed TiDAR step, e.g. 0,6,16 "
@@ -238,33 +260,22 @@ def export(checkpoint: Path, out: Path, formats: str, targets: str | None, dtype
            as_json: bool) -> None:
     """Export CHECKPOINT to an artifact: fused, traced entry points lowered to ONNX and/or MLIR (compiled by
     IREE), weights stored once."""
-    from .exporter import FORMATS, export_artifact
-    from .mlir_export import parse_targets
+    from .exporter import export_artifact
 
-    wanted = [f.strip() for f in formats.split(",") if f.strip()]
-    unsupported = sorted(set(wanted) - set(FORMATS))
-    if unsupported or not wanted:
-        named = ",".join(unsupported) or repr(formats)
-        raise InputError(f"unsupported --format {named}; available: {', '.join(FORMATS)}")
-    if targets is not None and "mlir" not in wanted:
-        raise InputError("--target compiles the MLIR module: add mlir to --format")
-    try:
-        chosen = tuple(parse_targets(targets or "cpu")) if "mlir" in wanted else ()
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
     console = _stderr()
     with console.status("exporting") as status:
-        manifest = export_artifact(checkpoint, out, dtype=dtype, force=force, dump_after=dump_after,
-                                   block_len=block_len, levels=tuple(_parse_ids(levels)) if levels else None,
-                                   formats=tuple(wanted), targets=chosen, tidar=tidar,
-                                   status=lambda msg: status.update(msg))
-    summary = {"artifact": str(out), "entry_points": sorted(manifest["entry_points"]), "dtype": manifest["dtype"],
-               "formats": manifest["formats"], "iree_targets": sorted(manifest["iree"]),
-               "pass_log": manifest["pass_log"]["model"], "seconds": manifest["export_seconds"]}
+        manifest = export_artifact(
+            checkpoint, out, dtype=dtype, force=force, dump_after=dump_after, block_len=block_len,
+            levels=tuple(_parse_ids(levels)) if levels else None, formats=tuple(_split(formats)),
+            targets=None if targets is None else tuple(_split(targets)), tidar=tidar,
+            status=lambda msg: status.update(msg))
+    summary = {"artifact": str(out), "entry_points": sorted(manifest.entry_points), "dtype": manifest.dtype,
+               "formats": list(manifest.formats), "iree_targets": sorted(manifest.iree),
+               "pass_log": manifest.model_passes, "seconds": manifest.export_seconds}
     if as_json:
         click.echo(json.dumps(summary))
     else:
-        fired = ", ".join(f"{r['name']}×{r['rewrites']}" for r in manifest["pass_log"]["model"])
+        fired = ", ".join(f"{r['name']}×{r['rewrites']}" for r in summary["pass_log"])
         iree = f"; IREE: {', '.join(summary['iree_targets'])}" if summary["iree_targets"] else ""
         console.print(f"wrote {out} ({'+'.join(summary['formats'])}: {', '.join(summary['entry_points'])}; {fired}"
                       f"{iree}; {summary['seconds']} s)")
@@ -282,21 +293,21 @@ def inspect(artifact: Path, as_json: bool) -> None:
     from zaya_export.runtime.artifact import open_artifact
 
     art = open_artifact(artifact, allow_version_mismatch=True)
-    info = {"artifact": str(artifact), "dtype": art.manifest["dtype"], "versions": art.manifest["versions"],
-            "files": {rel: (artifact / rel).stat().st_size for rel in art.manifest["files"]}, "entry_points": {}}
+    info = {"artifact": str(artifact), "dtype": art.manifest.dtype, "versions": art.manifest.versions,
+            "files": {rel: art.path(rel).stat().st_size for rel in art.manifest.files}, "entry_points": {}}
     for name, entry in art.entry_points.items():
-        if "onnx" not in entry:
-            info["entry_points"][name] = {"inputs": entry["inputs"], "outputs": entry["outputs"], "nodes": 0,
-                                          "fused": {}, "ops": {}, "functions": []}
+        ports = {"inputs": [p.to_json() for p in entry.inputs], "outputs": [p.to_json() for p in entry.outputs]}
+        if entry.onnx is None:
+            info["entry_points"][name] = {**ports, "nodes": 0, "fused": {}, "ops": {}, "functions": []}
             continue
-        proto = onnx.load(str(artifact / entry["onnx"]), load_external_data=False)
+        proto = onnx.load(str(art.path(entry.onnx)), load_external_data=False)
         hist = Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in proto.graph.node)
         info["entry_points"][name] = {
-            "inputs": entry["inputs"], "outputs": entry["outputs"], "nodes": sum(hist.values()),
+            **ports, "nodes": sum(hist.values()),
             "fused": {k: v for k, v in hist.items() if k.startswith("zaya.")}, "ops": dict(hist.most_common()),
             "functions": sorted(f.name for f in proto.functions),
         }
-    info["validation"] = art.manifest.get("validation")
+    info["validation"] = art.manifest.validation
     info["iree"] = _inspect_iree(art)
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -323,10 +334,10 @@ def _inspect_iree(art) -> dict:  # noqa: ANN001
     from .mlir_export import TARGETS, amd_archs_in
 
     out = {}
-    for target, m in (art.manifest.get("iree") or {}).items():
-        found = amd_archs_in(art.path(m["vmfb"]))
+    for target, m in art.manifest.iree.items():
+        found = amd_archs_in(art.path(m.vmfb))
         arch = TARGETS[target].arch if target in TARGETS else None
-        out[target] = {"bytes": art.path(m["vmfb"]).stat().st_size, "driver": m["driver"], "flags": m["flags"],
+        out[target] = {"bytes": art.path(m.vmfb).stat().st_size, "driver": m.driver, "flags": list(m.flags),
                        "arch": arch, "amd_archs_found": sorted(set(found)),
                        "archs_ok": (set(found) == {arch}) if arch else not found}
     return out
@@ -378,8 +389,7 @@ def validate(artifact: Path, checkpoint: Path | None, reference: str, backends: 
                 click.echo(f"{c['pair']} {c['entry']}: {errs} {'✓' if c['ok'] else '✗'}")
     if do_bisect:
         model = _reference_model(art, checkpoint)
-        sessions = [Session.from_model(model)] + [Session(artifact, backend=b, device=device,
-                                                          allow_version_mismatch=True) for b in names]
+        sessions = [Session.from_model(model)] + [Session.from_artifact(art, b, device=device) for b in names]
         out["bisect"] = [bisect(sessions[i], sessions[j], model) for i in range(len(sessions))
                          for j in range(i + 1, len(sessions))]
         if not as_json:
@@ -421,7 +431,7 @@ def bench(artifact: Path, backends: str, prompt_len: int, new_tokens: int, repea
             bad = sorted(set(wanted) - {"ar", "tidar", "tidar-fused"})
             if bad:
                 raise InputError(f"unknown --modes {bad}; choose from ar, tidar, tidar-fused")
-            if set(wanted) - {"ar"} and art.manifest.get("tidar") is None:
+            if set(wanted) - {"ar"} and art.manifest.tidar is None:
                 raise InputError(f"{artifact}: no TiDAR entry points (exported from an AR checkpoint; re-export "
                                  "with --tidar on to bench the TiDAR modes)")
             result = bench_matrix(art, tuple(names), prompt_len, new_tokens, repeats, wanted, mix_w)

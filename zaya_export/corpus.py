@@ -46,3 +46,23 @@ def encode_files(tokenizer, files: tuple[Path, ...], eos_id: int) -> np.ndarray:
     encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
     parts = [np.array(e.ids + [eos_id], dtype=np.int32) for e in encodings]
     return np.concatenate(parts)
+
+
+# Installed third-party packages whose source the demo model never saw: prompts "from other code bases".
+FOREIGN_PACKAGES = ("click", "rich", "jinja2", "markdown_it", "pygments", "sympy", "networkx")
+
+
+def foreign_files(packages: tuple[str, ...] = FOREIGN_PACKAGES) -> tuple[Path, ...]:
+    """``*.py`` files (tests left out) of the installed ``packages`` that exist here, sorted by path."""
+    import importlib.util
+
+    files: list[Path] = []
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin:
+            continue
+        root = Path(spec.origin).parent
+        files += sorted(f for f in root.rglob("*.py") if not _SKIP_DIRS & set(f.relative_to(root).parts))
+    if not files:
+        raise FileNotFoundError(f"none of {packages} is installed: no foreign Python source to measure on")
+    return tuple(files)

@@ -21,14 +21,15 @@ from zaya_export.runtime.session import Session
 from zaya_export.runtime.tidar import generate_tidar
 
 from zaya_export.models.checkpoint import load_checkpoint
-from .corpus import encode_files, stdlib_corpus
+from .corpus import encode_files, foreign_files, stdlib_corpus
 from zaya_export.runtime.tokenizer import load_tokenizer
 
 
-def heldout_prompts(tokenizer, count: int = 8, length: int = 48, seed: int = 7) -> list[list[int]]:  # noqa: ANN001
-    """``count`` prompts of ``length`` tokens cut at line starts from the held-out files (fixed seed)."""
-    corpus = stdlib_corpus()
-    stream = encode_files(tokenizer, corpus.heldout, eos_id=1)
+def code_prompts(tokenizer, files: tuple[Path, ...], count: int = 8, length: int = 48,  # noqa: ANN001
+                 seed: int = 7) -> list[list[int]]:
+    """``count`` prompts of ``length`` tokens cut at line starts from ``files`` (fixed seed), each inside one
+    file."""
+    stream = encode_files(tokenizer, files, eos_id=1)
     newline = {i for i in range(tokenizer.get_vocab_size()) if tokenizer.decode([i]).endswith("\n")}
     rng = np.random.default_rng(seed)
     prompts = []
@@ -40,6 +41,41 @@ def heldout_prompts(tokenizer, count: int = 8, length: int = 48, seed: int = 7) 
         if 1 not in window:  # stay inside one file
             prompts.append(window)
     return prompts
+
+
+def heldout_prompts(tokenizer, count: int = 8, length: int = 48, seed: int = 7) -> list[list[int]]:  # noqa: ANN001
+    """Prompts from the corpus's held-out standard-library files."""
+    return code_prompts(tokenizer, stdlib_corpus().heldout, count, length, seed)
+
+
+def foreign_prompts(tokenizer, count: int = 8, length: int = 48, seed: int = 11) -> list[list[int]]:  # noqa: ANN001
+    """Prompts from installed third-party packages' source (``corpus.foreign_files``): code from outside the
+    training corpus."""
+    return code_prompts(tokenizer, foreign_files(), count, length, seed)
+
+
+def tidar_figures(model, prompts: list[list[int]], new_tokens: int,  # noqa: ANN001
+                  runs: dict[str, dict]) -> tuple[dict[str, dict], list[bool]]:
+    """Tokens per forward, mean accepted drafts and the acceptance histogram per named run (greedy), and for
+    each lossless run whether its tokens equal greedy AR."""
+    session = Session.from_model(model)
+    stop = model.config.eos_token_ids
+    ar_tokens = [generate_greedy(model, [p], new_tokens, stop).tokens[0] for p in prompts]
+    rows: dict[str, dict] = {}
+    same: list[bool] = []
+    for name, kw in runs.items():
+        tokens = forwards = 0
+        hist = np.zeros(session.block_len + 1, np.int64)
+        for p, ar in zip(prompts, ar_tokens):
+            r = generate_tidar(session, [p], new_tokens, stop, SamplerConfig(), **kw)
+            tokens, forwards = tokens + len(r.tokens[0]), forwards + r.forwards
+            hist += np.asarray(r.acceptance)
+            if kw.get("w", 1.0) == 1.0:
+                same.append(r.tokens[0] == ar)
+        rows[name] = {"tokens_per_forward": round(tokens / forwards, 3),
+                      "mean_accepted": round(float((np.arange(len(hist)) * hist).sum() / max(hist.sum(), 1)), 3),
+                      "acceptance": hist.tolist()}
+    return rows, same
 
 
 def measure(checkpoint: Path, new_tokens: int = 96, count: int = 8) -> dict[str, Any]:

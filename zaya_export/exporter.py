@@ -1,50 +1,323 @@
-"""``zaya-export export``: checkpoint → fused, traced, lowered artifact. The phases, in order:
+"""``zaya-export export``: checkpoint → fused, traced, lowered artifact, as a list of phases (``PHASES``):
 
-1. load the checkpoint (validated, mmapped);
-2. model-level fusion passes (``fuse_cca``, ``fuse_attention``, ``fuse_moe``), each verified on a probe input,
-   then ``pack_tidar_step`` (adds the packed single-forward TiDAR entries, verified against verify/draft);
-3. trace every entry point with ``torch.export`` and check one fused op per layer in each graph;
-4. lower each to ONNX (function bodies attached), run the ONNX cleanup passes, bind the shared weights;
-5. (``--format mlir``) trace the same fused model with each ``zaya.*`` op as its MLIR face, add the in-place
-   state commits (``commit_entry``), import every entry into one MLIR module whose weights are external
-   parameters read from the same safetensors file, and ``iree-compile`` it for each ``--target``;
-6. write config, tokenizer, manifest (pass log, op counts, versions, compiler flags, hashes) atomically.
+1. ``prepare``: check the options, load the checkpoint (validated, mmapped), round the weights to the stored dtype;
+2. ``fuse``: the model-level fusion passes (``fuse_cca``, ``fuse_attention``, ``fuse_moe``), each verified on a
+   probe input, inside a scope that unfuses the model again on every way out;
+3. ``pack``: ``pack_tidar_step`` adds the packed single-forward TiDAR entries (verified against verify/draft);
+   an AR export keeps prefill and decode only;
+4. ``trace``: every entry point through ``torch.export``, checked for one fused op per layer; for MLIR also with
+   each ``zaya.*`` op as its MLIR face, plus the in-place state commits (``commit_entry``);
+5. ``weights``: the shared weights, stored once (safetensors layout) in the stored dtype;
+6. ``lower-onnx``: each entry to ONNX (function bodies attached), the ONNX cleanup passes, weights bound;
+7. ``lower-mlir``: every entry into one MLIR module whose weights are external parameters read from the same
+   file, ``iree-compile``\\ d for each target;
+8. ``write``: config, tokenizer, manifest (pass log, op counts, versions, compiler flags, hashes); the artifact
+   directory appears only when every phase succeeded.
+
+``--dump-after`` takes a phase (what it produced: the prefill graph after prepare/fuse, the packed step after
+pack, every traced graph, every ONNX graph as text, the MLIR module, the manifest) or a fusion pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import json
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import zaya_export.kernels as kernels
-from zaya_export.passes.base import PassError, PassManager
-from zaya_export.passes.fusion import fusion_pipeline
-from zaya_export.passes.probe_check import tolerance_for
-from zaya_export.passes.tidar_packing import ExportPlan, PackTidarStep
-
-from zaya_export.runtime.artifact import FORMAT, SCHEMA_VERSION, atomic_directory, tool_versions, write_manifest
+from zaya_export.errors import ZayaError
+from zaya_export.models import ZayaForCausalLM
 from zaya_export.models.checkpoint import DTYPES, load_checkpoint
 from zaya_export.models.commit_entry import COMMIT_SPECS, export_commit
-from zaya_export.errors import ZayaError
-from .mlir_export import MLIR_FILE, PARAM_SCOPE, Target, compile_target, externalize_weights, lower_module
+from zaya_export.models.entries import (AR_ENTRIES, PROBE, Entry, EntrySpec, base_entry_specs, default_levels,
+                                        entry_specs, example_inputs, export_entry, greedy_inputs, op_histogram)
+from zaya_export.passes.base import PassError, PassManager, PassRecord
+from zaya_export.passes.fusion import fused, fusion_pipeline
+from zaya_export.passes.probe_check import tolerance_for
+from zaya_export.passes.tidar_packing import ExportPlan, PackTidarStep
+from zaya_export.runtime.artifact import atomic_directory, tool_versions, write_manifest
+from zaya_export.runtime.manifest import EntryPoint, Manifest, MlirModule, PortSig, StateEntry, TidarInfo
+
+from .mlir_export import MLIR_FILE, PARAM_SCOPE, TARGETS, Target, compile_target, externalize_weights, lower_module
 from .onnx_export import WEIGHTS_FILE, bind_external_weights, lower_entry, save_entry, write_weights
-from zaya_export.models.entries import (AR_ENTRIES, PROBE, Entry, base_entry_specs, default_levels, entry_specs, example_inputs,
-                      export_entry, greedy_inputs, op_histogram)
 
 FORMATS = ("onnx", "mlir")
-
 TIDAR_CHOICES = ("auto", "on", "off")
 
 
 class ExportError(ZayaError):
     """The export pipeline could not produce a correct artifact."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportOptions:
+    """Everything ``export`` is asked for, checked once (:meth:`checked`) before any work: the CLI passes the
+    user's values through and never re-checks them."""
+
+    dtype: str = "fp32"  # how the weights are stored; the graphs compute in fp32
+    formats: tuple[str, ...] = ("onnx",)
+    targets: tuple[Target | str, ...] | None = None  # IREE targets; None: cpu when mlir is exported
+    tidar: str = "auto"  # auto: the TiDAR entries when the config names a mask token or a block length
+    block_len: int | None = None  # draft count K (default: the config's diffusion_block_len)
+    levels: tuple[int, ...] | None = None  # acceptance levels of the packed step
+    force: bool = False
+    dump_after: tuple[str, ...] = ()  # phases or fusion passes
+    dump_dir: Path | None = None
+
+    def checked(self) -> ExportOptions:
+        """These options with targets resolved to :class:`Target`; raises :class:`ExportError` on any bad one."""
+        if self.dtype not in DTYPES:
+            raise ExportError(f"unknown dtype {self.dtype!r}; choose one of {sorted(DTYPES)}")
+        formats = tuple(dict.fromkeys(self.formats))
+        unsupported = sorted(set(formats) - set(FORMATS))
+        if unsupported or not formats:
+            raise ExportError(f"unsupported --format {','.join(unsupported) or repr(self.formats)}; available: "
+                              f"{', '.join(FORMATS)}")
+        if self.targets is not None and "mlir" not in formats:
+            raise ExportError("--target compiles the MLIR module: add mlir to --format")
+        named = self.targets if self.targets is not None else ("cpu",) if "mlir" in formats else ()
+        unknown = [t for t in named if isinstance(t, str) and t not in TARGETS]
+        if unknown or (self.targets is not None and not named):
+            raise ExportError(f"unknown IREE target(s) {unknown or list(named)}; choose from {', '.join(TARGETS)}")
+        targets = tuple(dict.fromkeys(TARGETS[t] if isinstance(t, str) else t for t in named))
+        if self.tidar not in TIDAR_CHOICES:
+            raise ExportError(f"--tidar must be one of {', '.join(TIDAR_CHOICES)}, got {self.tidar!r}")
+        if "mlir" in formats and self.dtype != "fp32":
+            raise ExportError(f"--format mlir reads the weights in place as IREE parameters, which needs them stored "
+                              f"in the compute dtype: use --dtype fp32 (got {self.dtype})")
+        if self.block_len is not None and self.block_len < 1:
+            raise ExportError(f"--block-len must be >= 1, got {self.block_len}")
+        dumpable = [name for name, _ in PHASES] + [p.name for p in fusion_pipeline()]
+        unknown = sorted(set(self.dump_after) - set(dumpable))
+        if unknown:
+            raise ExportError(f"--dump-after names unknown passes or phases {unknown}; choose from {dumpable}")
+        return dataclasses.replace(self, formats=formats, targets=targets)
+
+
+@dataclass
+class ExportRun:
+    """What the phases hand on to each other: the model as it is rewritten, the entry points, the traced
+    programs and the manifest's parts as they are made."""
+
+    checkpoint: Path
+    out: Path
+    options: ExportOptions
+    tmp: Path  # the artifact being written (renamed to ``out`` at the end)
+    status: Callable[[str], None]
+    model: ZayaForCausalLM | None = None
+    scope: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # holds the fusion scope
+    with_tidar: bool = False
+    block_len: int = 0
+    levels: tuple[int, ...] = ()
+    model_log: list[PassRecord] = field(default_factory=list)
+    expected: dict[str, int] = field(default_factory=dict)  # fused op → count per traced graph
+    specs: dict[str, EntrySpec] = field(default_factory=dict)
+    programs: dict[str, torch.export.ExportedProgram] = field(default_factory=dict)
+    mlir_programs: dict[str, torch.export.ExportedProgram] = field(default_factory=dict)
+    entries: dict[str, EntryPoint] = field(default_factory=dict)
+    op_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    offsets: dict[str, tuple] = field(default_factory=dict)
+    onnx_logs: dict[str, list[dict]] = field(default_factory=dict)
+    mlir: MlirModule | None = None
+    iree: dict[str, Any] = field(default_factory=dict)
+    manifest: Manifest | None = None
+
+
+def _prepare(run: ExportRun) -> dict[str, str]:
+    opts = run.options
+    run.status(f"loading {run.checkpoint}")
+    model = load_checkpoint(run.checkpoint, dtype="fp32")
+    if opts.dtype != "fp32":
+        with torch.no_grad():  # compute with exactly the weights that will be stored
+            for p in model.parameters():
+                p.copy_(p.to(DTYPES[opts.dtype]).float())
+    run.model = model
+    run.with_tidar = model.config.declares_tidar if opts.tidar == "auto" else opts.tidar == "on"
+    if not run.with_tidar and (opts.block_len is not None or opts.levels is not None):
+        why = "an AR checkpoint (its config names no mask token)" if opts.tidar == "auto" else "--tidar off"
+        raise ExportError(f"--block-len/--levels shape the TiDAR entry points, which {why} does not get: "
+                          "add --tidar on to export them")
+    run.block_len = opts.block_len or model.config.diffusion_block_len
+    if run.block_len < 1:
+        raise ExportError(f"the config's diffusion_block_len must be >= 1, got {run.block_len}")
+    run.levels = tuple(opts.levels or default_levels(run.block_len))
+    return {"prefill": _prefill_graph(model)}
+
+
+def _fuse(run: ExportRun) -> dict[str, str]:
+    run.status("fusing (fuse_cca, fuse_attention, fuse_moe)")
+    model, opts = run.model, run.options
+    passes = fusion_pipeline()
+    names = {p.name for p in passes}
+    try:  # fused until the export ends (``run.scope``)
+        run.model_log = run.scope.enter_context(fused(
+            model, passes, probe=_probe(model, run.with_tidar), tolerance=tolerance_for(model.dtype),
+            dump=_prefill_graph, dump_after=[n for n in opts.dump_after if n in names], dump_dir=_dump_dir(run)))
+    except PassError as exc:
+        raise ExportError(str(exc)) from None
+    for p in passes:
+        run.expected.update(p.expected_ops(model))
+    return {"prefill": _prefill_graph(model)}
+
+
+def _pack(run: ExportRun) -> dict[str, str]:
+    specs = base_entry_specs(run.block_len)
+    if not run.with_tidar:
+        run.specs = {name: spec for name, spec in specs.items() if name in AR_ENTRIES}
+        return {}
+    run.status("packing the TiDAR step (pack_tidar_step)")
+    plan, packer = ExportPlan(run.model, specs), PackTidarStep(run.block_len, run.levels)
+    try:
+        pack_log = PassManager([packer]).run(plan)
+    except PassError as exc:
+        raise ExportError(str(exc)) from None
+    run.model_log += [dataclasses.replace(r, **packer.check.to_json()) for r in pack_log]
+    run.specs = plan.specs
+    return {name: repr(spec) for name, spec in plan.specs.items()}
+
+
+def _trace(run: ExportRun) -> dict[str, str]:
+    mlir = "mlir" in run.options.formats
+    if mlir:
+        externalize_weights(run.model)  # before tracing: the MLIR programs then refer to the weights by name
+    for name, spec in {**run.specs, PROBE.name: PROBE}.items():
+        run.status(f"tracing {name}")
+        program = export_entry(run.model, spec)
+        hist = op_histogram(program)
+        # the packed step keeps the reference CCA/attention (the fused ops are one-segment); MoE is fused
+        want = {op: n for op, n in run.expected.items() if spec.packed is None or op == "zaya.moe_top1"}
+        wrong = {op: hist.get(op, 0) for op in run.expected if hist.get(op, 0) != want.get(op, 0)}
+        if wrong:
+            raise ExportError(f"{name}: traced graph has {wrong} fused ops, expected {want}")
+        run.programs[name] = program
+        run.op_counts[name] = dict(sorted(hist.items()))
+        # names only until the ONNX graph gives shapes and dtypes: one form for every reader
+        run.entries[name] = EntryPoint(tokens=spec.tokens, inputs=tuple(PortSig(name=n) for n in spec.inputs),
+                                       outputs=tuple(PortSig(name=n) for n in spec.outputs), debug=spec.probe)
+        if mlir:  # the same fused model, each zaya.* op traced as its MLIR face
+            try:
+                with kernels.mlir_faces(decode=spec.tokens == 1):
+                    run.mlir_programs[name] = export_entry(run.model, spec)
+            except Exception as exc:  # torch.export raises many types; name the entry and the first line
+                raise ExportError(f"{name}: tracing the MLIR faces failed: {type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0]}") from None
+    if mlir:
+        run.status("tracing the in-place state commits")
+        for name in COMMIT_SPECS:  # the IREE runtime keeps the state on the device and commits with these
+            run.mlir_programs[name] = export_commit(run.model.config, name)
+    return {name: p.graph_module.print_readable(print_output=False) for name, p in run.programs.items()}
+
+
+def _weights(run: ExportRun) -> dict[str, str]:
+    run.status("writing the shared weights")
+    (run.tmp / "onnx").mkdir()
+    run.offsets = write_weights(run.model, run.tmp / "onnx" / WEIGHTS_FILE, DTYPES[run.options.dtype])
+    return {"offsets": "\n".join(f"{k} {v}" for k, v in run.offsets.items())}
+
+
+def _lower_onnx(run: ExportRun) -> dict[str, str]:
+    if "onnx" not in run.options.formats:
+        return {}
+    for name, program in run.programs.items():
+        run.status(f"lowering {name} to ONNX")
+        spec = run.specs.get(name, PROBE)
+        want = {op: n for op, n in run.expected.items() if spec.packed is None or op == "zaya.moe_top1"}
+        try:
+            onnx_model, log = lower_entry(program, want, spec.outputs, spec.inputs)
+        except PassError as exc:
+            raise ExportError(f"{name}: {exc}") from None
+        bind_external_weights(onnx_model, run.offsets, run.tmp / "onnx")
+        save_entry(onnx_model, run.tmp / "onnx" / f"{name}.onnx")
+        run.entries[name] = dataclasses.replace(run.entries[name], onnx=f"onnx/{name}.onnx",
+                                                inputs=_signature(onnx_model.graph.inputs),
+                                                outputs=_signature(onnx_model.graph.outputs))
+        run.onnx_logs[name] = [r.to_json() for r in log]
+    run.programs.clear()  # the ONNX files are written: free the traced graphs
+    return {name: _onnx_text(run.tmp / e.onnx) for name, e in run.entries.items() if e.onnx}
+
+
+def _lower_mlir(run: ExportRun) -> dict[str, str]:
+    if "mlir" not in run.options.formats:
+        return {}
+    try:
+        static = {name for name, e in run.entries.items() if e.tokens is not None}
+        ops = lower_module(run.mlir_programs, run.tmp / MLIR_FILE, static, run.status)
+    except Exception as exc:  # importer/decomposition failures come as many exception types
+        raise ExportError(f"MLIR lowering failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    run.mlir_programs.clear()
+    run.mlir = MlirModule(
+        module=MLIR_FILE, importer="iree-turbine FxPrograms", ops_per_entry=ops, parameter_scope=PARAM_SCOPE,
+        parameter_file=f"onnx/{WEIGHTS_FILE}",
+        state_entries={name: StateEntry(inputs=tuple(PortSig(name=n) for n in spec.inputs),
+                                        mutates=tuple(spec.mutates)) for name, spec in COMMIT_SPECS.items()})
+    for target in run.options.targets:
+        run.status(f"iree-compile for {target.name}")
+        try:
+            run.iree[target.name] = compile_target(run.tmp / MLIR_FILE, target, run.tmp / "iree" / f"{target.name}.vmfb")
+        except RuntimeError as exc:
+            raise ExportError(str(exc)) from None
+    return {"module": (run.tmp / MLIR_FILE).read_text()}
+
+
+def _write(run: ExportRun) -> dict[str, str]:
+    opts, config = run.options, run.model.config
+    for extra in ("tokenizer.json", "generation_config.json"):
+        if (run.checkpoint / extra).is_file():
+            shutil.copy2(run.checkpoint / extra, run.tmp / extra)
+    config.to_json_file(run.tmp / "config.json")
+    tidar = TidarInfo(block_len=run.block_len, levels=run.levels, mask_token_id=config.mask_token_id)
+    run.manifest = Manifest(
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), source=str(run.checkpoint),
+        dtype=opts.dtype, compute_dtype="fp32", config=config.to_dict(), weights=f"onnx/{WEIGHTS_FILE}",
+        formats=opts.formats, mlir=run.mlir, iree=run.iree, entry_points=run.entries,
+        tidar=tidar if run.with_tidar else None,
+        pass_log={"model": [r.to_json() for r in run.model_log], "onnx": run.onnx_logs}, op_counts=run.op_counts,
+        versions=tool_versions(), export_seconds=0.0)
+    return {"manifest": json.dumps(run.manifest.to_json(), indent=1)}
+
+
+# The export, in order. A phase reads and extends the ExportRun and returns its dumps (name → text) for
+# --dump-after.
+PHASES: tuple[tuple[str, Callable[[ExportRun], dict[str, str]]], ...] = (
+    ("prepare", _prepare),
+    ("fuse", _fuse),
+    ("pack", _pack),
+    ("trace", _trace),
+    ("weights", _weights),
+    ("lower-onnx", _lower_onnx),
+    ("lower-mlir", _lower_mlir),
+    ("write", _write),
+)
+
+
+def export_artifact(checkpoint: Path, out: Path, *, status: Callable[[str], None] = lambda msg: None,
+                    **options: Any) -> Manifest:
+    """Run every phase of :data:`PHASES` on ``checkpoint``; returns the manifest written to
+    ``out/manifest.json``. ``options``: the fields of :class:`ExportOptions`. Nothing appears at ``out`` unless
+    every phase succeeds."""
+    start = time.perf_counter()
+    opts = ExportOptions(**options).checked()
+    if out.exists() and not opts.force:
+        raise ExportError(f"{out}: already exists (use --force to replace it)")
+    with atomic_directory(out, opts.force) as tmp:
+        run = ExportRun(checkpoint=checkpoint, out=out, options=opts, tmp=tmp, status=status)
+        with run.scope:  # the fusion scope: the model is unfused again on every way out
+            for index, (name, phase) in enumerate(PHASES):
+                dumps = phase(run)
+                if name in opts.dump_after:
+                    _write_dumps(run, index, name, dumps)
+        manifest = dataclasses.replace(run.manifest, export_seconds=round(time.perf_counter() - start, 2))
+        write_manifest(tmp, manifest)
+    return manifest
 
 
 def _probe(model: torch.nn.Module, tidar: bool) -> Callable[[Any], list]:
@@ -61,157 +334,29 @@ def _probe(model: torch.nn.Module, tidar: bool) -> Callable[[Any], list]:
     return run
 
 
-def _dump(model: torch.nn.Module) -> str:
+def _prefill_graph(model: torch.nn.Module) -> str:
     return export_entry(model, entry_specs(1)["prefill"]).graph_module.print_readable(print_output=False)
 
 
-def export_artifact(checkpoint: Path, out: Path, dtype: str | None = None, force: bool = False,
-                    dump_after: tuple[str, ...] = (), dump_dir: Path | None = None, block_len: int | None = None,
-                    levels: tuple[int, ...] | None = None, formats: tuple[str, ...] = ("onnx",),
-                    targets: tuple[Target, ...] = (), tidar: str = "auto",
-                    status: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
-    """Run the whole pipeline; returns the manifest written to ``out/manifest.json``. ``block_len`` is the TiDAR
-    draft count K of the verify/draft entries (default: the config's ``diffusion_block_len``). ``formats``:
-    ``onnx`` and/or ``mlir``; ``targets``: IREE targets to compile the MLIR module for. ``tidar``: add the
-    TiDAR entry points (verify, draft, the packed step) — ``auto``: when the checkpoint is a diffusion one (its
-    config names a mask token or a block length); an AR checkpoint gets prefill and decode only."""
-    start = time.perf_counter()
-    status(f"loading {checkpoint}")
-    if out.exists() and not force:
-        raise ExportError(f"{out}: already exists (use --force to replace it)")
-    stored = dtype or "fp32"
-    if stored not in DTYPES:
-        raise ExportError(f"unknown dtype {stored!r}; choose one of {sorted(DTYPES)}")
-    if not formats or set(formats) - set(FORMATS):
-        raise ExportError(f"unknown format(s) {sorted(set(formats) - set(FORMATS)) or formats}; choose from "
-                          f"{', '.join(FORMATS)}")
-    if targets and "mlir" not in formats:
-        raise ExportError("--target compiles the MLIR module: add mlir to --format")
-    if tidar not in TIDAR_CHOICES:
-        raise ExportError(f"--tidar must be one of {', '.join(TIDAR_CHOICES)}, got {tidar!r}")
-    if "mlir" in formats and stored != "fp32":
-        raise ExportError(f"--format mlir reads the weights in place as IREE parameters, which needs them stored "
-                          f"in the compute dtype: use --dtype fp32 (got {stored})")
-    # The graphs compute in fp32 (onnxruntime's CPU kernels lack bf16 for most ops); --dtype sets how the
-    # weights are stored, with one Cast per weight in the graph.
-    model = load_checkpoint(checkpoint, dtype="fp32")
-    if stored != "fp32":
-        with torch.no_grad():  # compute with exactly the weights that will be stored
-            for p in model.parameters():
-                p.copy_(p.to(DTYPES[stored]).float())
-    with_tidar = model.config.declares_tidar if tidar == "auto" else tidar == "on"
-    if not with_tidar and (block_len is not None or levels is not None):
-        why = "an AR checkpoint (its config names no mask token)" if tidar == "auto" else "--tidar off"
-        raise ExportError(f"--block-len/--levels shape the TiDAR entry points, which {why} does not get: "
-                          "add --tidar on to export them")
-    block_len = block_len or model.config.diffusion_block_len
-    if block_len < 1:
-        raise ExportError(f"--block-len must be >= 1, got {block_len}")
-    levels = tuple(levels or default_levels(block_len))
-    status("fusing (fuse_cca, fuse_attention, fuse_moe)")
-    passes = fusion_pipeline()
-    try:
-        manager = PassManager(passes, probe=_probe(model, with_tidar), tolerance=tolerance_for(model.dtype),
-                              dump=_dump, dump_after=dump_after, dump_dir=dump_dir or out.parent / f"{out.name}.dump")
-        model_log = manager.run(model)
-    except PassError as exc:
-        raise ExportError(str(exc)) from None
-    expected: dict[str, int] = {}
-    for p in passes:
-        expected.update(p.expected_ops(model))
-    specs = base_entry_specs(block_len)
-    if with_tidar:
-        status("packing the TiDAR step (pack_tidar_step)")
-        plan, packer = ExportPlan(model, specs), PackTidarStep(block_len, levels)
-        try:
-            pack_log = PassManager([packer]).run(plan)
-        except PassError as exc:
-            raise ExportError(str(exc)) from None
-        model_log += [dataclasses.replace(r, **packer.check.to_json()) for r in pack_log]
-        specs = plan.specs
-    else:
-        specs = {name: spec for name, spec in specs.items() if name in AR_ENTRIES}
-    if "mlir" in formats:
-        externalize_weights(model)  # before tracing: the programs then refer to the weights by name
-    with atomic_directory(out, force) as tmp:
-        (tmp / "onnx").mkdir()
-        status("writing the shared weights")
-        offsets = write_weights(model, tmp / "onnx" / WEIGHTS_FILE, DTYPES[stored])
-        entries, onnx_logs, op_counts, programs = {}, {}, {}, {}
-        for name, spec in {**specs, PROBE.name: PROBE}.items():
-            status(f"tracing {name}")
-            program = export_entry(model, spec)
-            hist = op_histogram(program)
-            # the packed step keeps the reference CCA/attention (the fused ops are one-segment); MoE is fused
-            want = {op: n for op, n in expected.items() if spec.packed is None or op == "zaya.moe_top1"}
-            wrong = {op: hist.get(op, 0) for op in expected if hist.get(op, 0) != want.get(op, 0)}
-            if wrong:
-                raise ExportError(f"{name}: traced graph has {wrong} fused ops, expected {want}")
-            # names only until the ONNX graph gives shapes and dtypes: one form for every reader
-            entries[name] = {"tokens": spec.tokens, "inputs": [{"name": n} for n in spec.inputs],
-                             "outputs": [{"name": n} for n in spec.outputs], "debug": spec.probe}
-            op_counts[name] = dict(sorted(hist.items()))
-            if "mlir" in formats:  # the same fused model, each zaya.* op traced as its MLIR face
-                try:
-                    with kernels.mlir_faces(decode=spec.tokens == 1):
-                        programs[name] = export_entry(model, spec)
-                except Exception as exc:  # torch.export raises many types; name the entry and the first line
-                    raise ExportError(f"{name}: tracing the MLIR faces failed: {type(exc).__name__}: "
-                                      f"{str(exc).splitlines()[0]}") from None
-            if "onnx" not in formats:
-                continue
-            status(f"lowering {name} to ONNX")
-            try:
-                onnx_model, log = lower_entry(program, want, spec.outputs, spec.inputs)
-            except PassError as exc:
-                raise ExportError(f"{name}: {exc}") from None
-            bind_external_weights(onnx_model, offsets, tmp / "onnx")
-            save_entry(onnx_model, tmp / "onnx" / f"{name}.onnx")
-            entries[name].update(onnx=f"onnx/{name}.onnx", inputs=_signature(onnx_model.graph.inputs),
-                                 outputs=_signature(onnx_model.graph.outputs))
-            onnx_logs[name] = [r.to_json() for r in log]
-        mlir_info, iree_info = None, {}
-        if "mlir" in formats:
-            status("tracing the in-place state commits")
-            for name in COMMIT_SPECS:  # the IREE runtime keeps the state on the device and commits with these
-                programs[name] = export_commit(model.config, name)
-            try:
-                static = {name for name, e in entries.items() if e["tokens"] is not None}
-                ops = lower_module(programs, tmp / MLIR_FILE, static, status)
-            except Exception as exc:  # importer/decomposition failures come as many exception types
-                raise ExportError(f"MLIR lowering failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
-            del programs
-            mlir_info = {"module": MLIR_FILE, "importer": "iree-turbine FxPrograms", "ops_per_entry": ops,
-                         "parameters": {"scope": PARAM_SCOPE, "file": f"onnx/{WEIGHTS_FILE}"},
-                         "state_entries": {name: {"inputs": [{"name": n} for n in spec.inputs], "outputs": [],
-                                                  "mutates": spec.mutates} for name, spec in COMMIT_SPECS.items()}}
-            for target in targets:
-                status(f"iree-compile for {target.name}")
-                try:
-                    vmfb = tmp / "iree" / f"{target.name}.vmfb"
-                    iree_info[target.name] = compile_target(tmp / MLIR_FILE, target, vmfb)
-                except RuntimeError as exc:
-                    raise ExportError(str(exc)) from None
-        for extra in ("tokenizer.json", "generation_config.json"):
-            if (checkpoint / extra).is_file():
-                shutil.copy2(checkpoint / extra, tmp / extra)
-        model.config.to_json_file(tmp / "config.json")
-        manifest = {
-            "format": FORMAT, "schema_version": SCHEMA_VERSION,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "source": str(checkpoint), "dtype": stored, "compute_dtype": "fp32",
-            "config": model.config.to_dict(), "weights": f"onnx/{WEIGHTS_FILE}", "formats": list(formats),
-            "mlir": mlir_info, "iree": iree_info,
-            "entry_points": entries, "tidar": {"block_len": block_len, "levels": list(levels),
-                                                "mask_token_id": model.config.mask_token_id} if with_tidar else None,
-            "pass_log": {"model": [r.to_json() for r in model_log], "onnx": onnx_logs},
-            "op_counts": op_counts, "versions": tool_versions(), "validation": None,
-            "export_seconds": round(time.perf_counter() - start, 2),
-        }
-        write_manifest(tmp, manifest)
-    return manifest
+def _dump_dir(run: ExportRun) -> Path:
+    return run.options.dump_dir or run.out.parent / f"{run.out.name}.dump"
 
 
-def _signature(values) -> list[dict[str, Any]]:  # noqa: ANN001 - onnx_ir values
-    return [{"name": v.name, "dtype": str(v.dtype), "shape": [str(d) if not isinstance(d, int) else d
-                                                             for d in v.shape]} for v in values]
+def _write_dumps(run: ExportRun, index: int, phase: str, dumps: dict[str, str]) -> None:
+    folder = _dump_dir(run)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in dumps.items():
+        (folder / f"phase{index}-{phase}-{name}.txt").write_text(text)
+    if not dumps:
+        (folder / f"phase{index}-{phase}.txt").write_text(f"{phase}: nothing to dump for this export\n")
+
+
+def _onnx_text(path: Path) -> str:
+    import onnx
+
+    return onnx.printer.to_text(onnx.load(str(path), load_external_data=False))
+
+
+def _signature(values) -> tuple[PortSig, ...]:  # noqa: ANN001 - onnx_ir values
+    return tuple(PortSig(name=v.name, dtype=str(v.dtype),
+                         shape=tuple(d if isinstance(d, int) else str(d) for d in v.shape)) for v in values)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import zaya_export.kernels as kernels
+from zaya_export.runtime.manifest import IreeModule
 
 MLIR_FILE = "mlir/model.mlir"
 PARAM_SCOPE = "model"
@@ -106,7 +107,7 @@ def _ops_per_function(text: str) -> dict[str, int]:
     return counts
 
 
-def compile_target(mlir: Path, target: Target, out: Path) -> dict:
+def compile_target(mlir: Path, target: Target, out: Path) -> IreeModule:
     """``iree-compile`` the module for one target; returns what the manifest records."""
     import iree.compiler as ireec
 
@@ -122,8 +123,8 @@ def compile_target(mlir: Path, target: Target, out: Path) -> dict:
     archs = amd_archs_in(out)
     if target.arch is not None and set(archs) != {target.arch}:
         raise RuntimeError(f"{out.name}: expected AMD code objects for {target.arch}, found {archs or 'none'}")
-    return {"vmfb": f"iree/{out.name}", "flags": ["--iree-input-type=torch", *flags], "driver": target.driver,
-            "bytes": out.stat().st_size, "amd_archs": archs, "seconds": round(time.perf_counter() - start, 1)}
+    return IreeModule(vmfb=f"iree/{out.name}", flags=("--iree-input-type=torch", *flags), driver=target.driver,
+                      bytes=out.stat().st_size, amd_archs=tuple(archs), seconds=round(time.perf_counter() - start, 1))
 
 
 # e_flags low byte of an AMDGPU ELF (EF_AMDGPU_MACH_*) → architecture.

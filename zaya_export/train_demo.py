@@ -60,7 +60,7 @@ def tidar_loss(model: ZayaForCausalLM, layout: PackedLayout, x: torch.Tensor, al
     N = x.shape[1] - 1
     mask_id = model.config.mask_token_id
     ids = torch.cat([x[:, :N], torch.full_like(x[:, :N], mask_id)], dim=1)  # [B, 2N]
-    logits, _ = model.step(ids, model.empty_past(x.shape[0]), packed=layout)  # [B, 2N, V]
+    logits, _ = model.step(ids, model.empty_past(x.shape[0]), layout=layout)  # [B, 2N, V]
     V = logits.shape[-1]
     ar = F.cross_entropy(logits[:, :N].reshape(-1, V).float(), x[:, 1:].reshape(-1))  # next token
     diff = F.cross_entropy(logits[:, N:].reshape(-1, V).float(), x[:, :N].reshape(-1))  # fill-in x_t

@@ -20,12 +20,13 @@ import torch
 from zaya_export.runtime.generate import generate, generate_greedy
 from zaya_export.runtime.sampling import SamplerConfig
 from zaya_export.runtime.tidar import generate_tidar
-from zaya_export.runtime.session import Session, TorchBackend, _model_from_artifact
+from zaya_export.runtime.session import Session, TorchBackend, artifact_model
 
 from zaya_export.kernels.routing import RoutingTape, routing_tape
 from zaya_export.models.upstream import skip_bias_layers
 
 from zaya_export.runtime.artifact import Artifact
+from zaya_export.runtime.manifest import EntryPoint
 from zaya_export.models.checkpoint import load_checkpoint
 from zaya_export.errors import ZayaError
 from zaya_export.models.entries import example_feed
@@ -130,13 +131,13 @@ def _explain_by_flip(ref: TorchBackend, entry: str, inputs: dict[str, np.ndarray
     return None
 
 
-def _accept_inputs(artifact: Artifact, info: dict[str, Any], B: int, seed: int) -> dict[str, np.ndarray]:
+def _accept_inputs(artifact: Artifact, info: EntryPoint, B: int, seed: int) -> dict[str, np.ndarray]:
     """Extra inputs of the in-graph TiDAR steps: row b lacks its last b drafts; random draft logits and
     uniforms; sampling at temperature 0.9, top-k 50, top-p 0.95, w 0.5 (so warping and mixing are exercised)."""
-    names = {i["name"] for i in info["inputs"]}
+    names = set(info.input_names)
     if Name.DRAFT_VALID not in names:  # not an in-graph step (every entry of an AR artifact)
         return {}
-    K, V = artifact.manifest["tidar"]["block_len"], artifact.config.vocab_size
+    K, V = artifact.manifest.tidar.block_len, artifact.config.vocab_size
     rng = np.random.default_rng(seed)
     extra = {Name.DRAFT_VALID: np.arange(K)[None].repeat(B, 0) < K - np.arange(B)[:, None],
              Name.DRAFT_LOGITS: rng.standard_normal((B, K, V)).astype(np.float32),
@@ -148,9 +149,9 @@ def _accept_inputs(artifact: Artifact, info: dict[str, Any], B: int, seed: int) 
 def _reference_model(artifact: Artifact, checkpoint: Path | None):  # noqa: ANN202
     """The eager model in the artifact's compute dtype: on the artifact's own (stored) weights, or on the
     source checkpoint's."""
-    compute = artifact.manifest.get("compute_dtype", artifact.manifest["dtype"])
+    compute = artifact.manifest.compute_dtype
     if checkpoint is None:
-        return _model_from_artifact(artifact, compute)
+        return artifact_model(artifact, compute)
     return load_checkpoint(checkpoint, dtype=compute)
 
 
@@ -192,11 +193,11 @@ def validate_artifact(artifact: Artifact, backend: str = "ort", checkpoint: Path
                       max_new_tokens: int = 16, device: str = "local-task") -> dict[str, Any]:
     # Against its own weights an artifact must match at its compute precision; against the source checkpoint
     # the rounding of the stored weights counts too.
-    dtype = artifact.manifest["dtype"] if checkpoint is not None else artifact.manifest.get("compute_dtype", "fp32")
+    dtype = artifact.manifest.dtype if checkpoint is not None else artifact.manifest.compute_dtype
     tol = TOLERANCES[dtype]
     ref_model = _reference_model(artifact, checkpoint)
     ref = TorchBackend(ref_model)
-    session = Session(artifact.root, backend=backend, allow_version_mismatch=True, device=device)
+    session = Session.from_artifact(artifact, backend, device=device)
     hf = hf_model(ref_model) if reference == "hf" else None
     skip = skip_bias_layers(ref_model) if hf is not None else []
     hf_loaded = hf_model(ref_model, as_upstream_loads=True) if skip else None
@@ -204,9 +205,9 @@ def validate_artifact(artifact: Artifact, backend: str = "ort", checkpoint: Path
              "max_abs_vs_as_loaded": 0.0, "top1_vs_as_loaded": 1.0} if skip else None
     checks: list[dict[str, Any]] = []
     for entry, info in artifact.entry_points.items():
-        if info.get("debug") or not session.has(entry):  # diagnostics (validate --bisect), or not in this format
+        if info.debug or not session.has(entry):  # diagnostics (validate --bisect), or not in this format
             continue
-        shapes = SHAPES if info.get("tokens") is None else sorted({(B, info["tokens"], S) for B, _, S in SHAPES})
+        shapes = SHAPES if info.tokens is None else sorted({(B, info.tokens, S) for B, _, S in SHAPES})
         for B, T, S in shapes:
             inputs = example_feed(ref_model, B, T, S, seed=B * 7 + T + S)
             inputs.update(_accept_inputs(artifact, info, B, seed=B + T + S))
@@ -357,12 +358,12 @@ def write_report(artifact: Artifact, report: dict[str, Any]) -> None:
     name = f"validation-{report['backend']}-{report['reference']}"
     (folder / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     (folder / f"{name}.md").write_text(to_markdown(report))
-    summary = artifact.manifest.get("validation") or {}
+    summary = dict(artifact.manifest.validation or {})
     summary[name] = {"ok": report["ok"], "worst_logits_max_abs": max(c["max_abs"] for c in report["entries"]),
                      "worst_kl": max(c["kl_max"] for c in report["entries"]),
                      "min_top1": min(c["top1"] for c in report["entries"]),
                      "greedy_equal": sum(g["equal"] for g in report["greedy"]), "prompts": len(report["greedy"])}
-    artifact.manifest["validation"] = summary
+    artifact.manifest.validation = summary
     artifact.save_manifest()
 
 
@@ -399,16 +400,16 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 def cross_check(artifact: Artifact, backends: list[str], device: str = "local-task") -> list[dict[str, Any]]:
     """Backend ↔ backend (e.g. ORT ↔ IREE) on the same inputs: logits and state max abs per entry and shape."""
-    tol = TOLERANCES[artifact.manifest.get("compute_dtype", "fp32")]
+    tol = TOLERANCES[artifact.manifest.compute_dtype]
     model = _reference_model(artifact, None)
-    sessions = {b: Session(artifact.root, backend=b, allow_version_mismatch=True, device=device) for b in backends}
+    sessions = {b: Session.from_artifact(artifact, b, device=device) for b in backends}
     out = []
     for i, a in enumerate(backends):
         for b in backends[i + 1:]:
             for entry, info in artifact.entry_points.items():
-                if info.get("debug") or not (sessions[a].has(entry) and sessions[b].has(entry)):
+                if info.debug or not (sessions[a].has(entry) and sessions[b].has(entry)):
                     continue
-                B, T, S = 2, info.get("tokens") or 9, 12
+                B, T, S = 2, info.tokens or 9, 12
                 inputs = example_feed(model, B, T, S, seed=T + S)
                 inputs.update(_accept_inputs(artifact, info, B, seed=T + S))
                 x, y = sessions[a].run(entry, inputs), sessions[b].run(entry, inputs)
