@@ -185,8 +185,9 @@ def _config(root: Path, manifest: Manifest) -> ZayaConfig:
         copy = ZayaConfig.from_dict(manifest.config, warn_unknown=False)
     except Exception as exc:  # noqa: BLE001 - any parse or validation failure is an invalid artifact
         raise ArtifactError(f"{root}: invalid config ({exc})") from None
-    if config.to_dict() != copy.to_dict():
-        differ = sorted(k for k, v in config.to_dict().items() if copy.to_dict().get(k) != v)
+    hashed, shown = config.to_dict(), copy.to_dict()
+    if hashed != shown:
+        differ = sorted(k for k, v in hashed.items() if shown.get(k) != v)
         raise ArtifactError(f"{root}: the manifest's config differs from config.json in {', '.join(differ)} "
                             "(tampered?)")
     return config

@@ -179,9 +179,10 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
 
     if (prompt is None) == (prompt_ids is None):
         raise InputError("give exactly one of --prompt or --prompt-ids")
-    backend = backend or ("ort" if kind(source) == "artifact" else "torch")
+    is_artifact = kind(source) == "artifact"
+    backend = backend or ("ort" if is_artifact else "torch")
     with _stderr().status(f"opening {source} ({backend})"):
-        options = {"device": device} if kind(source) == "artifact" else {}
+        options = {"device": device} if is_artifact else {}
         session = open_session(source, backend, dtype=dtype, allow_version_mismatch=allow_version_mismatch,
                                **options)
     config, tokenizer = session.config, session.tokenizer
@@ -363,7 +364,7 @@ def validate(artifact: Path, checkpoint: Path | None, reference: str, backends: 
     from zaya_export.runtime.session import Session
     from .validate import _reference_model, cross_check, to_markdown, validate_artifact, write_report
 
-    names = [b.strip() for b in backends.split(",") if b.strip()]
+    names = _split(backends)
     bad = sorted(set(names) - {"ort", "iree", "torch"})
     if bad or not names:
         raise InputError(f"unknown --backend {bad or backends!r}; choose from ort, iree, torch")
@@ -422,12 +423,12 @@ def bench(artifact: Path, backends: str, prompt_len: int, new_tokens: int, repea
     from .bench import BACKENDS, bench_artifact, bench_matrix
 
     art = open_artifact(artifact)
-    names = [b.strip() for b in backends.split(",") if b.strip()]
+    names = _split(backends)
     if not names or set(names) - set(BACKENDS):
         raise InputError(f"unknown --backend {backends!r}; choose from {', '.join(BACKENDS)}")
     with _stderr().status(f"benchmarking {artifact}"):
         if modes:
-            wanted = tuple(m.strip() for m in modes.split(",") if m.strip())
+            wanted = tuple(_split(modes))
             bad = sorted(set(wanted) - {"ar", "tidar", "tidar-fused"})
             if bad:
                 raise InputError(f"unknown --modes {bad}; choose from ar, tidar, tidar-fused")

@@ -81,25 +81,12 @@ def tidar_figures(model, prompts: list[list[int]], new_tokens: int,  # noqa: ANN
 def measure(checkpoint: Path, new_tokens: int = 96, count: int = 8) -> dict[str, Any]:
     model = load_checkpoint(checkpoint, dtype="fp32")
     tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
-    session = Session.from_model(model)
     prompts = heldout_prompts(tokenizer, count)
     stop = model.config.eos_token_ids
-    rows: dict[str, dict[str, float]] = {}
-    same = []
     runs = {"tidar (lossless)": dict(fused=False), "tidar-fused (lossless)": dict(fused=True),
             "tidar (mix w=0.5)": dict(fused=False, w=0.5), "tidar-fused (mix w=0.5)": dict(fused=True, w=0.5)}
-    ar_tokens = [generate_greedy(model, [p], new_tokens, stop).tokens[0] for p in prompts]
-    for name, kw in runs.items():
-        tokens = forwards = accepted = steps = 0
-        for p, ar in zip(prompts, ar_tokens):
-            r = generate_tidar(session, [p], new_tokens, stop, SamplerConfig(), **kw)
-            tokens, forwards = tokens + len(r.tokens[0]), forwards + r.forwards
-            accepted += sum(i * n for i, n in enumerate(r.acceptance))
-            steps += sum(r.acceptance)
-            if kw.get("w", 1.0) == 1.0:
-                same.append(r.tokens[0] == ar)
-        rows[name] = {"tokens_per_forward": round(tokens / forwards, 3),
-                      "mean_accepted": round(accepted / max(steps, 1), 3)}
+    figures, same = tidar_figures(model, prompts, new_tokens, runs)
+    rows = {name: {k: row[k] for k in ("tokens_per_forward", "mean_accepted")} for name, row in figures.items()}
     sample = generate_greedy(model, [prompts[0]], new_tokens, stop).tokens[0]
     return {"prompts": len(prompts), "new_tokens": new_tokens, "modes": rows,
             "greedy_tidar_equals_ar": f"{sum(same)}/{len(same)}",

@@ -47,7 +47,8 @@ from zaya_export.passes.tidar_packing import ExportPlan, PackTidarStep
 from zaya_export.runtime.artifact import atomic_directory, tool_versions, write_manifest
 from zaya_export.runtime.manifest import EntryPoint, Manifest, MlirModule, PortSig, StateEntry, TidarInfo
 
-from .mlir_export import MLIR_FILE, PARAM_SCOPE, TARGETS, Target, compile_target, externalize_weights, lower_module
+from .mlir_export import (MLIR_FILE, PARAM_SCOPE, Target, compile_target, externalize_weights, lower_module,
+                          resolve_targets)
 from .onnx_export import WEIGHTS_FILE, bind_external_weights, lower_entry, save_entry, write_weights
 
 FORMATS = ("onnx", "mlir")
@@ -84,11 +85,12 @@ class ExportOptions:
                               f"{', '.join(FORMATS)}")
         if self.targets is not None and "mlir" not in formats:
             raise ExportError("--target compiles the MLIR module: add mlir to --format")
-        named = self.targets if self.targets is not None else ("cpu",) if "mlir" in formats else ()
-        unknown = [t for t in named if isinstance(t, str) and t not in TARGETS]
-        if unknown or (self.targets is not None and not named):
-            raise ExportError(f"unknown IREE target(s) {unknown or list(named)}; choose from {', '.join(TARGETS)}")
-        targets = tuple(dict.fromkeys(TARGETS[t] if isinstance(t, str) else t for t in named))
+        targets: tuple[Target, ...] = ()
+        if "mlir" in formats:
+            try:
+                targets = resolve_targets(("cpu",) if self.targets is None else self.targets)
+            except ValueError as exc:
+                raise ExportError(str(exc)) from None
         if self.tidar not in TIDAR_CHOICES:
             raise ExportError(f"--tidar must be one of {', '.join(TIDAR_CHOICES)}, got {self.tidar!r}")
         if "mlir" in formats and self.dtype != "fp32":
@@ -193,8 +195,7 @@ def _trace(run: ExportRun) -> dict[str, str]:
         run.status(f"tracing {name}")
         program = export_entry(run.model, spec)
         hist = op_histogram(program)
-        # the packed step keeps the reference CCA/attention (the fused ops are one-segment); MoE is fused
-        want = {op: n for op, n in run.expected.items() if spec.packed is None or op == "zaya.moe_top1"}
+        want = _wanted_ops(run, spec)
         wrong = {op: hist.get(op, 0) for op in run.expected if hist.get(op, 0) != want.get(op, 0)}
         if wrong:
             raise ExportError(f"{name}: traced graph has {wrong} fused ops, expected {want}")
@@ -230,9 +231,8 @@ def _lower_onnx(run: ExportRun) -> dict[str, str]:
     for name, program in run.programs.items():
         run.status(f"lowering {name} to ONNX")
         spec = run.specs.get(name, PROBE)
-        want = {op: n for op, n in run.expected.items() if spec.packed is None or op == "zaya.moe_top1"}
         try:
-            onnx_model, log = lower_entry(program, want, spec.outputs, spec.inputs)
+            onnx_model, log = lower_entry(program, _wanted_ops(run, spec), spec.outputs, spec.inputs)
         except PassError as exc:
             raise ExportError(f"{name}: {exc}") from None
         bind_external_weights(onnx_model, run.offsets, run.tmp / "onnx")
@@ -318,6 +318,12 @@ def export_artifact(checkpoint: Path, out: Path, *, status: Callable[[str], None
         manifest = dataclasses.replace(run.manifest, export_seconds=round(time.perf_counter() - start, 2))
         write_manifest(tmp, manifest)
     return manifest
+
+
+def _wanted_ops(run: ExportRun, spec: EntrySpec) -> dict[str, int]:
+    """Fused op → count an entry's graph must hold: the packed step keeps the reference CCA/attention (the
+    fused ops are one-segment), so only its MoE is fused."""
+    return {op: n for op, n in run.expected.items() if spec.packed is None or op == "zaya.moe_top1"}
 
 
 def _probe(model: torch.nn.Module, tidar: bool) -> Callable[[Any], list]:

@@ -53,12 +53,13 @@ TARGETS = {
 }
 
 
-def parse_targets(text: str) -> list[Target]:
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [n for n in names if n not in TARGETS]
-    if unknown or not names:
-        raise ValueError(f"unknown IREE target(s) {unknown or text!r}; choose from {', '.join(TARGETS)}")
-    return [TARGETS[n] for n in dict.fromkeys(names)]
+def resolve_targets(named: tuple[Target | str, ...]) -> tuple[Target, ...]:
+    """Targets given by name (``TARGETS``) or as :class:`Target`, each once, in order; ValueError names the
+    unknown ones."""
+    unknown = [t for t in named if isinstance(t, str) and t not in TARGETS]
+    if unknown or not named:
+        raise ValueError(f"unknown IREE target(s) {unknown or list(named)}; choose from {', '.join(TARGETS)}")
+    return tuple(dict.fromkeys(TARGETS[t] if isinstance(t, str) else t for t in named))
 
 
 def externalize_weights(model: torch.nn.Module) -> int:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from zaya_export.models import ZayaForCausalLM, decode, prefill
 from zaya_export.models.packed import PackedLayout, training_layout
 
-from .train_demo import tidar_loss
+from .train_demo import adamw, tidar_loss, training_logits, windows
 
 
 @dataclass
@@ -106,9 +106,7 @@ def distill_loss(model: ZayaForCausalLM, teacher: ZayaForCausalLM, layout: Packe
     """x [B, N+1], greedy [B, N+1] → (loss, parts). Draft rows t are trained on x_t only where x_t is a
     greedy token; AR rows are pulled to the teacher's next-token distribution."""
     N = x.shape[1] - 1
-    mask_id = model.config.mask_token_id
-    ids = torch.cat([x[:, :N], torch.full_like(x[:, :N], mask_id)], dim=1)  # [B, 2N]
-    logits, _ = model.step(ids, model.empty_past(x.shape[0]), layout=layout)  # [B, 2N, V]
+    logits = training_logits(model, layout, x)  # [B, 2N, V]
     V = logits.shape[-1]
     with torch.no_grad():
         t_logits, _ = teacher.step(x[:, :N], teacher.empty_past(x.shape[0]))  # [B, N, V] causal
@@ -125,11 +123,6 @@ def distill_loss(model: ZayaForCausalLM, teacher: ZayaForCausalLM, layout: Packe
              "draft_top1": hit.sum().item() / max(1, int(greedy[:, :N].sum())),
              "draft_top1_first": (hit & first).sum().item() / max(1, int(first.sum()))}
     return draft + kl_weight * kl, parts
-
-
-def _windows(stream: np.ndarray, n: int, count: int, gen: np.random.Generator) -> torch.Tensor:
-    starts = gen.integers(0, len(stream) - n - 1, size=count)
-    return torch.from_numpy(np.stack([stream[s : s + n + 1] for s in starts]).astype(np.int64))
 
 
 def distill(model: ZayaForCausalLM, teacher: ZayaForCausalLM, train_ids: np.ndarray, settings: DistillSettings,
@@ -153,10 +146,7 @@ def distill(model: ZayaForCausalLM, teacher: ZayaForCausalLM, train_ids: np.ndar
         x_all, g_all = generate_sequences(model, train_ids, settings, gen)
         log(f"round {rnd}: generated {len(x_all)} sequences in {time.time() - t0:.0f}s "
             f"({g_all.float().mean():.0%} greedy tokens)")
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        rest = [p for p in model.parameters() if p.dim() < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
-                                lr=settings.lr, betas=(0.9, 0.95))
+        opt = adamw(model, settings.lr, weight_decay=0.01)
         model.train()
         parts_log: list[dict] = []
         for step in range(settings.steps_per_round):
@@ -167,8 +157,8 @@ def distill(model: ZayaForCausalLM, teacher: ZayaForCausalLM, train_ids: np.ndar
             pick = torch.from_numpy(gen.integers(0, len(x_all), size=settings.distilled_rows))
             loss, parts = distill_loss(model, teacher, layout, x_all[pick], g_all[pick], weights, settings.kl_weight)
             if settings.real_rows:
-                real, ar, diff = tidar_loss(model, layout, _windows(train_ids, settings.seq_len, settings.real_rows,
-                                                                     gen), 1.0)
+                real, ar, diff = tidar_loss(model, layout, windows(train_ids, settings.seq_len, settings.real_rows,
+                                                                    gen), 1.0)
                 share = settings.real_rows / (settings.real_rows + settings.distilled_rows)
                 loss = (1 - share) * loss + share * real
                 parts.update(real_ar=ar, real_diff=diff)

@@ -58,16 +58,32 @@ def tidar_loss(model: ZayaForCausalLM, layout: PackedLayout, x: torch.Tensor, al
                ) -> tuple[torch.Tensor, float, float]:
     """x [B, N+1] clean tokens → (loss, AR cross-entropy, diffusion cross-entropy)."""
     N = x.shape[1] - 1
-    mask_id = model.config.mask_token_id
-    ids = torch.cat([x[:, :N], torch.full_like(x[:, :N], mask_id)], dim=1)  # [B, 2N]
-    logits, _ = model.step(ids, model.empty_past(x.shape[0]), layout=layout)  # [B, 2N, V]
+    logits = training_logits(model, layout, x)  # [B, 2N, V]
     V = logits.shape[-1]
     ar = F.cross_entropy(logits[:, :N].reshape(-1, V).float(), x[:, 1:].reshape(-1))  # next token
     diff = F.cross_entropy(logits[:, N:].reshape(-1, V).float(), x[:, :N].reshape(-1))  # fill-in x_t
     return (alpha * ar + diff) / (1 + alpha), ar.item(), diff.item()
 
 
-def _windows(stream: np.ndarray, n: int, count: int, gen: np.random.Generator) -> torch.Tensor:
+def training_logits(model: ZayaForCausalLM, layout: PackedLayout, x: torch.Tensor) -> torch.Tensor:
+    """x [B, N+1] clean tokens → logits [B, 2N, V] of one forward over the training layout ``[x_<N | MASK×N]``:
+    rows < N the causal next-token half, rows ≥ N the fill-in (draft) half."""
+    N = x.shape[1] - 1
+    ids = torch.cat([x[:, :N], torch.full_like(x[:, :N], model.config.mask_token_id)], dim=1)  # [B, 2N]
+    logits, _ = model.step(ids, model.empty_past(x.shape[0]), layout=layout)
+    return logits
+
+
+def adamw(model: ZayaForCausalLM, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices only (not on norms, biases and scales)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95))
+
+
+def windows(stream: np.ndarray, n: int, count: int, gen: np.random.Generator) -> torch.Tensor:
+    """``count`` random windows of n+1 tokens from ``stream`` → [count, n+1] int64."""
     starts = gen.integers(0, len(stream) - n - 1, size=count)
     return torch.from_numpy(np.stack([stream[s : s + n + 1] for s in starts]).astype(np.int64))
 
@@ -80,7 +96,7 @@ def evaluate(model: ZayaForCausalLM, layout: PackedLayout, stream: np.ndarray, n
     gen = np.random.default_rng(1234)
     ars, diffs = [], []
     for _ in range(batches):
-        _, ar, diff = tidar_loss(model, layout, _windows(stream, n, batch, gen), 1.0)
+        _, ar, diff = tidar_loss(model, layout, windows(stream, n, batch, gen), 1.0)
         ars.append(ar)
         diffs.append(diff)
     model.train()
@@ -114,10 +130,7 @@ def train(out: Path, settings: TrainSettings, log: Callable[[str], None] = print
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters")
     layout = training_layout(settings.seq_len, config.diffusion_block_len, config.conv_history)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    rest = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.95))
+    opt = adamw(model, settings.lr, settings.weight_decay)
 
     def lr_at(step: int) -> float:
         if step < settings.warmup:
@@ -133,7 +146,7 @@ def train(out: Path, settings: TrainSettings, log: Callable[[str], None] = print
     for step in range(settings.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        loss, ar, diff = tidar_loss(model, layout, _windows(train_ids, settings.seq_len, settings.batch, gen),
+        loss, ar, diff = tidar_loss(model, layout, windows(train_ids, settings.seq_len, settings.batch, gen),
                                     settings.alpha)
         opt.zero_grad(set_to_none=True)
         loss.backward()
