@@ -1,0 +1,60 @@
+"""The self-distillation stage: its generated sequences mark exactly the tokens that are the model's greedy
+choice, the draft loss weighs only those (position-weighted), and the AR half is held to the teacher by KL."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from conftest import random_model, small_config
+from zaya_export.models.packed import training_layout
+from zaya_export.self_distill import DistillSettings, distill_loss, generate_sequences, position_weights
+
+
+def _model():
+    cfg = small_config(num_hidden_layers=2, layer_types=["hybrid", "hybrid_sliding"], sliding_window=64)
+    return random_model(cfg, seed=3)
+
+
+def test_position_weights_decay_inside_each_block_with_mean_one():
+    w = position_weights(32, 8, 0.5)
+    assert torch.allclose(w[:8], w[8:16]) and torch.all(w[:7] > w[1:8])
+    assert abs(float(w[:8].mean()) - 1.0) < 1e-6
+    assert torch.allclose(position_weights(16, 8, 1.0), torch.ones(16))
+
+
+def test_generated_greedy_tokens_are_the_models_argmax():
+    model = _model()
+    stream = np.random.default_rng(0).integers(5, model.config.vocab_size, 4000).astype(np.int32)
+    settings = DistillSettings(sequences_per_round=5, prompt_len=8, seq_len=24, sampled_lens=(4,), gen_batch=3,
+                               temperature=1.0)
+    x, greedy = generate_sequences(model, stream, settings, np.random.default_rng(1))
+    assert x.shape == greedy.shape == (5, 25)
+    assert not greedy[:, :12].any() and greedy[:, 12:].all()  # prompt, 4 sampled, then greedy
+    with torch.no_grad():
+        logits, _ = model.step(x[:, :-1], model.empty_past(5))  # [5, 24, V] causal
+    assert torch.equal(logits.argmax(-1)[:, 11:], x[:, 12:])  # every greedy token is argmax of its prefix
+
+
+def test_distill_loss_weighs_greedy_tokens_only_and_kl_is_zero_against_itself():
+    model = _model()
+    cfg = model.config
+    N, K = 16, cfg.diffusion_block_len
+    layout = training_layout(N, K, cfg.conv_history)
+    x = torch.randint(5, cfg.vocab_size, (2, N + 1), generator=torch.Generator().manual_seed(0))
+    weights = position_weights(N, K, 0.8)
+    none = torch.zeros_like(x, dtype=torch.bool)
+    loss, parts = distill_loss(model, model, layout, x, none, weights, kl_weight=1.0)
+    assert parts["draft"] == 0.0 and abs(parts["kl"]) < 1e-5 and abs(float(loss.detach())) < 1e-5
+    everything = torch.ones_like(none)
+    _, parts = distill_loss(model, model, layout, x, everything, weights, kl_weight=1.0)
+    assert parts["draft"] > 1.0  # a random model's drafts are far from x
+    one = none.clone()
+    one[0, 3] = True  # a single greedy token: the draft loss is its cross-entropy, whatever its weight
+    _, single = distill_loss(model, model, layout, x, one, weights, kl_weight=1.0)
+    with torch.no_grad():
+        from zaya_export.train_demo import training_logits
+
+        logits = training_logits(model, layout, x)
+    ce = torch.nn.functional.cross_entropy(logits[0, N + 3].float()[None], x[0, 3][None])
+    assert abs(single["draft"] - float(ce)) < 1e-4 * max(1.0, float(ce))
