@@ -3,13 +3,24 @@ and the entry-point contract (``entries``: specs, I/O names, example inputs) eve
 
 from __future__ import annotations
 
-from .config import ConfigError, ZayaConfig
-from .decode import decode, prefill
-from .layout import BIDIRECTIONAL, CAUSAL, Readout, StepLayout
-from .presets import PRESETS, preset
-from .state import DecodeState, Past, Update, empty_past
-from .zaya import ZayaForCausalLM, init_weights
-from .checkpoint import load_checkpoint  # noqa: E402 - needs the model above
+import importlib
+from typing import Any
+
+# Imported on first use (PEP 562), so that ``zaya_export.models.config`` and the safetensors header reader load
+# without torch: the CLI checks a checkpoint's config and headers before paying for the heavy imports.
+_HOME = {
+    "ConfigError": "config", "ZayaConfig": "config", "decode": "decoding", "prefill": "decoding",
+    "BIDIRECTIONAL": "layout", "CAUSAL": "layout", "Readout": "layout", "StepLayout": "layout",
+    "PRESETS": "presets", "preset": "presets", "DecodeState": "state", "Past": "state", "Update": "state",
+    "empty_past": "state", "ZayaForCausalLM": "zaya", "init_weights": "zaya", "load_checkpoint": "checkpoint",
+}
+
+
+def __getattr__(name: str) -> Any:  # noqa: ANN401
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+
 
 __all__ = [
     "BIDIRECTIONAL", "CAUSAL", "ConfigError", "DecodeState", "PRESETS", "Past", "Readout", "StepLayout", "Update",

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ from .upstream import skip_bias_warning
 from .zaya import ZayaForCausalLM
 
 from . import legacy
+from zaya_export.output_dir import MARKER, check_replaceable, writing
 from zaya_export.errors import CheckpointError
 from .safetensors_header import FLOAT_DTYPES, TensorInfo, read_header
 
@@ -45,6 +45,8 @@ def read_config(ckpt: Path) -> tuple[ZayaConfig, bool]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not usable JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: must hold a JSON object")
     was_legacy = legacy.is_legacy_config(data)
@@ -64,9 +66,11 @@ def _weight_files(ckpt: Path) -> tuple[list[Path], dict[str, str] | None]:
             assert isinstance(weight_map, dict)
         except Exception:
             raise CheckpointError(f"{index}: corrupt index (needs a 'weight_map' object)") from None
+        for name, fname in weight_map.items():
+            _shard_name(index, name, fname)
         files = sorted({ckpt / f for f in weight_map.values()})
         for f in files:
-            if not f.is_file():
+            if not f.is_file():  # a link is fine: the Hugging Face cache links snapshot files to its blobs
                 raise CheckpointError(f"{f}: missing shard named in {INDEX_NAME}")
         return files, weight_map
     files = sorted(ckpt.glob("*.safetensors"))
@@ -81,6 +85,16 @@ def _weight_files(ckpt: Path) -> tuple[list[Path], dict[str, str] | None]:
     if len(files) > 1:
         raise CheckpointError(f"{ckpt}: {len(files)} safetensors files but no {INDEX_NAME}")
     return files, None
+
+
+def _shard_name(index: Path, tensor: object, fname: object) -> None:
+    """A shard named by the index must be a plain ``*.safetensors`` file name in the checkpoint directory:
+    no folder, no ``..``, no absolute path (an index must not make the loader read files elsewhere)."""
+    if not isinstance(tensor, str) or not isinstance(fname, str):
+        raise CheckpointError(f"{index}: weight_map entries must map tensor names to file names (strings)")
+    if fname != Path(fname).name or fname in ("", ".", "..") or "\\" in fname or not fname.endswith(".safetensors"):
+        raise CheckpointError(f"{index}: {tensor!r} maps to {fname!r}; shards must be *.safetensors files "
+                              "in the checkpoint directory itself")
 
 
 def _tensor_table(ckpt: Path) -> dict[str, TensorInfo]:
@@ -108,9 +122,23 @@ def expected_tensors(config: ZayaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+_LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _check_layer_count(config: ZayaConfig, names: set[str], is_legacy: bool, ckpt: Path) -> None:
+    """The layers the weights hold must be the layers the config names, checked from the tensor names alone
+    before anything is built from the config (a config edited to a million layers fails here, at once)."""
+    indices = {int(m.group(1)) for n in names if (m := _LAYER_INDEX.match(n))}
+    held = (max(indices) + 1) // (2 if is_legacy else 1) if indices else 0
+    if held != config.num_hidden_layers:
+        raise CheckpointError(f"{ckpt}: config.json says num_hidden_layers={config.num_hidden_layers} but the "
+                              f"weights hold {held} layer(s)")
+
+
 def _plan(config: ZayaConfig, table: dict[str, TensorInfo], ckpt: Path) -> dict[str, list[TensorInfo]]:
     """native name → source tensors (one, or several to stack), after every name/shape/dtype check."""
     names = set(table)
+    _check_layer_count(config, names, legacy.is_legacy_layout(names), ckpt)
     if legacy.is_legacy_layout(names):
         sources = legacy.legacy_sources(config.num_hidden_layers, config.num_experts, legacy.legacy_block_name(names))
     else:
@@ -177,8 +205,14 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | str | None = None,
                     handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
                 parts.append(handles[info.file].get_tensor(info.name))
             tensor = parts[0] if len(parts) == 1 else torch.stack(parts)
+            if not bool(torch.isfinite(tensor).all()):  # one cheap pass per tensor: NaN/Inf would poison every logit
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise CheckpointError(f"{infos[0].file}: tensor {infos[0].name!r} holds {bad} NaN/Inf value(s)")
             want = torch.float32 if native.endswith("balancing_biases") else dtype
             state[native] = tensor.to(want)
+            if not bool(torch.isfinite(state[native]).all()):
+                raise CheckpointError(f"{infos[0].file}: tensor {infos[0].name!r} overflows {want} (values beyond "
+                                      "its range); load it in a wider dtype")
             if progress:
                 progress(done, len(plan))
     except CheckpointError:
@@ -204,9 +238,7 @@ def save_checkpoint(model: ZayaForCausalLM, out: str | Path, *, tokenizer_json: 
     """Write ``model`` in native HF layout (config.json, generation_config.json, safetensors, index when
     sharded, tokenizer.json). Atomic: files go to a temporary sibling directory that is renamed into place."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out}: already exists (pass overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_replaceable(out, overwrite, "checkpoint")
     config = model.config
     tensors = {}
     for name, t in model.state_dict().items():
@@ -215,15 +247,15 @@ def save_checkpoint(model: ZayaForCausalLM, out: str | Path, *, tokenizer_json: 
         want = torch.float32 if name.endswith("balancing_biases") else (dtype or t.dtype)
         tensors[name] = t.detach().to(want).contiguous()
     shards = _shard(tensors, max_shard_bytes)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with writing(out, overwrite, "checkpoint") as tmp:
+        (tmp / MARKER).write_text(json.dumps({"kind": "checkpoint"}) + "\n")
         if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            save_tensors(shards[0], tmp / "model.safetensors")
         else:
             weight_map = {}
             for i, shard in enumerate(shards, 1):
                 fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                save_tensors(shard, tmp / fname)
                 weight_map.update({name: fname for name in shard})
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -238,13 +270,20 @@ def save_checkpoint(model: ZayaForCausalLM, out: str | Path, *, tokenizer_json: 
         if tokenizer_json is not None:
             (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
         _make_readable(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``safetensors.save_file``, with its I/O failures (a full disk, a file-size limit) raised as the
+    :class:`OSError` they are, so that every writer reports them as one line and leaves the old output."""
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except Exception as exc:  # noqa: BLE001 - SafetensorError carries the OS error only in its text
+        found = re.search(r"os error (\d+)", str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def _make_readable(folder: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,11 @@ MASK_TOKEN_KEYS = (
 
 _NOT_JSON = frozenset({"extra", "declares_tidar"})
 _TIDAR_FIELDS = frozenset({"mask_token_id", "diffusion_block_len"})
+
+
+def _is_number(value: Any) -> bool:  # noqa: ANN401
+    """A finite int or float (JSON's ``true`` is not a number here, nor NaN or Infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class ConfigError(ValueError):
@@ -152,18 +158,18 @@ class ZayaConfig:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
         for name in ("rms_norm_eps", "initializer_range", "attention_dropout"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
+            if not _is_number(value) or value < 0:
+                raise ConfigError(f"{name} must be a finite non-negative number, got {value!r}")
         for name in ("use_cache", "tie_word_embeddings", "attention_bias", "lm_head_bias", "output_router_logits"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("pad_token_id", "bos_token_id"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or not 0 <= value < self.vocab_size):
+            if value is not None and (type(value) is not int or not 0 <= value < self.vocab_size):
                 raise ConfigError(f"{name} must be a token id in [0, {self.vocab_size}), got {value!r}")
         eos = self.eos_token_id
         eos_list = [eos] if isinstance(eos, int) else (eos if isinstance(eos, list) else None)
-        if eos is not None and (eos_list is None or not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in eos_list)):
+        if eos is not None and (eos_list is None or not all(type(t) is int and 0 <= t < self.vocab_size for t in eos_list)):
             raise ConfigError(f"eos_token_id must be a token id or a list of them in [0, {self.vocab_size}), got {eos!r}")
         if self.mask_token_id >= self.vocab_size:
             raise ConfigError(f"mask_token_id {self.mask_token_id} is outside the vocabulary ({self.vocab_size})")
@@ -185,7 +191,7 @@ class ZayaConfig:
         if "hybrid_sliding" in self.layer_types:
             if self.sliding_window is None:
                 raise ConfigError("sliding_window must be set when layer_types contains 'hybrid_sliding'")
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+        if self.sliding_window is not None and (type(self.sliding_window) is not int or self.sliding_window < 1):
             raise ConfigError(f"sliding_window must be a positive integer or null, got {self.sliding_window!r}")
         if not isinstance(self.rope_parameters, dict):
             raise ConfigError(f"rope_parameters must be a mapping, got {self.rope_parameters!r}")
@@ -193,6 +199,13 @@ class ZayaConfig:
             params = self.rope_parameters.get(layer_type)
             if not isinstance(params, dict) or "rope_theta" not in params:
                 raise ConfigError(f"rope_parameters[{layer_type!r}] must give rope_theta")
+            theta, factor = params["rope_theta"], params.get("partial_rotary_factor", 1.0)
+            if not _is_number(theta) or theta <= 0:
+                raise ConfigError(f"rope_parameters[{layer_type!r}].rope_theta must be a finite positive number, "
+                                  f"got {theta!r}")
+            if not _is_number(factor) or not 0 < factor <= 1:
+                raise ConfigError(f"rope_parameters[{layer_type!r}].partial_rotary_factor must be in (0, 1], "
+                                  f"got {factor!r}")
             if params.get("rope_type", "default") != "default":
                 raise ConfigError(f"rope_parameters[{layer_type!r}].rope_type {params['rope_type']!r} is not supported")
             rot = self.rotary_dim(layer_type)
@@ -247,6 +260,8 @@ class ZayaConfig:
             raise ConfigError(f"{path}: file not found") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not usable JSON (nested too deeply)") from None
         return cls.from_dict(data)
 
     def to_json_file(self, path: str | Path) -> None:

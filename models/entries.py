@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .decode import decode, prefill
+from .decoding import decode, prefill
 from .state import Past
 from .zaya import ZayaForCausalLM
 from .layout import BIDIRECTIONAL, CAUSAL, Readout, StepLayout, packed_of

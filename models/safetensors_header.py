@@ -51,8 +51,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON, or nested too deeply)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
@@ -60,7 +60,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     for name, entry in header.items():
         try:
             dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            ok = all(isinstance(x, int) and x >= 0 for x in (*shape, start, end)) and start <= end
+            ok = (isinstance(dtype, str) and start <= end
+                  and all(type(x) is int and x >= 0 for x in (*shape, start, end)))
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -58,6 +58,21 @@ class PassRecord:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> PassRecord:  # noqa: ANN401
+        """Read one record back (a manifest's pass log); ``ValueError`` names the bad field."""
+        known = {f.name for f in fields(cls)}
+        if not isinstance(d, dict) or not {"name", "rewrites"} <= d.keys() or not d.keys() <= known:
+            raise ValueError(f"{where}: expected a pass record with keys from {sorted(known)}")
+        if not isinstance(d["name"], str) or type(d["rewrites"]) is not int:
+            raise ValueError(f"{where}: name must be a string and rewrites an integer")
+        for key in ("seconds", "max_abs_diff", "max_rel_diff", "max_flip_margin"):
+            if key in d and not isinstance(d[key], (int, float, str, type(None))):
+                raise ValueError(f"{where}.{key}: expected a number")
+        if d.get("routing_flips") is not None and type(d["routing_flips"]) is not int:
+            raise ValueError(f"{where}.routing_flips: expected an integer")
+        return cls(**{"seconds": 0.0, **d})
 
 
 class PassManager(Generic[IR]):

@@ -7,7 +7,7 @@ artifact/
   config.json  generation_config.json  tokenizer.json (when the checkpoint has one)
   onnx/<entry>.onnx    one graph per entry point
   onnx/weights.safetensors   the only copy of the weights, shared by every entry (ONNX external data)
-  report/              validation reports (json + md)
+  report/              validation reports (json + md; outputs of `validate`, not hashed, never read back)
 ```
 
 Writes are atomic: everything is built in a temporary sibling directory that replaces the target only when
@@ -19,20 +19,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from zaya_export.errors import ZayaError
 from zaya_export.models import ZayaConfig
 
+from .tokenizer import load_tokenizer
+from zaya_export.models.safetensors_header import read_header
 from .manifest import FORMAT, SCHEMA_VERSION, EntryPoint, Manifest, ManifestError
 
-__all__ = ["FORMAT", "MANIFEST", "SCHEMA_VERSION", "Artifact", "ArtifactError", "Manifest", "atomic_directory",
+__all__ = ["FORMAT", "MANIFEST", "SCHEMA_VERSION", "Artifact", "ArtifactError", "Manifest", 
            "is_artifact", "open_artifact", "tool_versions", "write_manifest"]
 
 MANIFEST = "manifest.json"
@@ -63,40 +63,34 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+REPORTS = "report"  # validation reports: written after export by ``validate``, never read back, not hashed
+_MANIFEST_TMP = f".{MANIFEST}."  # prefix of the temporary file a manifest is written through
+
+
 def _files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+    """The artifact's hashed files: everything but the manifest, its temporary files and the reports."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST
+                  and not p.name.startswith(_MANIFEST_TMP) and p.relative_to(root).parts[0] != REPORTS)
+
+
+def _write_json_atomically(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=_MANIFEST_TMP, dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:
-    """Hash every file under ``root`` into ``manifest.files`` and write ``manifest.json`` atomically."""
+    """Hash every file under ``root`` into ``manifest.files`` and write ``manifest.json`` atomically (export)."""
     manifest.files = {p.relative_to(root).as_posix(): sha256(p) for p in _files(root)}
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, root / MANIFEST)
-
-
-@contextmanager
-def atomic_directory(out: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary directory that becomes ``out`` when the block finishes without an exception."""
-    if out.exists() and not force:
-        raise ArtifactError(f"{out}: already exists (use --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / "artifact")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _write_json_atomically(root / MANIFEST, manifest.to_json())
 
 
 @dataclass
@@ -130,8 +124,13 @@ class Artifact:
         path = self.root / "tokenizer.json"
         return path if path.is_file() else None
 
-    def save_manifest(self) -> None:
-        write_manifest(self.root, self.manifest)
+    def record_validation(self, summary: dict[str, Any]) -> None:
+        """Store ``validate``'s summary in the manifest with one atomic replace. The file hashes are kept as
+        they were checked when the artifact was opened: nothing changed since is ever blessed."""
+        self.manifest.validation = summary
+        for stale in self.root.glob(_MANIFEST_TMP + "*"):  # left by a validate that was killed
+            stale.unlink(missing_ok=True)
+        _write_json_atomically(self.root / MANIFEST, self.manifest.to_json())
 
 
 def is_artifact(path: Path) -> bool:
@@ -147,8 +146,8 @@ def open_artifact(path: str | Path, verify: bool = True, allow_version_mismatch:
         raise ArtifactError(f"{root}: not an artifact (no {MANIFEST})")
     try:
         raw = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        raise ArtifactError(f"{mpath}: corrupt manifest") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        raise ArtifactError(f"{mpath}: corrupt manifest (not readable JSON)") from None
     try:
         manifest = Manifest.from_json(raw)
     except ManifestError as exc:
@@ -172,6 +171,9 @@ def open_artifact(path: str | Path, verify: bool = True, allow_version_mismatch:
         raise ArtifactError(f"{root}: built with other tool versions: {'; '.join(diffs)} "
                             "(re-export, or pass --allow-version-mismatch)")
     artifact = Artifact(root, manifest, _config(root, manifest))
+    read_header(artifact.weights)  # sizes and offsets consistent: a truncated, re-hashed file is refused here
+    if artifact.tokenizer is not None:
+        load_tokenizer(artifact.tokenizer)  # an unusable tokenizer is a broken artifact, refused at the door
     for rel in manifest.paths().values():
         artifact.path(rel)
     return artifact

@@ -11,7 +11,7 @@ import numpy as np
 from zaya_export.models import entries
 from zaya_export.models.commit_entry import UPDATE_OUTPUTS
 from zaya_export.models.io_table import Name
-from zaya_export.errors import InputError
+from zaya_export.errors import InputError, ZayaError
 
 
 class Backend:
@@ -47,7 +47,12 @@ class OrtBackend(Backend):
             if point is None or point.onnx is None:
                 raise KeyError(f"the artifact has no ONNX graph for the {entry!r} entry point")
             path = self.artifact.path(point.onnx)
-            session = self.ort.InferenceSession(str(path), self.options, providers=self.providers)
+            try:
+                session = self.ort.InferenceSession(str(path), self.options, providers=self.providers)
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+                raise BackendLoadError(f"{path}: onnxruntime refused the graph ({_first_line(exc)})") from None
+            check_signature(path, point, [(a.name, a.shape) for a in session.get_inputs()],
+                            [(a.name, a.shape) for a in session.get_outputs()])
             if session.get_providers()[0] != self.providers[0]:  # ORT silently falls back to CPU
                 raise RuntimeError(f"onnxruntime did not enable {self.providers[0]} (got {session.get_providers()})")
             self.sessions[entry] = (session, [o.name for o in session.get_outputs()])
@@ -56,6 +61,33 @@ class OrtBackend(Backend):
     def run(self, entry: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session, names = self.session(entry)
         return dict(zip(names, session.run(names, inputs)))
+
+
+def check_signature(path: object, point: object, inputs: list[tuple[str, list]],
+                    outputs: list[tuple[str, list]]) -> None:
+    """A graph's ``(name, shape)`` inputs and outputs must be what the manifest's entry ``point`` promises
+    (names, and every fixed dimension): a graph swapped for another entry's (prefill's under decode, say) is
+    refused before it runs."""
+    for side, ports, args in (("inputs", point.inputs, inputs), ("outputs", point.outputs, outputs)):
+        if [p.name for p in ports] != [name for name, _ in args]:
+            raise BackendLoadError(f"{path}: graph {side} {[name for name, _ in args]} differ from the manifest's "
+                                   f"{[p.name for p in ports]} (tampered?)")
+        for port, (_, shape) in zip(ports, args):
+            if port.shape is None:
+                continue
+            fixed = [d if isinstance(d, int) else None for d in port.shape]
+            have = [d if isinstance(d, int) and d > 0 else None for d in (shape or [])]
+            if fixed != have:
+                raise BackendLoadError(f"{path}: {side[:-1]} {port.name} has shape {shape}, the manifest says "
+                                       f"{list(port.shape)} (tampered?)")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+class BackendLoadError(ZayaError):
+    """A backend refused an artifact's graph or module (corrupt, truncated, or edited and re-hashed)."""
 
 
 class IreeBackend(Backend):
@@ -85,14 +117,19 @@ class IreeBackend(Backend):
             raise InputError(f"IREE device {device!r} is not available here: {str(exc).splitlines()[0]}"
                              + (" (the hip driver needs the ROCm runtime, libamdhip64.so, and an AMD GPU)" if gpu
                                 else "")) from None
-        index = rt.ParameterIndex()
-        index.load(str(artifact.weights))
-        params = rt.create_io_parameters_module(self.config.vm_instance,
-                                                index.create_provider(scope=artifact.manifest.mlir.parameter_scope))
-        vmfb = rt.VmModule.mmap(self.config.vm_instance, str(artifact.path(modules[target].vmfb)))
-        self.context = rt.SystemContext(config=self.config, vm_modules=[
-            params, rt.create_hal_module(self.config.vm_instance, self.config.device), vmfb])
-        self.module = self.context.modules.module
+        vmfb_path = artifact.path(modules[target].vmfb)
+        try:
+            index = rt.ParameterIndex()
+            index.load(str(artifact.weights))
+            params = rt.create_io_parameters_module(
+                self.config.vm_instance, index.create_provider(scope=artifact.manifest.mlir.parameter_scope))
+            vmfb = rt.VmModule.mmap(self.config.vm_instance, str(vmfb_path))
+            self.context = rt.SystemContext(config=self.config, vm_modules=[
+                params, rt.create_hal_module(self.config.vm_instance, self.config.device), vmfb])
+            self.module = self.context.modules.module
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise BackendLoadError(f"{vmfb_path}: IREE cannot load the module with its parameters "
+                                   f"({_first_line(exc)})") from None
         self.rt = rt
         # model entries, then the in-place state commits (absent from artifacts exported before them)
         self.entries = {**artifact.entry_points, **artifact.manifest.mlir.state_entries}
@@ -113,8 +150,11 @@ class IreeBackend(Backend):
             raise KeyError(f"the artifact has no {entry!r} entry point")
         spec = self.entries[entry]
         args = [inputs[n] for n in spec.input_names]
-        outs = getattr(self.module, entry)(*[a if isinstance(a, self.rt.DeviceArray) else np.ascontiguousarray(a)
-                                             for a in args])
+        try:
+            outs = getattr(self.module, entry)(*[a if isinstance(a, self.rt.DeviceArray)
+                                                 else np.ascontiguousarray(a) for a in args])
+        except (RuntimeError, ValueError) as exc:  # e.g. a parameter the module names is not in the weights
+            raise BackendLoadError(f"IREE failed to run {entry!r} ({_first_line(exc)})") from None
         outs = [] if outs is None else outs if isinstance(outs, (list, tuple)) else [outs]
         resident = isinstance(inputs.get(Name.PAST_K), self.rt.DeviceArray)
         # to_host() may alias device buffers that the next call reuses: copy, as the other backends return owned

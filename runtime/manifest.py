@@ -19,6 +19,7 @@ from typing import Any
 
 from zaya_export.errors import ZayaError
 from zaya_export.models.io_table import Name
+from zaya_export.passes.base import PassRecord
 
 FORMAT = "zaya-export-artifact"
 SCHEMA_VERSION = 2  # 2: TiDAR entries; state outputs conv_rows/omega
@@ -242,6 +243,34 @@ class TidarInfo:
                    mask_token_id=_get(d, "mask_token_id", (int, type(None)), where))
 
 
+@dataclass(kw_only=True)
+class PassLog:
+    """Which passes ran at export and what each did: the model-level passes (fusion, packing) in order, and
+    the ONNX cleanup passes per entry point."""
+
+    model: list[PassRecord] = field(default_factory=list)
+    onnx: dict[str, list[PassRecord]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": [r.to_json() for r in self.model],
+                "onnx": {n: [r.to_json() for r in log] for n, log in self.onnx.items()}}
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> PassLog:  # noqa: ANN401
+        d = _only(d, {"model", "onnx"}, where)
+
+        def records(items: Any, at: str) -> list[PassRecord]:  # noqa: ANN401
+            if not isinstance(items, list):
+                raise ManifestError(f"{at}: expected a list")
+            try:
+                return [PassRecord.from_json(r, f"{at}[{i}]") for i, r in enumerate(items)]
+            except ValueError as exc:
+                raise ManifestError(str(exc)) from None
+
+        return cls(model=records(_get(d, "model", list, where, []), f"{where}.model"),
+                   onnx={n: records(log, f"{where}.onnx.{n}") for n, log in _get(d, "onnx", dict, where, {}).items()})
+
+
 _KEYS = {"format", "schema_version", "created", "source", "dtype", "compute_dtype", "config", "weights", "formats",
          "mlir", "iree", "entry_points", "tidar", "pass_log", "op_counts", "versions", "validation",
          "export_seconds", "files"}
@@ -263,17 +292,12 @@ class Manifest:
     mlir: MlirModule | None = None
     iree: dict[str, IreeModule] = field(default_factory=dict)
     tidar: TidarInfo | None = None
-    pass_log: dict[str, Any] = field(default_factory=dict)
+    pass_log: PassLog = field(default_factory=PassLog)
     op_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     versions: dict[str, str | None] = field(default_factory=dict)
     validation: dict[str, Any] | None = None
     export_seconds: float = 0.0
     files: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def model_passes(self) -> list[dict[str, Any]]:
-        """The pass log of the model-level passes (fusion, packing), in order."""
-        return self.pass_log.get("model", [])
 
     def paths(self) -> dict[str, str]:
         """Every file the manifest points a reader at, by the field that names it."""
@@ -291,7 +315,7 @@ class Manifest:
                 "mlir": None if self.mlir is None else self.mlir.to_json(),
                 "iree": {t: m.to_json() for t, m in self.iree.items()},
                 "entry_points": {n: e.to_json() for n, e in self.entry_points.items()},
-                "tidar": None if self.tidar is None else self.tidar.to_json(), "pass_log": self.pass_log,
+                "tidar": None if self.tidar is None else self.tidar.to_json(), "pass_log": self.pass_log.to_json(),
                 "op_counts": self.op_counts, "versions": self.versions, "validation": self.validation,
                 "export_seconds": self.export_seconds, "files": self.files}
 
@@ -325,6 +349,7 @@ class Manifest:
             mlir=None if mlir is None else MlirModule.from_json(mlir, "manifest.mlir"),
             iree={t: IreeModule.from_json(m, f"manifest.iree.{t}") for t, m in _get(d, "iree", dict, w, {}).items()},
             tidar=None if tidar is None else TidarInfo.from_json(tidar, "manifest.tidar"),
-            pass_log=_get(d, "pass_log", dict, w, {}), op_counts=_get(d, "op_counts", dict, w, {}),
+            pass_log=PassLog.from_json(_get(d, "pass_log", dict, w, {}), "manifest.pass_log"),
+            op_counts=_get(d, "op_counts", dict, w, {}),
             versions=_get(d, "versions", dict, w, {}), validation=_get(d, "validation", (dict, type(None)), w, None),
             export_seconds=float(_get(d, "export_seconds", (int, float), w, 0.0)), files=files)

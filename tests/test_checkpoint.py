@@ -8,6 +8,8 @@ import struct
 from pathlib import Path
 
 import pytest
+
+from zaya_export.output_dir import OutputError
 import torch
 from safetensors.torch import save_file
 
@@ -197,7 +199,7 @@ def test_pickle_weights_are_refused_not_unpickled(tmp_path, ckpt):
 
 
 def test_save_is_atomic_and_refuses_to_overwrite(tmp_path, model, ckpt, monkeypatch):
-    with pytest.raises(CheckpointError, match="already exists"):
+    with pytest.raises(OutputError, match="already exists"):
         save_checkpoint(model, ckpt)
     import zaya_export.models.checkpoint as io
 

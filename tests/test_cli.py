@@ -35,7 +35,8 @@ def test_help_on_every_command():
 
 
 def test_init_writes_hf_layout_that_loads(ckpt):
-    assert {p.name for p in ckpt.iterdir()} == {"config.json", "generation_config.json", "model.safetensors",
+    assert {p.name for p in ckpt.iterdir()} == {".zaya-export", "config.json", "generation_config.json",
+                                                "model.safetensors",
                                                 "tokenizer.json"}
     config = json.loads((ckpt / "config.json").read_text())
     assert config["model_type"] == "zaya" and config["mask_token_id"] == 4 and config["diffusion_block_len"] == 16

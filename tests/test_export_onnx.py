@@ -15,6 +15,7 @@ from zaya_export.runtime.artifact import ArtifactError, open_artifact
 from zaya_export.models.checkpoint import save_checkpoint
 from zaya_export.cli import main
 from zaya_export.exporter import ExportError, export_artifact
+from zaya_export.output_dir import OutputError
 from zaya_export.runtime.generate import generate, generate_greedy
 from zaya_export.runtime.sampling import SamplerConfig
 from zaya_export.runtime.session import Session
@@ -49,12 +50,12 @@ def test_artifact_layout_and_manifest(artifact, model):
     assert m.tidar.to_json() == {"block_len": model.config.diffusion_block_len, "levels": [0, 6, 16],
                                  "mask_token_id": 4}
     assert m.op_counts["step"]["zaya.moe_top1"] == 3 and "zaya.cca" not in m.op_counts["step"]
-    assert [(r["name"], r["rewrites"]) for r in m.model_passes] == [
+    assert [(r.name, r.rewrites) for r in m.pass_log.model] == [
         ("fuse_cca", 3), ("fuse_attention", 3), ("fuse_moe", 3), ("pack_tidar_step", 3)]
     for entry in ("prefill", "decode", "verify", "draft"):
         assert m.op_counts[entry]["zaya.cca"] == 3
         assert m.entry_points[entry].input_names[:2] == ["input_ids", "input_mask"]
-        assert {r["name"] for r in m.pass_log["onnx"][entry]} == {"fold_constants", "dead_code",
+        assert {r.name for r in m.pass_log.onnx[entry]} == {"fold_constants", "dead_code",
                                                                      "check_fused_nodes"}
     assert set(m.versions) >= {"torch", "onnx", "onnxruntime", "zaya-export"}
     assert {**art.config.to_dict(), "dtype": None} == {**model.config.to_dict(), "dtype": None}
@@ -163,7 +164,7 @@ def test_export_is_atomic(ckpt, artifact, tmp_path, monkeypatch):
     import zaya_export.exporter as exporter
 
     before = {p.name: p.stat().st_mtime_ns for p in (artifact / "onnx").iterdir()}
-    with pytest.raises(ExportError, match="already exists"):
+    with pytest.raises(OutputError, match="already exists"):
         export_artifact(ckpt, artifact)
 
     calls = []

@@ -6,8 +6,9 @@ import copy
 
 import pytest
 
-from zaya_export.runtime.manifest import (EntryPoint, IreeModule, Manifest, ManifestError, MlirModule, PortSig,
-                                          StateEntry, TidarInfo)
+from zaya_export.passes.base import PassRecord
+from zaya_export.runtime.manifest import (EntryPoint, IreeModule, Manifest, ManifestError, MlirModule, PassLog,
+                                          PortSig, StateEntry, TidarInfo)
 
 
 def _manifest() -> Manifest:
@@ -24,7 +25,8 @@ def _manifest() -> Manifest:
         iree={"cpu": IreeModule(vmfb="iree/cpu.vmfb", flags=("--a",), driver="local-task", bytes=10, amd_archs=(),
                                 seconds=1.0)},
         tidar=TidarInfo(block_len=16, levels=(0, 6, 16), mask_token_id=4),
-        pass_log={"model": [{"name": "fuse_cca", "rewrites": 2}], "onnx": {}}, files={"zaya.mlir": "ab"})
+        pass_log=PassLog(model=[PassRecord("fuse_cca", 2, 0.5, max_abs_diff=1e-6, routing_flips=0)],
+                         onnx={"decode": [PassRecord("dead_code", 3, 0.01)]}), files={"zaya.mlir": "ab"})
 
 
 def test_round_trip():
@@ -32,7 +34,7 @@ def test_round_trip():
     again = Manifest.from_json(m.to_json())
     assert again == m and again.to_json() == m.to_json()
     assert again.entry_points["decode"].stateful and not again.entry_points["layers"].stateful
-    assert again.model_passes == [{"name": "fuse_cca", "rewrites": 2}]
+    assert [(r.name, r.rewrites) for r in again.pass_log.model] == [("fuse_cca", 2)]
     assert set(again.paths().values()) == {"onnx/weights.safetensors", "onnx/decode.onnx", "zaya.mlir", "iree/cpu.vmfb"}
 
 
@@ -57,6 +59,10 @@ def test_round_trip():
     (lambda m: m.update(format="other"), "not a zaya-export manifest"),
     (lambda m: m["entry_points"].update(decode=[]), "entry_points.decode: expected an object"),
     (lambda m: m["iree"]["cpu"].update(extra=1), "iree.cpu: unknown field"),
+    (lambda m: m["pass_log"].update(model={}), "pass_log.model: expected list"),
+    (lambda m: m["pass_log"]["model"][0].update(rewrites="2"), r"pass_log.model\[0\]: name must be a string"),
+    (lambda m: m["pass_log"]["onnx"]["decode"][0].update(extra=1), r"pass_log.onnx.decode\[0\]: expected a pass"),
+    (lambda m: m["pass_log"].update(other=[]), "pass_log: unknown field"),
 ])
 def test_malformed_fields_are_named(change, message):
     raw = copy.deepcopy(_manifest().to_json())

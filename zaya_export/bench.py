@@ -34,7 +34,7 @@ def bench_prompt(artifact: Artifact, prompt_len: int) -> list[int]:
     return np.random.default_rng(0).integers(5, artifact.config.vocab_size, prompt_len).tolist()
 
 
-BACKENDS = ("ort", "iree", "iree-host", "torch")
+BACKENDS = ("ort", "iree", "iree-host", "torch")  # the CLI keeps a copy (cli.BENCH_BACKENDS), tested equal
 
 
 def _session(artifact: Artifact, name: str, threads: int | None = None) -> Session:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import warnings
@@ -15,6 +16,23 @@ from pathlib import Path
 import click
 
 from zaya_export.errors import InputError, ZayaError
+
+
+class Finite(click.FloatRange):
+    """A float option within [min, max] that is a real number: NaN and ±Inf are refused (click's own range check
+    lets NaN through, since every comparison with it is false)."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201 - click signature
+        rv = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(rv, param, ctx)
+
+
+SEED = click.IntRange(0, 2**32 - 1)
+BENCH_BACKENDS = ("ort", "iree", "iree-host", "torch")  # bench.BACKENDS, here so a typo fails before torch loads
 
 
 class _Group(click.Group):
@@ -26,9 +44,20 @@ class _Group(click.Group):
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:  # a bad option value: one line like every other error, with the fix
+            name = f"{exc.ctx.command_path}: " if exc.ctx is not None and exc.ctx.command_path else ""
+            click.echo(f"error: {name}{exc.format_message()} (see --help)", err=True)
+            ctx.exit(2)
         except ZayaError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except OSError as exc:  # the system refused a file operation: name the file, not our stack
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"error: {where}{exc.strerror or exc}", err=True)
+            ctx.exit(2)
+        except MemoryError:
+            click.echo("error: out of memory (the model or the request is too large for this machine)", err=True)
+            ctx.exit(2)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -40,7 +69,7 @@ def main() -> None:
 @main.command()
 @click.option("--preset", "preset_name", type=click.Choice(["tiny", "small", "8b"]), default="tiny",
               show_default=True, help="Model size.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Stored weight dtype.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
@@ -48,13 +77,14 @@ def main() -> None:
 @click.argument("out", type=click.Path(path_type=Path))
 def init(preset_name: str, seed: int, dtype: str, force: bool, as_json: bool, out: Path) -> None:
     """Write a random-weight checkpoint in Hugging Face layout (with a small tokenizer) to OUT."""
+    from .output_dir import check_replaceable
+
+    check_replaceable(out, force, "checkpoint")  # before the heavy imports: a refused path fails at once
     import torch
     from zaya_export.models.checkpoint import DTYPES, save_checkpoint
     from .models import ZayaForCausalLM, init_weights, preset
     from zaya_export.runtime.tokenizer import build_tokenizer
 
-    if out.exists() and not force:
-        raise InputError(f"{out}: already exists (use --force to replace it)")
     config = preset(preset_name)
     torch_dtype = DTYPES[dtype]
     with torch.device("meta"):
@@ -82,8 +112,8 @@ def init(preset_name: str, seed: int, dtype: str, force: bool, as_json: bool, ou
 @main.command("train-demo")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--steps", type=click.IntRange(min=1), default=2400, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--max-minutes", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--max-minutes", type=Finite(min=0), default=0.0, show_default=True,
               help="Stop early after this long (0 = run every step); the card records the steps run.")
 @click.option("--stop-after", type=click.IntRange(min=0), default=0,
               help="Run only the first N steps of the --steps schedule (replays a run cut by --max-minutes).")
@@ -155,13 +185,13 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--sampler", "sampler_name", type=click.Choice(["greedy", "lossless", "mix"]), default="lossless",
               show_default=True, help="TiDAR acceptance: greedy (argmax), lossless (rejection sampling; greedy "
               "at temperature 0), mix (logit mixing with --w, lossy below 1).")
-@click.option("--w", "mix_w", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+@click.option("--w", "mix_w", type=Finite(0, 1), default=0.5, show_default=True,
               help="Weight of the AR logits under --sampler mix (1 = lossless).")
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--temperature", type=Finite(min=0), default=0.0, show_default=True,
               help="0 = greedy.")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, help="Keep the k most likely tokens (0 = all).")
-@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling uniforms.")
+@click.option("--top-p", type=Finite(min=0, max=1, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the sampling uniforms.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
               help="Compute dtype of the torch backend (default: as stored).")
 @click.option("--allow-version-mismatch", is_flag=True, help="Run an artifact built with other tool versions.")
@@ -171,14 +201,21 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
         mode: str, sampler_name: str, mix_w: float, temperature: float, top_k: int, top_p: float, seed: int,
         dtype: str | None, allow_version_mismatch: bool, as_json: bool) -> None:
     """Generate from SOURCE, an exported artifact or a checkpoint directory."""
+    if (prompt is None) == (prompt_ids is None):
+        raise InputError("give exactly one of --prompt or --prompt-ids")
+    if mode == "ar" and sampler_name == "mix":
+        raise InputError("--sampler mix needs --mode tidar")
+    parsed_ids = _parse_ids(prompt_ids) if prompt_ids is not None else None
+    if parsed_ids is not None and (not parsed_ids or min(parsed_ids) < 0):
+        raise InputError("the prompt is empty" if not parsed_ids else f"token id {min(parsed_ids)} is negative")
+    if not source.is_dir():
+        raise InputError(f"{source}: not a checkpoint or artifact directory")
     from zaya_export.runtime.generate import generate
     from zaya_export.runtime.sampling import SamplerConfig
     from zaya_export.runtime.tidar import generate_tidar
 
     from .sources import kind, open_session
 
-    if (prompt is None) == (prompt_ids is None):
-        raise InputError("give exactly one of --prompt or --prompt-ids")
     is_artifact = kind(source) == "artifact"
     backend = backend or ("ort" if is_artifact else "torch")
     with _stderr().status(f"opening {source} ({backend})"):
@@ -191,7 +228,7 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
             raise InputError(f"{source / 'tokenizer.json'}: missing, so --prompt cannot be tokenized (use --prompt-ids)")
         ids = tokenizer.encode(prompt).ids
     else:
-        ids = _parse_ids(prompt_ids)
+        ids = parsed_ids
     if not ids:
         raise InputError("the prompt is empty")
     bad = [t for t in ids if not 0 <= t < config.vocab_size]
@@ -200,8 +237,6 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
     if len(ids) + max_new_tokens > config.max_position_embeddings:
         raise InputError(f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the context of "
                          f"{config.max_position_embeddings}")
-    if mode == "ar" and sampler_name == "mix":
-        raise InputError("--sampler mix needs --mode tidar")
     if mode != "ar" and session.artifact is not None and not session.has("step"):
         why = ("it was exported from an AR checkpoint, whose config names no mask token; re-export with "
                "--tidar on to add them" if session.artifact.manifest.tidar is None
@@ -261,6 +296,9 @@ def export(checkpoint: Path, out: Path, formats: str, targets: str | None, dtype
            as_json: bool) -> None:
     """Export CHECKPOINT to an artifact: fused, traced entry points lowered to ONNX and/or MLIR (compiled by
     IREE), weights stored once."""
+    from .output_dir import check_replaceable
+
+    check_replaceable(out, force, "artifact", [checkpoint])  # before the heavy imports: fails at once
     from .exporter import export_artifact
 
     console = _stderr()
@@ -272,7 +310,7 @@ def export(checkpoint: Path, out: Path, formats: str, targets: str | None, dtype
             status=lambda msg: status.update(msg))
     summary = {"artifact": str(out), "entry_points": sorted(manifest.entry_points), "dtype": manifest.dtype,
                "formats": list(manifest.formats), "iree_targets": sorted(manifest.iree),
-               "pass_log": manifest.model_passes, "seconds": manifest.export_seconds}
+               "pass_log": [r.to_json() for r in manifest.pass_log.model], "seconds": manifest.export_seconds}
     if as_json:
         click.echo(json.dumps(summary))
     else:
@@ -292,6 +330,7 @@ def inspect(artifact: Path, as_json: bool) -> None:
     import onnx
 
     from zaya_export.runtime.artifact import open_artifact
+    from zaya_export.runtime.backends import check_signature
 
     art = open_artifact(artifact, allow_version_mismatch=True)
     info = {"artifact": str(artifact), "dtype": art.manifest.dtype, "versions": art.manifest.versions,
@@ -301,7 +340,13 @@ def inspect(artifact: Path, as_json: bool) -> None:
         if entry.onnx is None:
             info["entry_points"][name] = {**ports, "nodes": 0, "fused": {}, "ops": {}, "functions": []}
             continue
-        proto = onnx.load(str(art.path(entry.onnx)), load_external_data=False)
+        try:
+            proto = onnx.load(str(art.path(entry.onnx)), load_external_data=False)
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+            raise InputError(f"{art.path(entry.onnx)}: not a readable ONNX graph ({type(exc).__name__})") from None
+        check_signature(art.path(entry.onnx), entry, *(
+            [(v.name, [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim])
+             for v in values] for values in (proto.graph.input, proto.graph.output)))
         hist = Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in proto.graph.node)
         info["entry_points"][name] = {
             **ports, "nodes": sum(hist.values()),
@@ -359,26 +404,31 @@ def _inspect_iree(art) -> dict:  # noqa: ANN001
 def validate(artifact: Path, checkpoint: Path | None, reference: str, backends: str, device: str, do_bisect: bool,
              as_json: bool) -> None:
     """Check ARTIFACT against the source model; exit 1 when any check fails."""
-    from zaya_export.runtime.artifact import open_artifact
-    from .bisect import bisect, describe
-    from zaya_export.runtime.session import Session
-    from .validate import _reference_model, cross_check, to_markdown, validate_artifact, write_report
-
     names = _split(backends)
     bad = sorted(set(names) - {"ort", "iree", "torch"})
     if bad or not names:
         raise InputError(f"unknown --backend {bad or backends!r}; choose from ort, iree, torch")
+    if not artifact.is_dir():
+        raise InputError(f"{artifact}: not an artifact directory")
+    from zaya_export.runtime.artifact import open_artifact
+    from zaya_export.runtime.session import Session
+
+    from .bisect import bisect, describe
+    from .validate import _reference_model, cross_check, to_markdown, validate_artifact, write_report
     art = open_artifact(artifact)
     reports, out = [], {"ok": True}
     for backend in names:
         with _stderr().status(f"validating {artifact} ({backend} vs {reference})"):
             report = validate_artifact(art, backend=backend, checkpoint=checkpoint, reference=reference,
                                        device=device)
-            write_report(art, report)
         reports.append(report)
         out["ok"] &= report["ok"]
         if not as_json:
             click.echo(to_markdown(report))
+        try:  # the verdict is printed first: a read-only artifact loses only the stored copy
+            write_report(art, report)
+        except OSError as exc:
+            click.echo(f"warning: {artifact}: the report was not stored ({exc.strerror})", err=True)
     out["reports"] = reports
     if len(names) > 1:
         with _stderr().status(f"cross-checking {', '.join(names)}"):
@@ -413,25 +463,30 @@ def validate(artifact: Path, checkpoint: Path | None, reference: str, backends: 
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--modes", default=None, help="Compare decode modes on each backend instead, e.g. "
               "ar,tidar,tidar-fused (speedups over ar; over eager AR too when torch is a backend).")
-@click.option("--w", "mix_w", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+@click.option("--w", "mix_w", type=Finite(0, 1), default=1.0, show_default=True,
               help="TiDAR mixing weight for --modes (1 = lossless).")
 @click.option("--json", "as_json", is_flag=True)
 def bench(artifact: Path, backends: str, prompt_len: int, new_tokens: int, repeats: int, modes: str | None,
           mix_w: float, as_json: bool) -> None:
     """Decode tok/s: a backend vs the eager torch model (AR), or AR vs TiDAR modes on one backend (--modes)."""
+    names = _split(backends)
+    if not names or set(names) - set(BENCH_BACKENDS):
+        raise InputError(f"unknown --backend {backends!r}; choose from {', '.join(BENCH_BACKENDS)}")
+    wanted = tuple(_split(modes)) if modes else ()
+    bad = sorted(set(wanted) - {"ar", "tidar", "tidar-fused"})
+    if bad or (modes is not None and not wanted):
+        raise InputError(f"unknown --modes {bad or modes!r}; choose from ar, tidar, tidar-fused")
     from zaya_export.runtime.artifact import open_artifact
-    from .bench import BACKENDS, bench_artifact, bench_matrix
+
+    from .bench import bench_artifact, bench_matrix
 
     art = open_artifact(artifact)
-    names = _split(backends)
-    if not names or set(names) - set(BACKENDS):
-        raise InputError(f"unknown --backend {backends!r}; choose from {', '.join(BACKENDS)}")
+    context = art.config.max_position_embeddings
+    if prompt_len + new_tokens > context:
+        raise InputError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceeds the model's context of "
+                         f"{context}")
     with _stderr().status(f"benchmarking {artifact}"):
         if modes:
-            wanted = tuple(_split(modes))
-            bad = sorted(set(wanted) - {"ar", "tidar", "tidar-fused"})
-            if bad:
-                raise InputError(f"unknown --modes {bad}; choose from ar, tidar, tidar-fused")
             if set(wanted) - {"ar"} and art.manifest.tidar is None:
                 raise InputError(f"{artifact}: no TiDAR entry points (exported from an AR checkpoint; re-export "
                                  "with --tidar on to bench the TiDAR modes)")

@@ -44,14 +44,18 @@ from zaya_export.passes.base import PassError, PassManager, PassRecord
 from zaya_export.passes.fusion import fused, fusion_pipeline
 from zaya_export.passes.probe_check import tolerance_for
 from zaya_export.passes.tidar_packing import ExportPlan, PackTidarStep
-from zaya_export.runtime.artifact import atomic_directory, tool_versions, write_manifest
-from zaya_export.runtime.manifest import EntryPoint, Manifest, MlirModule, PortSig, StateEntry, TidarInfo
+from zaya_export.output_dir import writing
+from zaya_export.runtime.artifact import tool_versions, write_manifest
+from zaya_export.runtime.tokenizer import load_tokenizer
+from zaya_export.runtime.manifest import (EntryPoint, Manifest, MlirModule, PassLog, PortSig, StateEntry,
+                                          TidarInfo)
 
 from .mlir_export import (MLIR_FILE, PARAM_SCOPE, Target, compile_target, externalize_weights, lower_module,
                           resolve_targets)
 from .onnx_export import WEIGHTS_FILE, bind_external_weights, lower_entry, save_entry, write_weights
 
 FORMATS = ("onnx", "mlir")
+MAX_BLOCK_LEN = 256  # TiDAR drafts per step: ZAYA1 uses 16; beyond this the step's graphs and masks get huge
 TIDAR_CHOICES = ("auto", "on", "off")
 
 
@@ -96,8 +100,9 @@ class ExportOptions:
         if "mlir" in formats and self.dtype != "fp32":
             raise ExportError(f"--format mlir reads the weights in place as IREE parameters, which needs them stored "
                               f"in the compute dtype: use --dtype fp32 (got {self.dtype})")
-        if self.block_len is not None and self.block_len < 1:
-            raise ExportError(f"--block-len must be >= 1, got {self.block_len}")
+        if self.block_len is not None and not 1 <= self.block_len <= MAX_BLOCK_LEN:
+            raise ExportError(f"--block-len must be in [1, {MAX_BLOCK_LEN}] (the packed step runs about "
+                              f"(K+1)·levels tokens per forward), got {self.block_len}")
         dumpable = [name for name, _ in PHASES] + [p.name for p in fusion_pipeline()]
         unknown = sorted(set(self.dump_after) - set(dumpable))
         if unknown:
@@ -128,16 +133,35 @@ class ExportRun:
     entries: dict[str, EntryPoint] = field(default_factory=dict)
     op_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     offsets: dict[str, tuple] = field(default_factory=dict)
-    onnx_logs: dict[str, list[dict]] = field(default_factory=dict)
+    onnx_logs: dict[str, list[PassRecord]] = field(default_factory=dict)
     mlir: MlirModule | None = None
     iree: dict[str, Any] = field(default_factory=dict)
     manifest: Manifest | None = None
+
+
+def _check_companions(checkpoint: Path, vocab_size: int) -> None:
+    """The files copied into the artifact beside the weights must be usable, or every later ``run --prompt``
+    would fail: tokenizer.json must load and fit the vocabulary, generation_config.json must be a JSON object."""
+    tok_path = checkpoint / "tokenizer.json"
+    if tok_path.is_file():
+        size = load_tokenizer(tok_path).get_vocab_size(with_added_tokens=True)
+        if size > vocab_size:
+            raise ExportError(f"{tok_path}: {size} tokens, more than the model's vocab_size {vocab_size}")
+    gen_path = checkpoint / "generation_config.json"
+    if gen_path.is_file():
+        try:
+            ok = isinstance(json.loads(gen_path.read_text(encoding="utf-8")), dict)
+        except (ValueError, RecursionError):
+            ok = False
+        if not ok:
+            raise ExportError(f"{gen_path}: not a JSON object")
 
 
 def _prepare(run: ExportRun) -> dict[str, str]:
     opts = run.options
     run.status(f"loading {run.checkpoint}")
     model = load_checkpoint(run.checkpoint, dtype="fp32")
+    _check_companions(run.checkpoint, model.config.vocab_size)
     if opts.dtype != "fp32":
         with torch.no_grad():  # compute with exactly the weights that will be stored
             for p in model.parameters():
@@ -149,8 +173,8 @@ def _prepare(run: ExportRun) -> dict[str, str]:
         raise ExportError(f"--block-len/--levels shape the TiDAR entry points, which {why} does not get: "
                           "add --tidar on to export them")
     run.block_len = opts.block_len or model.config.diffusion_block_len
-    if run.block_len < 1:
-        raise ExportError(f"the config's diffusion_block_len must be >= 1, got {run.block_len}")
+    if not 1 <= run.block_len <= MAX_BLOCK_LEN:
+        raise ExportError(f"the config's diffusion_block_len must be in [1, {MAX_BLOCK_LEN}], got {run.block_len}")
     run.levels = tuple(opts.levels or default_levels(run.block_len))
     return {"prefill": _prefill_graph(model)}
 
@@ -240,7 +264,7 @@ def _lower_onnx(run: ExportRun) -> dict[str, str]:
         run.entries[name] = dataclasses.replace(run.entries[name], onnx=f"onnx/{name}.onnx",
                                                 inputs=_signature(onnx_model.graph.inputs),
                                                 outputs=_signature(onnx_model.graph.outputs))
-        run.onnx_logs[name] = [r.to_json() for r in log]
+        run.onnx_logs[name] = list(log)
     run.programs.clear()  # the ONNX files are written: free the traced graphs
     return {name: _onnx_text(run.tmp / e.onnx) for name, e in run.entries.items() if e.onnx}
 
@@ -280,7 +304,7 @@ def _write(run: ExportRun) -> dict[str, str]:
         dtype=opts.dtype, compute_dtype="fp32", config=config.to_dict(), weights=f"onnx/{WEIGHTS_FILE}",
         formats=opts.formats, mlir=run.mlir, iree=run.iree, entry_points=run.entries,
         tidar=tidar if run.with_tidar else None,
-        pass_log={"model": [r.to_json() for r in run.model_log], "onnx": run.onnx_logs}, op_counts=run.op_counts,
+        pass_log=PassLog(model=run.model_log, onnx=run.onnx_logs), op_counts=run.op_counts,
         versions=tool_versions(), export_seconds=0.0)
     return {"manifest": json.dumps(run.manifest.to_json(), indent=1)}
 
@@ -306,9 +330,7 @@ def export_artifact(checkpoint: Path, out: Path, *, status: Callable[[str], None
     every phase succeeds."""
     start = time.perf_counter()
     opts = ExportOptions(**options).checked()
-    if out.exists() and not opts.force:
-        raise ExportError(f"{out}: already exists (use --force to replace it)")
-    with atomic_directory(out, opts.force) as tmp:
+    with writing(out, opts.force, "artifact", sources=[checkpoint]) as tmp:
         run = ExportRun(checkpoint=checkpoint, out=out, options=opts, tmp=tmp, status=status)
         with run.scope:  # the fusion scope: the model is unfused again on every way out
             for index, (name, phase) in enumerate(PHASES):

@@ -17,12 +17,12 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 import torch
-from safetensors.torch import save_file
 
 import zaya_export.kernels as kernels
 from zaya_export.passes.base import PassManager, PassRecord
 from zaya_export.passes.onnx_cleanup import onnx_pipeline
 
+from zaya_export.models.checkpoint import save_tensors
 from zaya_export.models.safetensors_header import read_header
 from zaya_export.models.io_table import FORWARD_INPUTS
 
@@ -42,7 +42,7 @@ def write_weights(model: torch.nn.Module, path: Path, dtype: torch.dtype | None 
             continue
         want = torch.float32 if name.endswith("balancing_biases") or dtype is None else dtype
         tensors[name] = t.detach().to(want).contiguous()
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    save_tensors(tensors, path)
     header = read_header(path)
     data_start = path.stat().st_size - max((i.end for i in header.values()), default=0)
     offsets = {name: (data_start + info.start, info.end - info.start, info.dtype) for name, info in header.items()}

@@ -114,7 +114,9 @@ def train(out: Path, settings: TrainSettings, log: Callable[[str], None] = print
     """Train, then write the checkpoint (fp16), ``tokenizer.json``, ``train_log.json`` and ``loss.png`` to
     ``out``. Returns the metrics dict (also in ``train_log.json``)."""
     from zaya_export.models.checkpoint import save_checkpoint
+    from zaya_export.output_dir import check_replaceable
 
+    check_replaceable(out, True, "checkpoint")  # before an hour of training, not after
     torch.manual_seed(settings.seed)
     torch.set_num_threads(settings.threads)
     corpus: Corpus = stdlib_corpus()

@@ -10,6 +10,7 @@ makes the command exit non-zero.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from zaya_export.runtime.session import Session, TorchBackend, artifact_model
 from zaya_export.kernels.routing import RoutingTape, routing_tape
 from zaya_export.models.upstream import skip_bias_layers
 
-from zaya_export.runtime.artifact import Artifact
+from zaya_export.runtime.artifact import REPORTS, Artifact
 from zaya_export.runtime.manifest import EntryPoint
 from zaya_export.models.checkpoint import load_checkpoint
 from zaya_export.errors import ZayaError
@@ -352,19 +353,22 @@ def _default_prompts(artifact: Artifact, vocab: int) -> list[list[int]]:
 
 
 def write_report(artifact: Artifact, report: dict[str, Any]) -> None:
-    """report/validation.{json,md} inside the artifact, a summary in the manifest, hashes refreshed."""
-    folder = artifact.root / "report"
+    """report/validation-*.{json,md} inside the artifact (each written whole, then renamed), and a summary in
+    the manifest (one atomic replace that keeps the file hashes as they were checked)."""
+    folder = artifact.root / REPORTS
     folder.mkdir(exist_ok=True)
     name = f"validation-{report['backend']}-{report['reference']}"
-    (folder / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (folder / f"{name}.md").write_text(to_markdown(report))
+    for path, text in ((folder / f"{name}.json", json.dumps(report, indent=2) + "\n"),
+                       (folder / f"{name}.md", to_markdown(report))):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
     summary = dict(artifact.manifest.validation or {})
     summary[name] = {"ok": report["ok"], "worst_logits_max_abs": max(c["max_abs"] for c in report["entries"]),
                      "worst_kl": max(c["kl_max"] for c in report["entries"]),
                      "min_top1": min(c["top1"] for c in report["entries"]),
                      "greedy_equal": sum(g["equal"] for g in report["greedy"]), "prompts": len(report["greedy"])}
-    artifact.manifest.validation = summary
-    artifact.save_manifest()
+    artifact.record_validation(summary)
 
 
 def to_markdown(report: dict[str, Any]) -> str:
