@@ -207,7 +207,8 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
         raise InputError("--sampler mix needs --mode tidar")
     parsed_ids = _parse_ids(prompt_ids) if prompt_ids is not None else None
     if parsed_ids is not None and (not parsed_ids or min(parsed_ids) < 0):
-        raise InputError("the prompt is empty" if not parsed_ids else f"token id {min(parsed_ids)} is negative")
+        raise InputError("the prompt is empty" if not parsed_ids
+                         else f"token id {min(parsed_ids)} is out of range (ids are >= 0)")
     if not source.is_dir():
         raise InputError(f"{source}: not a checkpoint or artifact directory")
     from zaya_export.runtime.generate import generate
