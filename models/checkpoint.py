@@ -138,8 +138,9 @@ def _check_layer_count(config: ZayaConfig, names: set[str], is_legacy: bool, ckp
 def _plan(config: ZayaConfig, table: dict[str, TensorInfo], ckpt: Path) -> dict[str, list[TensorInfo]]:
     """native name → source tensors (one, or several to stack), after every name/shape/dtype check."""
     names = set(table)
-    _check_layer_count(config, names, legacy.is_legacy_layout(names), ckpt)
-    if legacy.is_legacy_layout(names):
+    is_legacy = legacy.is_legacy_layout(names)
+    _check_layer_count(config, names, is_legacy, ckpt)
+    if is_legacy:
         sources = legacy.legacy_sources(config.num_hidden_layers, config.num_experts, legacy.legacy_block_name(names))
     else:
         sources = {n: [n] for n in expected_tensors(config)}
@@ -210,7 +211,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | str | None = None,
                 raise CheckpointError(f"{infos[0].file}: tensor {infos[0].name!r} holds {bad} NaN/Inf value(s)")
             want = torch.float32 if native.endswith("balancing_biases") else dtype
             state[native] = tensor.to(want)
-            if not bool(torch.isfinite(state[native]).all()):
+            if state[native].dtype != tensor.dtype and not bool(torch.isfinite(state[native]).all()):
                 raise CheckpointError(f"{infos[0].file}: tensor {infos[0].name!r} overflows {want} (values beyond "
                                       "its range); load it in a wider dtype")
             if progress:

@@ -18,10 +18,11 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from zaya_export.errors import ZayaError
+from zaya_export.output_dir import ARTIFACT_FORMAT
 from zaya_export.models.io_table import Name
 from zaya_export.passes.base import PassRecord
 
-FORMAT = "zaya-export-artifact"
+FORMAT = ARTIFACT_FORMAT  # defined beside the output protocol, which recognises artifacts by it
 SCHEMA_VERSION = 2  # 2: TiDAR entries; state outputs conv_rows/omega
 
 
