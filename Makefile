@@ -25,7 +25,8 @@ $(STAMP): pyproject.toml
 
 # The main job, on the shipped demo checkpoint (a small ZAYA1 trained with the TiDAR objective): export to ONNX and
 # MLIR (compiled by IREE for the CPU), generate with TiDAR and with AR, validate eager <-> ORT <-> IREE, and print
-# tokens per forward and the speedups.
+# tokens per forward and the speedups; then the cost curve of every entry (demo/entries.png) and a run with
+# --mode auto, the mode the cost model predicts fastest on this machine.
 demo: $(STAMP)
 	$(ZX) export $(DEMO_MODEL) -o $(DEMO_ARTIFACT) --format onnx,mlir --target cpu --force
 	$(ZX) run $(DEMO_ARTIFACT) --prompt '$(PROMPT)' --max-new-tokens 96 --mode tidar-fused --sampler greedy
@@ -33,13 +34,16 @@ demo: $(STAMP)
 	$(ZX) validate $(DEMO_ARTIFACT) --backend ort,iree
 	$(ZX) bench $(DEMO_ARTIFACT) --backend ort,iree --prompt-len 64 --new-tokens 96 --repeats 2
 	$(ZX) bench $(DEMO_ARTIFACT) --backend torch,ort,iree --modes ar,tidar,tidar-fused --prompt-len 64 --new-tokens 128 --repeats 1
+	$(ZX) bench $(DEMO_ARTIFACT) --backend ort,iree --entries --prompt-len 64 --plot demo/entries.png
+	$(ZX) run $(DEMO_ARTIFACT) --prompt '$(PROMPT)' --max-new-tokens 96 --sampler greedy
 
 # Re-train the demo checkpoint from scratch (about an hour on 2 CPU cores) and re-measure its model card.
 train-demo: $(STAMP)
 	$(ZX) train-demo $(DEMO_MODEL) --steps 2400 --seed 0
 
+# Two workers (this machine kind has 2 cores), whole files per worker so module fixtures are built once.
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) demo

@@ -71,15 +71,14 @@ def BlockAttention(q, past_k, past_v, k, v, past_valid, new_valid, groups: int, 
     one = op.Constant(value_ints=[1])
     neg1 = op.Constant(value_ints=[-1])
     G = op.Reshape(op.Constant(value_int=groups), neg1)
-    keys = op.Concat(past_k, k, axis=2)  # [B, n_kv, S+T, d]
-    values = op.Concat(past_v, v, axis=2)
-    kv_shape = op.Shape(keys)
-    b, nkv, n_keys, d = op.Split(kv_shape, num_outputs=4)
-    rep = op.Concat(b, op.Mul(nkv, G), n_keys, d, axis=0)
-    expand_to = op.Concat(one, one, G, one, one, axis=0)
-    keys = op.Reshape(op.Expand(op.Unsqueeze(keys, op.Constant(value_ints=[2])), expand_to), rep)
-    values = op.Reshape(op.Expand(op.Unsqueeze(values, op.Constant(value_ints=[2])), expand_to), rep)
-    scores = op.Mul(op.MatMul(q, op.Transpose(keys, perm=[0, 1, 3, 2])), op.CastLike(op.Constant(value_float=scale), q))
+    # GQA by broadcasting: q as [B, n_kv, G, T, d] against keys/values as [B, n_kv, 1, S+T, d], so the cache is
+    # never copied G times (an Expand of the whole cache per layer and call)
+    keys = op.Unsqueeze(op.Concat(past_k, k, axis=2), op.Constant(value_ints=[2]))  # [B, n_kv, 1, S+T, d]
+    values = op.Unsqueeze(op.Concat(past_v, v, axis=2), op.Constant(value_ints=[2]))
+    b, nq, t, d = op.Split(op.Shape(q), num_outputs=4)
+    q5 = op.Reshape(q, op.Concat(b, op.Div(nq, G), G, t, d, axis=0))  # [B, n_kv, G, T, d]
+    scores = op.Mul(op.MatMul(q5, op.Transpose(keys, perm=[0, 1, 2, 4, 3])),
+                    op.CastLike(op.Constant(value_float=scale), q))  # [B, n_kv, G, T, S+T]
     valid = op.Concat(past_valid, new_valid, axis=1)  # [B, S+T]
     pos = op.Sub(op.CumSum(op.Cast(valid, to=7), op.Constant(value_int=1)), op.Constant(value_int=1))
     S = op.Shape(past_k, start=2, end=3)
@@ -93,9 +92,11 @@ def BlockAttention(q, past_k, past_v, k, v, past_valid, new_valid, groups: int, 
     q_pos = op.Slice(pos, S, n, one)  # [B, T]
     distance = op.Sub(op.Unsqueeze(q_pos, op.Constant(value_ints=[2])), op.Unsqueeze(pos, one))
     allowed = op.And(allowed, op.Less(distance, op.Constant(value_int=window)))
-    scores = op.Where(op.Unsqueeze(allowed, one), scores, op.CastLike(op.Constant(value_float=fill), scores))
+    scores = op.Where(op.Unsqueeze(allowed, op.Constant(value_ints=[1, 2])), scores,
+                      op.CastLike(op.Constant(value_float=fill), scores))
     probs = op.CastLike(op.Softmax(op.Cast(scores, to=1), axis=-1), q)
-    out = op.Transpose(op.MatMul(probs, values), perm=[0, 2, 1, 3])
+    out = op.Reshape(op.MatMul(probs, values), op.Shape(q))  # [B, n_q, T, d]
+    out = op.Transpose(out, perm=[0, 2, 1, 3])
     return op.Reshape(out, op.Concat(zero, zero, neg1, axis=0))
 
 

@@ -6,10 +6,10 @@ which is exact), router weights, balancing [E+1] fp32, gate_up [E, 2I, H], down 
 → out [N, H], router_state [N, R].
 
 Dispatch: the eager reference runs each hit expert once on its tokens. The ONNX body picks by N: for a single
-token (decode) it gathers the one chosen expert's weights, otherwise it runs the experts batched and keeps the
-chosen output (no data-dependent shapes, E× the FLOPs; the slot for a grouped-GEMM kernel). The MLIR faces
-make the same choice per entry: gathered weights for ``decode`` (``moe_top1_gathered``), all experts for the
-rest (``moe_top1_static``).
+token (decode) it gathers the one chosen expert's weights; for many tokens (prefill, verify, the packed step) it
+groups tokens by expert (a Loop over the E experts, each Gemm on its own rows, data-dependent shapes, so the
+FLOPs are those of top-1, not E×). The MLIR faces need static shapes: gathered weights for ``decode``
+(``moe_top1_gathered``), all experts for the rest (``moe_top1_static``).
 """
 
 from __future__ import annotations
@@ -126,26 +126,29 @@ def MoETop1(x, prev, down_w, down_b, eda_scale, norm_w, fc1_w, fc1_b, fc2_w, fc2
     I = op.Reshape(op.Constant(value_int=intermediate), neg1)
     two_i = op.Mul(I, op.Constant(value_ints=[2]))
     N = op.Shape(x, start=0, end=1)
+    # Expert matrices are used as stored ([2I, H], [H, I]) through Gemm's transB: a MatMul would need them
+    # transposed, and onnxruntime does not fold a transpose of a tensor gathered at run time (a copy of the
+    # expert's weights on every call).
     if op.Equal(op.Squeeze(N), op.Constant(value_int=1)):
         # one token: gather the chosen expert's weights only
-        gu = op.Gather(gate_up, op.Squeeze(expert, one), axis=0)  # [1, 2I, H]
-        h = op.MatMul(op.Unsqueeze(x, one), op.Transpose(gu, perm=[0, 2, 1]))  # [1, 1, 2I]
-        act = op.Mul(op.Mul(op.Slice(h, zero, I, op.Constant(value_ints=[2])),
-                            op.Sigmoid(op.Slice(h, zero, I, op.Constant(value_ints=[2])))),
-                     op.Slice(h, I, two_i, op.Constant(value_ints=[2])))
-        dn = op.Gather(down, op.Squeeze(expert, one), axis=0)  # [1, H, I]
-        y = op.Squeeze(op.MatMul(act, op.Transpose(dn, perm=[0, 2, 1])), one)  # [1, H]
-        out = op.Mul(y, weight)
+        e1 = op.Gather(op.Reshape(expert, neg1), op.Constant(value_int=0), axis=0)  # scalar
+        h = op.Gemm(x, op.Gather(gate_up, e1, axis=0), transB=1)  # [1, 2I]
+        act = op.Mul(op.Mul(op.Slice(h, zero, I, one), op.Sigmoid(op.Slice(h, zero, I, one))),
+                     op.Slice(h, I, two_i, one))
+        out = op.Mul(op.Gemm(act, op.Gather(down, e1, axis=0), transB=1), weight)  # [1, H]
     else:
-        # many tokens: every expert on every token, keep the chosen one
-        h = op.MatMul(op.Unsqueeze(x, zero), op.Transpose(gate_up, perm=[0, 2, 1]))  # [E, N, 2I]
-        gate = op.Slice(h, zero, I, op.Constant(value_ints=[2]))
-        act = op.Mul(op.Mul(gate, op.Sigmoid(gate)), op.Slice(h, I, two_i, op.Constant(value_ints=[2])))
-        y = op.MatMul(act, op.Transpose(down, perm=[0, 2, 1]))  # [E, N, H]
-        ids = op.Range(op.Constant(value_int=0), E, op.Constant(value_int=1))  # [E]
-        hit = op.Equal(op.Reshape(ids, op.Constant(value_ints=[-1, 1, 1])), op.Unsqueeze(expert, zero))  # [E, N, 1]
-        w = op.Where(hit, op.Unsqueeze(weight, zero), op.CastLike(op.Constant(value_float=0.0), weight))
-        out = op.ReduceSum(op.Mul(y, w), zero, keepdims=0)
+        # many tokens, grouped by expert: each expert runs on its own rows only (the skip class on none)
+        flat = op.Reshape(expert, neg1)  # [N]
+        out = op.Mul(x, op.CastLike(op.Constant(value_float=0.0), x))  # zeros [N, H]
+        for i in range(num_experts):
+            e = op.Reshape(i, op.Constant(value_ints=[]))  # the loop counter as a scalar
+            idx = op.Reshape(op.NonZero(op.Equal(flat, e)), neg1)  # [n] rows routed to e
+            rows = op.Gather(x, idx, axis=0)  # [n, H]
+            h = op.Gemm(rows, op.Gather(gate_up, e, axis=0), transB=1)  # [n, 2I]
+            act = op.Mul(op.Mul(op.Slice(h, zero, I, one), op.Sigmoid(op.Slice(h, zero, I, one))),
+                         op.Slice(h, I, two_i, one))
+            y = op.Mul(op.Gemm(act, op.Gather(down, e, axis=0), transB=1), op.Gather(weight, idx, axis=0))
+            out = op.ScatterND(out, op.Unsqueeze(idx, one), y)  # rows are disjoint across experts
     return out, r
 
 

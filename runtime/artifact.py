@@ -28,6 +28,7 @@ from typing import Any
 from zaya_export.errors import ZayaError
 from zaya_export.models import ZayaConfig
 
+from .calibration import CALIBRATION_FILE, Calibration
 from .tokenizer import load_tokenizer
 from zaya_export.models.safetensors_header import read_header
 from .manifest import FORMAT, SCHEMA_VERSION, EntryPoint, Manifest, ManifestError
@@ -123,6 +124,18 @@ class Artifact:
     def tokenizer(self) -> Path | None:
         path = self.root / "tokenizer.json"
         return path if path.is_file() else None
+
+    @property
+    def calibration(self) -> Calibration | None:
+        """The acceptance histograms measured at export (``calibration.json``), None when the export skipped it.
+        The file is hashed, so it is checked at open; its content is checked here."""
+        path = self.root / CALIBRATION_FILE
+        if not path.is_file() or self.manifest.tidar is None:
+            return None
+        try:
+            return Calibration.from_json(json.loads(path.read_text(encoding="utf-8")), self.manifest.tidar.block_len)
+        except (OSError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+            raise ArtifactError(f"{path}: invalid calibration ({exc})") from None
 
     def record_validation(self, summary: dict[str, Any]) -> None:
         """Store ``validate``'s summary in the manifest with one atomic replace. The file hashes are kept as

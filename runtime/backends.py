@@ -32,14 +32,22 @@ class OrtBackend(Backend):
     def __init__(self, artifact, threads: int | None = None, providers: list[str] | None = None) -> None:  # noqa: ANN001
         import onnxruntime as ort
 
-        self.ort, self.artifact = ort, artifact
-        self.options = ort.SessionOptions()
-        # Small graphs are dominated by per-op thread hand-offs: one thread decodes `tiny` ~30% faster than two.
-        small = artifact.weights.stat().st_size < 64 * 2**20
-        self.options.intra_op_num_threads = threads or (1 if small else (os.cpu_count() or 1))
-        self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.ort, self.artifact, self.threads = ort, artifact, threads
         self.providers = providers or ["CPUExecutionProvider"]
         self.sessions: dict = {}
+
+    def entry_threads(self, entry: str) -> int:
+        """Intra-op threads for ``entry``: the ``threads`` given, else by what bounds the call. A small model's
+        one-token forward is per-op overhead, where thread hand-offs cost more than they give (one thread
+        decodes the demo checkpoint ~2x faster than two); a forward over many tokens (prefill, verify, the
+        packed step) has matmuls worth splitting, and so has every forward of a large model."""
+        if self.threads:
+            return self.threads
+        cores = os.cpu_count() or 1
+        small = self.artifact.weights.stat().st_size < 64 * 2**20
+        point = self.artifact.entry_points.get(entry)
+        one_token = point is not None and point.tokens == 1
+        return 1 if small and one_token else cores
 
     def session(self, entry: str):  # noqa: ANN201 - onnxruntime.InferenceSession
         if entry not in self.sessions:
@@ -47,8 +55,11 @@ class OrtBackend(Backend):
             if point is None or point.onnx is None:
                 raise KeyError(f"the artifact has no ONNX graph for the {entry!r} entry point")
             path = self.artifact.path(point.onnx)
+            options = self.ort.SessionOptions()
+            options.intra_op_num_threads = self.entry_threads(entry)
+            options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             try:
-                session = self.ort.InferenceSession(str(path), self.options, providers=self.providers)
+                session = self.ort.InferenceSession(str(path), options, providers=self.providers)
             except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
                 raise BackendLoadError(f"{path}: onnxruntime refused the graph ({_first_line(exc)})") from None
             check_signature(path, point, [(a.name, a.shape) for a in session.get_inputs()],

@@ -62,6 +62,16 @@ class Session:
     def run(self, entry: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.backend.run(entry, inputs)
 
+    def prepare(self, mode: str) -> None:
+        """Load what ``mode`` will run before it is timed: onnxruntime builds a session per entry on first use
+        (graph optimization, weight prepacking), which would otherwise land inside the first step."""
+        if isinstance(self.backend, OrtBackend):
+            names = {"ar": ["prefill", "decode"], "tidar": ["prefill", "draft", "verify"],
+                     "tidar-fused": ["prefill", "draft", "step", "step_greedy", "step_sample"]}[mode]
+            for name in names:
+                if self.has(name):
+                    self.backend.session(name)
+
     def has(self, entry: str) -> bool:
         if isinstance(self.backend, TorchBackend):
             return entry in self.backend.entries

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from zaya_export.models import ZayaConfig, ZayaForCausalLM, init_weights, preset  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one torch thread each
+    torch.set_num_threads(1)
 
 
 def small_config(**overrides) -> ZayaConfig:

@@ -52,8 +52,9 @@ def test_run_json_matches_the_generation_loop(ckpt):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert set(report) == {"tokens", "text", "forwards", "tokens_per_forward", "tok_per_s", "backend", "mode",
-                           "time_to_first_token_s"}
-    assert report["backend"] == "torch"
+                           "time_to_first_token_s", "auto"}
+    assert report["backend"] == "torch" and report["mode"] == "ar"  # --mode auto: a checkpoint has no calibration
+    assert report["auto"]["chosen"] == "ar" and "calibration" in report["auto"]["reason"]
     model = load_checkpoint(ckpt)
     expected = generate_greedy(model, [[2, 17, 301, 44]], 12, model.config.eos_token_ids)
     assert report["tokens"] == expected.tokens[0]

@@ -44,7 +44,7 @@ def artifact(ckpt):
 def test_artifact_layout_and_manifest(artifact, model):
     art = open_artifact(artifact)
     m = art.manifest
-    assert set(m.files) == {"config.json", "generation_config.json", "onnx/weights.safetensors",
+    assert set(m.files) == {"config.json", "generation_config.json", "onnx/weights.safetensors", "calibration.json",
                                *(f"onnx/{e}.onnx" for e in ("prefill", "decode", "verify", "draft", "step", "step_greedy",
                                                                  "step_sample", "layers"))}
     assert m.tidar.to_json() == {"block_len": model.config.diffusion_block_len, "levels": [0, 6, 16],
@@ -283,8 +283,11 @@ def test_tidar_on_onnxruntime(artifact, model):
     report = json.loads(result.stdout)
     assert report["mode"] == "tidar-fused" and report["acceptance"][-1] == report["steps"]
     assert report["tokens_per_forward"] > 1
-    result = CliRunner().invoke(main, ["run", str(artifact), "--prompt-ids", "5", "--sampler", "mix"])
+    result = CliRunner().invoke(main, ["run", str(artifact), "--prompt-ids", "5", "--sampler", "mix", "--mode", "ar"])
     assert result.exit_code == 2 and "needs --mode tidar" in result.stderr
+    # --mode auto (the default) with logit mixing: a TiDAR mode, mixing is a TiDAR sampler
+    result = CliRunner().invoke(main, ["run", str(artifact), "--prompt-ids", "5", "--sampler", "mix", "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["mode"] in ("tidar", "tidar-fused")
 
 
 def test_dump_after_any_phase(ckpt, tmp_path):

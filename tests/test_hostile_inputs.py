@@ -283,7 +283,7 @@ RUN_OPTIONS = {
     "seed 2**70": ["--seed", str(2**70)],
     "max-new-tokens 0": ["--max-new-tokens", "0"],
     "max-new-tokens beyond the context": ["--max-new-tokens", "100000000"],
-    "mix sampler in AR mode": ["--sampler", "mix"],
+    "mix sampler in AR mode": ["--mode", "ar", "--sampler", "mix"],
     "unknown mode": ["--mode", "fast"],
     "unknown backend": ["--backend", "cuda"],
     "unknown dtype": ["--dtype", "fp8"],

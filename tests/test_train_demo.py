@@ -75,3 +75,37 @@ def test_short_training_run_writes_a_loadable_checkpoint(tmp_path):
     history = json.loads((out / "train_log.json").read_text())["history"]
     assert len(history["ar"]) == 3 and history["eval_step"] == [0, 2]
     assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
+
+
+def test_model_card_shows_both_stages_and_the_histograms(tmp_path):
+    """The card of a self-distilled checkpoint: foreign-code figures, the stage-2 command and per-round table,
+    the AR perplexity after stage 2, and the acceptance-histogram plot."""
+    import shutil
+    from pathlib import Path
+
+    from zaya_export.demo_card import write_card
+    from zaya_export.self_distill import DistillSettings, settings_dict
+
+    demo = Path(__file__).resolve().parent.parent / "models" / "zaya1-demo"
+    shutil.copy(demo / "train_log.json", tmp_path / "train_log.json")
+    log = json.loads((tmp_path / "train_log.json").read_text())
+    log.pop("distill", None)
+    row = lambda tf, ff, ppl: {"heldout_ar_ppl": ppl, "equals_ar": "10/10",  # noqa: E731
+                               "foreign": {"tidar": {"tokens_per_forward": tf}, "tidar-fused": {"tokens_per_forward": ff}}}
+    log["distill"] = {"settings": settings_dict(DistillSettings(rounds=2)), "stage1": row(1.1, 1.38, 21.3),
+                      "rounds": [{"round": 0, "seconds": 60.0, **row(1.39, 1.75, 21.9)},
+                                 {"round": 1, "seconds": 60.0, **row(1.55, 1.84, 22.2)}]}
+    (tmp_path / "train_log.json").write_text(json.dumps(log))
+    hist = [3, 2, 1] + [0] * 14
+    mode = lambda tpf: {"tokens_per_forward": tpf, "mean_accepted": 0.5, "acceptance": hist}  # noqa: E731
+    runs = ("tidar (lossless)", "tidar-fused (lossless)", "tidar (mix w=0.5)", "tidar-fused (mix w=0.5)")
+    figures = {"prompts": 8, "new_tokens": 96, "modes": {r: mode(1.5) for r in runs},
+               "foreign": {r: mode(1.6) for r in runs}, "greedy_tidar_equals_ar": "26/26",
+               "sample_prompt": "def f():", "sample_output": "    return 1"}
+    card = write_card(tmp_path, figures).read_text()
+    assert "--stage distill --distill-rounds 2" in card
+    assert "| round 1 | 1.55 | 1.84 | 22.2 | 10/10 |" in card and "| stage 1 | 1.1 | 1.38 | 21.3 | 10/10 |" in card
+    assert "AR perplexity after stage 2 (4 held-out batches) | 22.2 (stage 1 on the same batches: 21.3)" in card
+    assert "foreign code" in card and "| tidar-fused (lossless) | 1.6 |" in card
+    assert (tmp_path / "acceptance.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "figures.json").read_text())["foreign"]["tidar (lossless)"]["acceptance"] == hist

@@ -7,9 +7,13 @@ benchmarks, not in tests that flake.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from zaya_export.runtime.cost_curve import measure
+from zaya_export.runtime.costmodel import auto_mode, needed_entries, predict
 
 from zaya_export.runtime.generate import generate, generate_greedy
 from zaya_export.runtime.session import Session, artifact_model
@@ -84,18 +88,67 @@ def bench_modes(artifact: Artifact, backend: str = "ort", prompt_len: int = 128,
             return generate(session, [prompt], new_tokens)
         return generate_tidar(session, [prompt], new_tokens, w=w, fused=mode == "tidar-fused")
 
-    rows = {}
+    rows, acceptance = {}, {}
     for mode in modes:
         once(mode)  # warm-up
         best = max((once(mode) for _ in range(repeats)), key=lambda r: len(r.tokens[0]) / r.seconds)
         rows[mode] = {"tok_per_s": round(len(best.tokens[0]) / best.seconds, 2), "forwards": best.forwards,
                       "tokens_per_forward": round(best.tokens_per_forward, 3),
                       "mean_accepted": round(getattr(best, "mean_accepted", 0.0), 3)}
+        if mode != "ar":
+            acceptance[mode] = best.acceptance
     base = rows.get("ar", {}).get("tok_per_s")
     for row in rows.values():
         row["speedup_vs_ar"] = round(row["tok_per_s"] / base, 3) if base else None
+    # the cost model on this run: entry costs measured now, acceptance as measured above (prediction of speed
+    # from cost), and the mode run --mode auto would pick from the artifact's calibration
+    curve = measure(session, context=prompt_len, repeats=10, prefill_counts=[prompt_len],
+                    entries=needed_entries(True, w))
+    predicted = predict(curve, acceptance, prompt_len, new_tokens, greedy=True, w=w)
+    for mode, row in rows.items():
+        if mode in predicted:
+            row["predicted_tok_per_s"] = round(predicted[mode].tok_per_s, 2)
+            row["prediction_error"] = round(predicted[mode].tok_per_s / row["tok_per_s"] - 1, 3)
+    auto, _, why = auto_mode(session, artifact.calibration, prompt_len, new_tokens, True, w)
     return {"backend": backend, "prompt_len": prompt_len, "new_tokens": new_tokens, "w": w,
-            "levels": list(session.levels), "block_len": session.block_len, "modes": rows}
+            "levels": list(session.levels), "block_len": session.block_len, "modes": rows,
+            "auto": {"chosen": auto, "reason": why}}
+
+
+def bench_entries(artifact: Artifact, backends: tuple[str, ...], prompt_len: int = 64, repeats: int = 10
+                  ) -> dict[str, Any]:
+    """The measured cost curve of each backend: ms per call of every entry and of prefill at 1, 2, 4, … tokens,
+    with ``prompt_len`` tokens in the cache (``runtime.cost_curve``)."""
+    return {b: measure(_session(artifact, b), context=prompt_len, repeats=repeats).to_json() for b in backends}
+
+
+def plot_entries(result: dict[str, Any], path: Path) -> None:
+    """ms per call versus tokens in the call: prefill as a line per backend, the fixed entries as points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (backend, curve) in enumerate(result.items()):
+        color = f"C{i}"
+        pre = [r for r in curve["rows"] if r["entry"] == "prefill"]
+        ax.plot([r["tokens"] for r in pre], [r["ms"] for r in pre], "-", color=color, label=f"{backend} prefill")
+        for r in curve["rows"]:
+            if r["entry"] not in ("prefill", "commit"):
+                ax.plot(r["tokens"], r["ms"], "o", color=color)
+                ax.annotate(r["entry"], (r["tokens"], r["ms"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens in the call")
+    ax.set_ylabel("ms per call (median)")
+    ax.set_title("Entry cost on this machine (batch 1)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def bench_matrix(artifact: Artifact, backends: tuple[str, ...], prompt_len: int = 128, new_tokens: int = 128,

@@ -179,9 +179,10 @@ def _parse_ids(text: str) -> list[int]:
               help="IREE device for --backend iree: local-task (CPU threads), local-sync, hip (AMD GPU).")
 @click.option("--backend", type=click.Choice(["ort", "iree", "torch"]), default=None,
               help="ort (artifacts; the default for them) or torch (eager; the default for checkpoints).")
-@click.option("--mode", type=click.Choice(["ar", "tidar", "tidar-fused"]), default="ar", show_default=True,
+@click.option("--mode", type=click.Choice(["auto", "ar", "tidar", "tidar-fused"]), default="auto", show_default=True,
               help="ar: one token per forward; tidar: verify K drafts and draft K more (two forwards per step); "
-              "tidar-fused: one packed forward per step.")
+              "tidar-fused: one packed forward per step; auto: the one the cost model predicts fastest here "
+              "(measured entry costs x the artifact's calibrated acceptance; ar without TiDAR entries).")
 @click.option("--sampler", "sampler_name", type=click.Choice(["greedy", "lossless", "mix"]), default="lossless",
               show_default=True, help="TiDAR acceptance: greedy (argmax), lossless (rejection sampling; greedy "
               "at temperature 0), mix (logit mixing with --w, lossy below 1).")
@@ -238,15 +239,29 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
     if len(ids) + max_new_tokens > config.max_position_embeddings:
         raise InputError(f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the context of "
                          f"{config.max_position_embeddings}")
-    if mode != "ar" and session.artifact is not None and not session.has("step"):
+    if mode not in ("ar", "auto") and session.artifact is not None and not session.has("step"):
         why = ("it was exported from an AR checkpoint, whose config names no mask token; re-export with "
                "--tidar on to add them" if session.artifact.manifest.tidar is None
                else "re-export it with this zaya-export")
         raise InputError(f"{source}: no TiDAR entry points for --mode {mode} ({why})")
     greedy = sampler_name == "greedy"
     sampler = SamplerConfig(temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p, seed=seed)
+    w = mix_w if sampler_name == "mix" else 1.0
+    auto = None
+    if mode == "auto":
+        from zaya_export.runtime.costmodel import auto_mode
+
+        calibration = session.artifact.calibration if session.artifact is not None else None
+        mode, predictions, why = auto_mode(session, calibration, len(ids), max_new_tokens,
+                                           greedy or temperature == 0.0, w)
+        auto = {"chosen": mode, "reason": why, "predicted": {m: p.to_json() for m, p in predictions.items()}}
+        if not as_json and predictions:
+            figures = ", ".join(f"{m} {p.tok_per_s:.0f}" for m, p in predictions.items())
+            click.echo(f"[auto: {mode} ({why}; predicted tok/s: {figures})]", err=True)
+        if mode == "ar" and sampler_name == "mix":
+            raise InputError(f"{source}: --sampler mix needs TiDAR entry points ({why})")
+    session.prepare(mode)  # onnxruntime sessions built before the clock starts
     if mode != "ar":
-        w = mix_w if sampler_name == "mix" else 1.0
         result = generate_tidar(session, [ids], max_new_tokens, config.eos_token_ids, sampler, w,
                                 fused=mode == "tidar-fused")
     else:
@@ -259,6 +274,8 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
         "tok_per_s": round(len(tokens) / result.seconds, 2) if result.seconds else None,
         "backend": backend, "mode": mode, "time_to_first_token_s": round(result.first_token_seconds, 4),
     }
+    if auto is not None:
+        report["auto"] = auto
     if mode != "ar":
         report.update(steps=result.steps, acceptance=result.acceptance, mean_accepted=round(result.mean_accepted, 3),
                       sampler=sampler_name, w=w)
@@ -291,9 +308,11 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
 @click.option("--tidar", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="TiDAR entry points (verify, draft, packed step): auto = only for a diffusion checkpoint (its "
               "config names a mask token or a block length); an AR checkpoint gets prefill and decode.")
+@click.option("--calibrate", type=click.IntRange(min=0, max=64), default=4, show_default=True,
+              help="Held-out prompts on which the TiDAR acceptance is measured for run --mode auto (0: skip).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
 def export(checkpoint: Path, out: Path, formats: str, targets: str | None, dtype: str, force: bool,
-           dump_after: tuple[str, ...], block_len: int | None, levels: str | None, tidar: str,
+           dump_after: tuple[str, ...], block_len: int | None, levels: str | None, tidar: str, calibrate: int,
            as_json: bool) -> None:
     """Export CHECKPOINT to an artifact: fused, traced entry points lowered to ONNX and/or MLIR (compiled by
     IREE), weights stored once."""
@@ -307,7 +326,7 @@ def export(checkpoint: Path, out: Path, formats: str, targets: str | None, dtype
         manifest = export_artifact(
             checkpoint, out, dtype=dtype, force=force, dump_after=dump_after, block_len=block_len,
             levels=tuple(_parse_ids(levels)) if levels else None, formats=tuple(_split(formats)),
-            targets=None if targets is None else tuple(_split(targets)), tidar=tidar,
+            targets=None if targets is None else tuple(_split(targets)), tidar=tidar, calibrate=calibrate,
             status=lambda msg: status.update(msg))
     summary = {"artifact": str(out), "entry_points": sorted(manifest.entry_points), "dtype": manifest.dtype,
                "formats": list(manifest.formats), "iree_targets": sorted(manifest.iree),
@@ -466,10 +485,15 @@ def validate(artifact: Path, checkpoint: Path | None, reference: str, backends: 
               "ar,tidar,tidar-fused (speedups over ar; over eager AR too when torch is a backend).")
 @click.option("--w", "mix_w", type=Finite(0, 1), default=1.0, show_default=True,
               help="TiDAR mixing weight for --modes (1 = lossless).")
+@click.option("--entries", is_flag=True, help="Measure the cost curve instead: ms per call of every entry, and of "
+              "prefill at 1, 2, 4, ... tokens, per backend (with --prompt-len tokens in the cache).")
+@click.option("--plot", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="With --entries: also write the curve as a PNG plot to this file.")
 @click.option("--json", "as_json", is_flag=True)
 def bench(artifact: Path, backends: str, prompt_len: int, new_tokens: int, repeats: int, modes: str | None,
-          mix_w: float, as_json: bool) -> None:
-    """Decode tok/s: a backend vs the eager torch model (AR), or AR vs TiDAR modes on one backend (--modes)."""
+          mix_w: float, entries: bool, plot: Path | None, as_json: bool) -> None:
+    """Decode tok/s: a backend vs the eager torch model (AR), AR vs TiDAR modes on each backend (--modes, with
+    the cost model's predictions), or the cost curve of every entry (--entries)."""
     names = _split(backends)
     if not names or set(names) - set(BENCH_BACKENDS):
         raise InputError(f"unknown --backend {backends!r}; choose from {', '.join(BENCH_BACKENDS)}")
@@ -477,9 +501,13 @@ def bench(artifact: Path, backends: str, prompt_len: int, new_tokens: int, repea
     bad = sorted(set(wanted) - {"ar", "tidar", "tidar-fused"})
     if bad or (modes is not None and not wanted):
         raise InputError(f"unknown --modes {bad or modes!r}; choose from ar, tidar, tidar-fused")
+    if entries and modes:
+        raise InputError("give --entries or --modes, not both")
+    if plot is not None and not entries:
+        raise InputError("--plot draws the cost curve: add --entries")
     from zaya_export.runtime.artifact import open_artifact
 
-    from .bench import bench_artifact, bench_matrix
+    from .bench import bench_artifact, bench_entries, bench_matrix, plot_entries
 
     art = open_artifact(artifact)
     context = art.config.max_position_embeddings
@@ -487,23 +515,40 @@ def bench(artifact: Path, backends: str, prompt_len: int, new_tokens: int, repea
         raise InputError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceeds the model's context of "
                          f"{context}")
     with _stderr().status(f"benchmarking {artifact}"):
-        if modes:
+        if entries:
+            result = bench_entries(art, tuple(names), prompt_len, max(repeats, 5))
+        elif modes:
             if set(wanted) - {"ar"} and art.manifest.tidar is None:
                 raise InputError(f"{artifact}: no TiDAR entry points (exported from an AR checkpoint; re-export "
                                  "with --tidar on to bench the TiDAR modes)")
             result = bench_matrix(art, tuple(names), prompt_len, new_tokens, repeats, wanted, mix_w)
         else:
             result = bench_artifact(art, tuple(n for n in names if n != "torch"), prompt_len, new_tokens, repeats)
+    if plot is not None:
+        plot_entries(result, plot)
     if as_json:
         click.echo(json.dumps(result))
+        return
+    if entries:
+        for name, curve in result.items():
+            click.echo(f"{name} (threads per entry: {curve['threads'] or 'backend default'})")
+            click.echo(f"  {'entry':12s} {'tokens':>6s} {'ms/call':>9s} {'x decode':>9s}")
+            for row in curve["rows"]:
+                ratio = f"{row['vs_decode']:9.2f}" if row["vs_decode"] is not None else f"{'-':>9s}"
+                click.echo(f"  {row['entry']:12s} {row['tokens']:6d} {row['ms']:9.3f} {ratio}")
+        if plot is not None:
+            click.echo(f"wrote {plot}")
         return
     if modes:
         for name, res in result.items():
             for mode, row in res["modes"].items():
                 eager = f"  vs eager AR {row['speedup_vs_eager_ar']}x" if row["speedup_vs_eager_ar"] else ""
-                click.echo(f"{name:9s} {mode:12s} {row['tok_per_s']:9.2f} tok/s  {row['forwards']:4d} forwards  "
+                pred = (f"  predicted {row['predicted_tok_per_s']:.2f} ({row['prediction_error']:+.0%})"
+                        if "predicted_tok_per_s" in row else "")
+                click.echo(f"{name:9s} {mode:12s} {row['tok_per_s']:9.2f} tok/s{pred}  {row['forwards']:4d} forwards  "
                            f"{row['tokens_per_forward']:6.3f} tokens/forward  mean accepted "
                            f"{row['mean_accepted']:6.3f}  speedup {row['speedup_vs_ar']}x{eager}")
+            click.echo(f"{name:9s} auto picks {res['auto']['chosen']} ({res['auto']['reason']})")
         return
     tps = result["decode_tok_per_s"]
     others = ", ".join(f"{b} {tps[b]} ({result['speedup'][b]}x)" for b in result["backends"])

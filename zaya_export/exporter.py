@@ -1,17 +1,19 @@
 """``zaya-export export``: checkpoint → fused, traced, lowered artifact, as a list of phases (``PHASES``):
 
 1. ``prepare``: check the options, load the checkpoint (validated, mmapped), round the weights to the stored dtype;
-2. ``fuse``: the model-level fusion passes (``fuse_cca``, ``fuse_attention``, ``fuse_moe``), each verified on a
+2. ``calibrate``: greedy TiDAR acceptance histograms on held-out prompts with the eager model
+   (``calibration.json``, read by the cost model of ``run --mode auto``);
+3. ``fuse``: the model-level fusion passes (``fuse_cca``, ``fuse_attention``, ``fuse_moe``), each verified on a
    probe input, inside a scope that unfuses the model again on every way out;
-3. ``pack``: ``pack_tidar_step`` adds the packed single-forward TiDAR entries (verified against verify/draft);
+4. ``pack``: ``pack_tidar_step`` adds the packed single-forward TiDAR entries (verified against verify/draft);
    an AR export keeps prefill and decode only;
-4. ``trace``: every entry point through ``torch.export``, checked for one fused op per layer; for MLIR also with
+5. ``trace``: every entry point through ``torch.export``, checked for one fused op per layer; for MLIR also with
    each ``zaya.*`` op as its MLIR face, plus the in-place state commits (``commit_entry``);
-5. ``weights``: the shared weights, stored once (safetensors layout) in the stored dtype;
-6. ``lower-onnx``: each entry to ONNX (function bodies attached), the ONNX cleanup passes, weights bound;
-7. ``lower-mlir``: every entry into one MLIR module whose weights are external parameters read from the same
+6. ``weights``: the shared weights, stored once (safetensors layout) in the stored dtype;
+7. ``lower-onnx``: each entry to ONNX (function bodies attached), the ONNX cleanup passes, weights bound;
+8. ``lower-mlir``: every entry into one MLIR module whose weights are external parameters read from the same
    file, ``iree-compile``\\ d for each target;
-8. ``write``: config, tokenizer, manifest (pass log, op counts, versions, compiler flags, hashes); the artifact
+9. ``write``: config, tokenizer, manifest (pass log, op counts, versions, compiler flags, hashes); the artifact
    directory appears only when every phase succeeded.
 
 ``--dump-after`` takes a phase (what it produced: the prefill graph after prepare/fuse, the packed step after
@@ -38,6 +40,7 @@ from zaya_export.errors import ZayaError
 from zaya_export.models import ZayaForCausalLM
 from zaya_export.models.checkpoint import DTYPES, load_checkpoint
 from zaya_export.models.commit_entry import COMMIT_SPECS, export_commit
+from zaya_export.models.packed import packed_layout
 from zaya_export.models.entries import (AR_ENTRIES, PROBE, Entry, EntrySpec, base_entry_specs, default_levels,
                                         entry_specs, example_inputs, export_entry, greedy_inputs, op_histogram)
 from zaya_export.passes.base import PassError, PassManager, PassRecord
@@ -46,6 +49,7 @@ from zaya_export.passes.probe_check import tolerance_for
 from zaya_export.passes.tidar_packing import ExportPlan, PackTidarStep
 from zaya_export.output_dir import writing
 from zaya_export.runtime.artifact import tool_versions, write_manifest
+from zaya_export.runtime.calibration import CALIBRATION_FILE
 from zaya_export.runtime.tokenizer import load_tokenizer
 from zaya_export.runtime.manifest import (EntryPoint, Manifest, MlirModule, PassLog, PortSig, StateEntry,
                                           TidarInfo)
@@ -74,6 +78,7 @@ class ExportOptions:
     tidar: str = "auto"  # auto: the TiDAR entries when the config names a mask token or a block length
     block_len: int | None = None  # draft count K (default: the config's diffusion_block_len)
     levels: tuple[int, ...] | None = None  # acceptance levels of the packed step
+    calibrate: int = 4  # prompts for the acceptance histograms of run --mode auto (0: skip)
     force: bool = False
     dump_after: tuple[str, ...] = ()  # phases or fusion passes
     dump_dir: Path | None = None
@@ -176,7 +181,31 @@ def _prepare(run: ExportRun) -> dict[str, str]:
     if not 1 <= run.block_len <= MAX_BLOCK_LEN:
         raise ExportError(f"the config's diffusion_block_len must be in [1, {MAX_BLOCK_LEN}], got {run.block_len}")
     run.levels = tuple(opts.levels or default_levels(run.block_len))
+    if run.with_tidar:
+        try:  # refused here, before the calibration runs TiDAR with them
+            packed_layout(run.block_len, run.levels, model.config.conv_history)
+        except ValueError as exc:
+            raise ExportError(f"--levels: {exc}") from None
     return {"prefill": _prefill_graph(model)}
+
+
+CALIBRATE_MAX_PARAMS = 2_000_000_000  # beyond this, eager generation at export would take longer than the export
+
+
+def _calibrate(run: ExportRun) -> dict[str, str]:
+    """Acceptance histograms on held-out code (``calibrate``), for the cost model of ``run --mode auto``."""
+    params = sum(p.numel() for p in run.model.parameters())
+    if not run.with_tidar or not run.options.calibrate or params > CALIBRATE_MAX_PARAMS:
+        return {}
+    from .calibrate import measure_acceptance
+
+    run.status(f"calibrating: TiDAR acceptance on {run.options.calibrate} held-out prompts")
+    tok_path = run.checkpoint / "tokenizer.json"
+    tokenizer = load_tokenizer(tok_path) if tok_path.is_file() else None
+    calibration = measure_acceptance(run.model, tokenizer, run.block_len, run.levels, run.options.calibrate)
+    text = json.dumps(calibration.to_json()) + "\n"
+    (run.tmp / CALIBRATION_FILE).write_text(text)
+    return {"calibration": text}
 
 
 def _fuse(run: ExportRun) -> dict[str, str]:
@@ -313,6 +342,7 @@ def _write(run: ExportRun) -> dict[str, str]:
 # --dump-after.
 PHASES: tuple[tuple[str, Callable[[ExportRun], dict[str, str]]], ...] = (
     ("prepare", _prepare),
+    ("calibrate", _calibrate),
     ("fuse", _fuse),
     ("pack", _pack),
     ("trace", _trace),

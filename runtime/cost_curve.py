@@ -1,0 +1,131 @@
+"""The measured cost of each entry point on this machine: time per call versus tokens in the call.
+
+What decides whether TiDAR pays is how a forward's cost grows with its token count (a 17-token ``verify``
+against a 1-token ``decode``), and that is a property of the machine, the backend and the model, not something
+to assume. :func:`measure` times every entry of a session at the state size of a real run: ``prefill`` at
+1, 2, 4, … tokens (the curve of one graph over token counts) and each fixed-size entry at its own count, plus
+the host-side state commit a decode loop pays after each forward. :mod:`.costmodel` turns it into predictions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from zaya_export.models.io_table import Name
+
+from .session import Session
+
+DECODING_ENTRIES = ("decode", "verify", "draft", "step", "step_greedy", "step_sample")
+
+
+@dataclass
+class CostCurve:
+    """Milliseconds per call (median of the repeats) on one backend: ``prefill`` by token count, the fixed
+    entries by name (``tokens`` holds their token counts), ``commit`` by committed token count."""
+
+    backend: str
+    threads: dict[str, int]
+    prefill: dict[int, float] = field(default_factory=dict)
+    entries: dict[str, float] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+    commit: dict[int, float] = field(default_factory=dict)
+
+    def ms(self, entry: str) -> float:
+        return self.entries[entry]
+
+    def commit_ms(self, count: float) -> float:
+        """Host/device commit time for ``count`` tokens, interpolated over the measured counts."""
+        xs = sorted(self.commit)
+        return float(np.interp(count, xs, [self.commit[x] for x in xs])) if xs else 0.0
+
+    def rows(self) -> list[dict]:
+        """One table row per measured call: entry, tokens, ms and the ratio to ``decode``."""
+        base = self.entries.get("decode")
+        out = [{"entry": "prefill", "tokens": t, "ms": ms} for t, ms in sorted(self.prefill.items())]
+        out += [{"entry": e, "tokens": self.tokens[e], "ms": ms} for e, ms in self.entries.items()]
+        out += [{"entry": "commit", "tokens": t, "ms": ms} for t, ms in sorted(self.commit.items())]
+        for row in out:
+            row["vs_decode"] = round(row["ms"] / base, 3) if base else None
+        return out
+
+    def to_json(self) -> dict:
+        return {"backend": self.backend, "threads": self.threads, "rows": self.rows()}
+
+
+def token_counts(largest: int) -> list[int]:
+    """1, 2, 4, … up to ``largest``, and ``largest`` itself."""
+    counts = [1]
+    while counts[-1] * 2 < largest:
+        counts.append(counts[-1] * 2)
+    return sorted(set(counts + [largest]))
+
+
+def _median_ms(call, repeats: int) -> float:  # noqa: ANN001
+    call()  # warm-up: allocators, lazily created sessions, kernels
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return round(float(np.median(times)) * 1e3, 4)
+
+
+def entry_inputs(session: Session, cache, entry: str, tokens: int) -> dict:  # noqa: ANN001
+    """Inputs for one timed call: ``tokens`` ids over the cache, and the step's sampler inputs."""
+    B, K, V = len(cache.lengths), session.block_len or 0, session.config.vocab_size
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, V, (B, tokens))
+    inputs = cache.inputs(ids)
+    if entry in ("step_greedy", "step_sample"):
+        inputs[Name.DRAFT_VALID] = np.ones((B, K), bool)
+    if entry == "step_sample":
+        inputs[Name.DRAFT_LOGITS] = rng.standard_normal((B, K, V)).astype(np.float32)
+        inputs[Name.UNIFORMS] = rng.random((B, K + 1)).astype(np.float32)
+        inputs[Name.SAMPLER] = np.array([1.0, 0.0, 1.0, 1.0], np.float32)
+    return inputs
+
+
+def measure(session: Session, context: int = 64, repeats: int = 10, prefill_counts: Sequence[int] | None = None,
+            entries: tuple[str, ...] = DECODING_ENTRIES) -> CostCurve:
+    """Time ``session``'s entries (batch 1) with ``context`` tokens already in the cache; ``prefill`` at
+    ``prefill_counts`` tokens (default: 1, 2, 4, … up to the largest entry's; empty: not at all).
+
+    The cache is sized as a generation of ``context`` prompt tokens would size it, so attention reads what it
+    reads in use. Nothing timed is committed, except the commit timings themselves, which are undone (lengths
+    restored) so every call sees the same state size."""
+    points = session.artifact.entry_points if session.artifact is not None else {}
+    wanted = [e for e in dict.fromkeys(entries) if session.has(e)]
+    sizes = {e: (points[e].tokens if e in points else None) for e in wanted}
+    if session.artifact is None:  # eager session: the specs of the model's own entries
+        sizes = {e: session.backend.entries[e].spec.tokens for e in wanted}
+    largest = max([t for t in sizes.values() if t] + [1])
+    K = session.block_len or 0
+    cache = session.new_cache(1, context + 4 * largest + 2 * (K + 1))
+    out = session.run("prefill", cache.inputs(np.random.default_rng(1).integers(5, session.config.vocab_size,
+                                                                                 (1, context))))
+    cache.commit(out)
+    threads = getattr(session.backend, "entry_threads", None)
+    curve = CostCurve(session.backend.name, {e: threads(e) for e in ["prefill", *wanted]} if threads else {})
+    for t in token_counts(largest) if prefill_counts is None else prefill_counts:
+        inputs = entry_inputs(session, cache, "prefill", t)
+        curve.prefill[t] = _median_ms(lambda: session.run("prefill", inputs), repeats)
+    for entry in wanted:
+        inputs = entry_inputs(session, cache, entry, sizes[entry])
+        curve.entries[entry] = _median_ms(lambda: session.run(entry, inputs), repeats)
+        curve.tokens[entry] = sizes[entry]
+    for entry, count in (("decode", 1), ("verify", K // 2 + 1), ("verify", K + 1)):
+        if entry not in wanted:
+            continue
+        fresh = session.run(entry, entry_inputs(session, cache, entry, sizes[entry]))
+        lengths = cache.lengths.copy()
+
+        def commit() -> None:
+            cache.commit(fresh, counts=np.full(len(lengths), count))
+            cache.lengths = lengths.copy()
+
+        curve.commit[count] = _median_ms(commit, repeats)
+    return curve

@@ -1,0 +1,50 @@
+"""The export's ``calibrate`` phase: acceptance-length histograms of greedy lossless TiDAR (two-forward and
+fused) on held-out code, with the eager model, so that ``run --mode auto`` can predict each mode's speed.
+
+Greedy acceptance is a property of the weights and the prompts, not of the machine or the backend (every
+backend emits the same tokens), so it is measured once here and travels in the artifact
+(``runtime.calibration``). Prompts come from installed packages' source, outside the demo corpus; without a
+tokenizer they are random ids, which a trained drafter does not predict, so TiDAR then looks as poor as it is
+on text the model does not know.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from zaya_export.models import ZayaForCausalLM
+from zaya_export.runtime.calibration import Calibration
+from zaya_export.runtime.sampling import SamplerConfig
+from zaya_export.runtime.session import Session
+from zaya_export.runtime.tidar import generate_tidar
+
+PROMPT_LEN = 48
+
+
+def calibration_prompts(tokenizer, vocab_size: int, count: int) -> tuple[list[list[int]], str]:  # noqa: ANN001
+    """``count`` prompts and where they come from."""
+    if tokenizer is not None:
+        from .demo_card import foreign_prompts
+
+        try:
+            prompts = foreign_prompts(tokenizer, count=count, length=PROMPT_LEN)
+        except (OSError, ValueError):  # no installed sources to cut from
+            prompts = []
+        if prompts and max(max(p) for p in prompts) < vocab_size:
+            return prompts, "installed packages' Python source"
+    rng = np.random.default_rng(0)
+    return rng.integers(5, vocab_size, (count, PROMPT_LEN)).tolist(), "random ids"
+
+
+def measure_acceptance(model: ZayaForCausalLM, tokenizer, block_len: int, levels: tuple[int, ...],  # noqa: ANN001
+                       prompts: int = 4, new_tokens: int = 64) -> Calibration:
+    """Greedy histograms ``hist[ℓ]`` over ``prompts`` generations of ``new_tokens`` for each TiDAR mode."""
+    session = Session.from_model(model, block_len, levels)
+    ids, source = calibration_prompts(tokenizer, model.config.vocab_size, prompts)
+    acceptance = {}
+    for mode, fused in (("tidar", False), ("tidar-fused", True)):
+        hist = np.zeros(block_len + 1, np.int64)
+        for p in ids:
+            hist += np.asarray(generate_tidar(session, [p], new_tokens, None, SamplerConfig(), fused=fused).acceptance)
+        acceptance[mode] = [int(n) for n in hist]
+    return Calibration(acceptance, len(ids), new_tokens, source)
