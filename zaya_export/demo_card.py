@@ -223,9 +223,9 @@ the same.)
 
 | metric | value |
 |---|---|
-| AR cross-entropy | {log['heldout_ar_nats']:.3f} nats/token (perplexity {log['heldout_ar_ppl']:.1f}) |
+| AR cross-entropy (stage 1, whole held-out set) | {log['heldout_ar_nats']:.3f} nats/token (perplexity {log['heldout_ar_ppl']:.1f}) |
 | unigram baseline | {log['unigram_nats']:.3f} nats/token (perplexity {log['unigram_ppl']:.1f}) |
-| diffusion (fill-in) cross-entropy | {log['heldout_diffusion_nats']:.3f} nats/token |{_after_distill(train_log)}
+| diffusion (fill-in) cross-entropy (stage 1) | {log['heldout_diffusion_nats']:.3f} nats/token |{_after_distill(train_log)}
 | greedy TiDAR == greedy AR | {figures['greedy_tidar_equals_ar']} runs (each prompt, both lossless modes) |
 
 TiDAR on {figures['prompts']} held-out prompts of 48 tokens, {figures['new_tokens']} new tokens each (greedy,
