@@ -93,10 +93,11 @@ def needed_entries(greedy: bool, w: float) -> tuple[str, ...]:
 
 
 def auto_mode(session, calibration, prompt_len: int, new_tokens: int, greedy: bool,  # noqa: ANN001
-              w: float = 1.0) -> tuple[str, dict[str, Prediction], str]:
+              w: float = 1.0, curve: CostCurve | None = None) -> tuple[str, dict[str, Prediction], str]:
     """``run --mode auto``: the mode the cost model predicts fastest for this session, its predictions, and
     why. AR where the artifact has no TiDAR entries or no calibration; a TiDAR mode only for ``w`` < 1 (logit
-    mixing is a TiDAR sampler)."""
+    mixing is a TiDAR sampler). ``curve`` replaces the timing of the session's entries (a curve measured
+    earlier, or a fixed one in tests, where timings on a loaded machine decide nothing reproducibly)."""
     from .cost_curve import measure
 
     if not session.has("verify"):
@@ -105,7 +106,8 @@ def auto_mode(session, calibration, prompt_len: int, new_tokens: int, greedy: bo
         why = ("no calibration (re-export the artifact to add one)" if session.artifact is not None
                else "no calibration (a checkpoint: export it to calibrate)")
         return ("tidar" if w < 1.0 else "ar"), {}, why
-    curve = measure(session, context=prompt_len, repeats=5, prefill_counts=(), entries=needed_entries(greedy, w))
+    if curve is None:
+        curve = measure(session, context=prompt_len, repeats=5, prefill_counts=(), entries=needed_entries(greedy, w))
     predictions = predict(curve, calibration.acceptance, prompt_len, new_tokens, greedy, w)
     if w < 1.0:
         predictions.pop("ar", None)

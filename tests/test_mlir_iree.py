@@ -207,6 +207,16 @@ def test_cli_three_way_validate_and_bench(artifact):
                                   "--max-new-tokens", "6", "--mode", "tidar-fused", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["backend"] == "iree"
+    # the cost curve and --mode auto on IREE (device-resident state, in-place commits)
+    result = runner.invoke(main, ["bench", str(artifact), "--backend", "iree", "--entries", "--prompt-len", "8",
+                                  "--repeats", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["iree"]["rows"]
+    assert {r["entry"] for r in rows} >= {"prefill", "decode", "verify", "draft", "step_greedy", "commit"}
+    result = runner.invoke(main, ["run", str(artifact), "--backend", "iree", "--prompt-ids", "2,9,40",
+                                  "--max-new-tokens", "6", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["auto"]["chosen"] == "ar"  # a random model's drafts are never accepted
 
 
 def test_hip_without_driver_fails_clearly(artifact):
