@@ -75,6 +75,7 @@ class _Faces(threading.local):
 
     mlir: bool = False
     decode: bool = False
+    triton: bool = False
 
 
 _SCOPE = _Faces()
@@ -94,6 +95,8 @@ def call(name: str, *args):  # noqa: ANN002, ANN201
     (Tracing the faces directly is deterministic; decomposing the custom op afterwards with
     ``run_decompositions`` was found to leave the op in place once upstream transformers had run a model in
     the same process.)"""
+    if _SCOPE.triton:
+        return triton_face(name)(*args)
     if not _SCOPE.mlir:
         return getattr(torch.ops.zaya, name)(*args)
     face = _MLIR_DECODE.get(name, _MLIR[name]) if _SCOPE.decode else _MLIR[name]
@@ -110,6 +113,36 @@ def mlir_faces(decode: bool = False) -> Iterator[None]:
         yield
     finally:
         _SCOPE.mlir, _SCOPE.decode = outer
+
+
+_TRITON_FACES = {"moe_top1": "moe_top1_triton", "cca": "cca_triton", "block_attention": "block_attention_triton",
+                 "residual_rmsnorm": "residual_rmsnorm_triton"}  # the last has no custom op: Triton path only
+
+
+def triton_face(name: str) -> Callable:
+    """The Triton implementation of ``zaya::name`` (same arguments as the reference; imports Triton)."""
+    from .triton_support import load
+
+    return getattr(load(name), _TRITON_FACES[name])
+
+
+def triton_active() -> bool:
+    """Whether this thread is inside ``triton_faces()``. Asked where only the Triton form of a computation
+    exists (the residual + RMSNorm pair, the fused ops with the packed step's segment tables), so that outside
+    the block the model runs, and traces, exactly its reference modules."""
+    return _SCOPE.triton
+
+
+@contextmanager
+def triton_faces() -> Iterator[None]:
+    """Run the fused ops as their Triton kernels inside the block (this thread only, restored on exit): the
+    GPU path of the eager model (``runtime/graph_decode.py``), or the interpreter on CPU tensors."""
+    outer = _SCOPE.triton
+    _SCOPE.triton = True
+    try:
+        yield
+    finally:
+        _SCOPE.triton = outer
 
 
 def _bool_and(a, b):  # noqa: ANN001, ANN202

@@ -27,6 +27,7 @@ from . import legacy
 from zaya_export.output_dir import MARKER, check_replaceable, writing
 from zaya_export.errors import CheckpointError
 from .safetensors_header import FLOAT_DTYPES, TensorInfo, read_header
+from .safetensors_stream import Progress, TensorSlot, write_streamed
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_NAME = "model.safetensors.index.json"
@@ -174,6 +175,16 @@ def _plan(config: ZayaConfig, table: dict[str, TensorInfo], ckpt: Path) -> dict[
     return plan
 
 
+def checkpoint_plan(ckpt: Path, weights_dir: str | Path | None = None) -> tuple[ZayaConfig, dict[str, list[TensorInfo]]]:
+    """The checked config and native tensor name → source tensors (one, or several to stack) of a checkpoint:
+    every check of :func:`load_checkpoint` that needs no weight bytes."""
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt}: not a checkpoint directory")
+    config, _ = read_config(ckpt)
+    weights = ckpt if weights_dir is None else Path(weights_dir)
+    return config, _plan(config, _tensor_table(weights), weights)
+
+
 def load_checkpoint(path: str | Path, dtype: torch.dtype | str | None = None,
                     progress: Callable[[int, int], None] | None = None,
                     weights_dir: str | Path | None = None) -> ZayaForCausalLM:
@@ -184,11 +195,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | str | None = None,
     not next to ``config.json`` (an artifact keeps them in ``onnx/``).
     """
     ckpt = Path(path)
-    if not ckpt.is_dir():
-        raise CheckpointError(f"{ckpt}: not a checkpoint directory")
-    config, _ = read_config(ckpt)
-    weights = ckpt if weights_dir is None else Path(weights_dir)
-    plan = _plan(config, _tensor_table(weights), weights)
+    config, plan = checkpoint_plan(ckpt, weights_dir)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise CheckpointError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
@@ -206,14 +213,8 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | str | None = None,
                     handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
                 parts.append(handles[info.file].get_tensor(info.name))
             tensor = parts[0] if len(parts) == 1 else torch.stack(parts)
-            if not bool(torch.isfinite(tensor).all()):  # one cheap pass per tensor: NaN/Inf would poison every logit
-                bad = int((~torch.isfinite(tensor)).sum())
-                raise CheckpointError(f"{infos[0].file}: tensor {infos[0].name!r} holds {bad} NaN/Inf value(s)")
             want = torch.float32 if native.endswith("balancing_biases") else dtype
-            state[native] = tensor.to(want)
-            if state[native].dtype != tensor.dtype and not bool(torch.isfinite(state[native]).all()):
-                raise CheckpointError(f"{infos[0].file}: tensor {infos[0].name!r} overflows {want} (values beyond "
-                                      "its range); load it in a wider dtype")
+            state[native] = checked_cast(tensor, infos[0], want)
             if progress:
                 progress(done, len(plan))
     except CheckpointError:
@@ -231,6 +232,19 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | str | None = None,
     if note:
         warnings.warn(f"{ckpt}: {note}", stacklevel=2)
     return model.eval()
+
+
+def checked_cast(tensor: torch.Tensor, info: TensorInfo, want: torch.dtype) -> torch.Tensor:
+    """``tensor`` (read from ``info``) in dtype ``want``; :class:`CheckpointError` if it holds NaN/Inf or
+    overflows ``want``. One cheap pass per tensor: NaN/Inf would poison every logit."""
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(f"{info.file}: tensor {info.name!r} holds {bad} NaN/Inf value(s)")
+    out = tensor.to(want)
+    if out.dtype != tensor.dtype and not bool(torch.isfinite(out).all()):
+        raise CheckpointError(f"{info.file}: tensor {info.name!r} overflows {want} (values beyond "
+                              "its range); load it in a wider dtype")
+    return out
 
 
 def save_checkpoint(model: ZayaForCausalLM, out: str | Path, *, tokenizer_json: str | None = None,
@@ -261,17 +275,63 @@ def save_checkpoint(model: ZayaForCausalLM, out: str | Path, *, tokenizer_json: 
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        saved = ZayaConfig.from_dict(config.to_dict(), warn_unknown=False)
-        saved.extra["dtype"] = {torch.float32: "float32", torch.float16: "float16",
-                                torch.bfloat16: "bfloat16"}[tensors["model.embed_tokens.weight"].dtype]
-        saved.to_json_file(tmp / "config.json")
-        gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-               "pad_token_id": config.pad_token_id}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        if tokenizer_json is not None:
-            (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-        _make_readable(tmp)
+        write_companions(tmp, config, tensors["model.embed_tokens.weight"].dtype, tokenizer_json)
     return out
+
+
+def save_streamed_checkpoint(config: ZayaConfig, out: str | Path, slots: list[TensorSlot],
+                             produce: Callable[[TensorSlot], torch.Tensor], *, tokenizer_json: str | None = None,
+                             max_shard_bytes: int | None = None, overwrite: bool = False,
+                             progress: Progress | None = None) -> Path:
+    """Write a checkpoint whose tensors come one at a time: ``produce(slot)`` is called once per slot, in the
+    order of ``slots``, and the tensor is written and dropped before the next (an 8B model never sits in
+    memory). Shards are consecutive runs of ``slots`` up to ``max_shard_bytes``. Atomic like
+    :func:`save_checkpoint`."""
+    out = Path(out)
+    check_replaceable(out, overwrite, "checkpoint")
+    shards: list[list[TensorSlot]] = [[]]
+    size = 0
+    for slot in slots:
+        if max_shard_bytes and shards[-1] and size + slot.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(slot)
+        size += slot.nbytes
+    total = sum(s.nbytes for s in slots)
+    done_before = 0
+
+    def shard_progress(done: int, _: int) -> None:
+        if progress:
+            progress(done_before + done, total)
+
+    with writing(out, overwrite, "checkpoint") as tmp:
+        (tmp / MARKER).write_text(json.dumps({"kind": "checkpoint"}) + "\n")
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            fname = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            write_streamed(tmp / fname, shard, produce, shard_progress, order=shard)
+            done_before += sum(s.nbytes for s in shard)
+            weight_map.update({s.name: fname for s in shard})
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        embed = next(s for s in slots if s.name == "model.embed_tokens.weight")
+        write_companions(tmp, config, embed.dtype, tokenizer_json)
+    return out
+
+
+def write_companions(tmp: Path, config: ZayaConfig, dtype: torch.dtype, tokenizer_json: str | None) -> None:
+    """config.json (naming the stored ``dtype``), generation_config.json and tokenizer.json of a checkpoint
+    being written into ``tmp``; then the permissions a plain mkdir/open would give."""
+    saved = ZayaConfig.from_dict(config.to_dict(), warn_unknown=False)
+    saved.extra["dtype"] = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
+    saved.to_json_file(tmp / "config.json")
+    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+           "pad_token_id": config.pad_token_id}
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    if tokenizer_json is not None:
+        (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+    _make_readable(tmp)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -48,12 +48,13 @@ def _emitted(drafts: Tensor, ell: Tensor, nxt: Tensor) -> Tensor:
     return torch.where(i < ell[:, None], padded, torch.where(i == ell[:, None], nxt, torch.full_like(padded, -1)))
 
 
-def _proposal_rows(hidden: Tensor, ell: Tensor, packed: PackedLayout) -> tuple[Tensor, Tensor]:
+def _proposal_rows(hidden: Tensor, ell: Tensor, packed: PackedLayout, levels: Tensor | None = None
+                   ) -> tuple[Tensor, Tensor]:
     """Hidden rows [B, K, H] of the next drafts (proposal p* = max{p : λ_p ≤ ℓ}, realigned by ℓ − λ_p*) and
-    their validity [B, K]."""
+    their validity [B, K]. ``levels``: Λ already on the device (a CUDA/HIP graph capture allows no host copy)."""
     K1 = packed.block_len + 1
     B, _, H = hidden.shape
-    lam = torch.tensor(packed.levels, device=hidden.device)
+    lam = torch.tensor(packed.levels, device=hidden.device) if levels is None else levels
     p_star = (lam[None] <= ell[:, None]).sum(1)  # [B] proposal index (1-based)
     slot = (ell - lam[p_star - 1])[:, None] + torch.arange(1, K1, device=hidden.device)[None]  # [B, K]
     rows = K1 * p_star[:, None] + slot.clamp(max=packed.block_len)
@@ -67,14 +68,14 @@ def _commit(u, ell: Tensor, K1: int) -> tuple[Tensor, ...]:  # noqa: ANN001 - mo
 
 
 def greedy_step(ids: Tensor, hidden: Tensor, head: nn.Module, u, draft_valid: Tensor,  # noqa: ANN001
-                packed: PackedLayout) -> tuple[Tensor, ...]:
+                packed: PackedLayout, levels: Tensor | None = None) -> tuple[Tensor, ...]:
     """ids [B, N] (anchor, K drafts, masks), hidden [B, N, H] final-normed → ``io_table.ACCEPT_OUTPUTS["greedy"]``."""
     K1 = packed.block_len + 1
     best = first_argmax(head(hidden[:, :K1]))  # [B, K+1] AR argmax of the verify rows
     drafts = ids[:, 1:K1]
     ell = _leading_run((drafts == best[:, :-1]) & draft_valid)
     nxt = best.gather(1, ell[:, None])  # [B, 1] correction or bonus token
-    rows, valid = _proposal_rows(hidden, ell, packed)
+    rows, valid = _proposal_rows(hidden, ell, packed, levels)
     return (ell + 1, _emitted(drafts, ell, nxt), first_argmax(head(rows)), valid, *_commit(u, ell, K1))
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zaya_export.kernels.registry import triton_active, triton_face
 from zaya_export.kernels.routing import top1
 
 from .config import ZayaConfig
@@ -151,6 +152,8 @@ class AttnLayout:
     window: int  # sliding window on positions; 0 = none
     causal: bool = True  # False: the new block attends bidirectionally (TiDAR draft)
     segments: Segments | None = None  # TiDAR packed step: per-segment CCA history
+    template: Tensor | None = None  # packed step: [T, T] bool mask among the step tokens (the Triton kernel's)
+    offsets: Tensor | None = None  # packed step: [T] positions of the step tokens after the committed length
 
 
 class CCAAttention(nn.Module):
@@ -159,7 +162,9 @@ class CCAAttention(nn.Module):
     ``project`` and ``attend`` are the two regions the fusion passes replace (by ``zaya.cca`` and
     ``zaya.block_attention``): a pass fills the slot ``fused_project`` / ``fused_attend`` (plain callables of
     the same signature, not modules, so never in the state_dict) for the duration of a
-    ``passes.fusion.fused`` scope, and ``forward``, which only wires the regions, calls the slot when set."""
+    ``passes.fusion.fused`` scope, and ``forward``, which only wires the regions, calls the slot when set. The
+    packed TiDAR step passes its ``segments`` to the project slot too: a slot whose op cannot read them runs
+    this module's reference region instead."""
 
     fused_slots = ("fused_project", "fused_attend")
 
@@ -170,15 +175,15 @@ class CCAAttention(nn.Module):
         self.o_proj = nn.Linear(config.num_attention_heads * config.head_dim, config.hidden_size,
                                 bias=config.attention_bias)
         self.G = config.num_key_value_groups
-        self.fused_project: Callable[..., tuple[Tensor, ...]] | None = None  # (x, conv, rho, cos, sin)
+        self.fused_project: Callable[..., tuple[Tensor, ...]] | None = None  # (x, conv, rho, cos, sin, segments)
         self.fused_attend: Callable[..., Tensor] | None = None  # (q, k, v, past_k, past_v, layout)
 
     def forward(self, x: Tensor, past_k: Tensor, past_v: Tensor, conv: Tensor, rho: Tensor, layout: AttnLayout,
                 cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """x [B, T, H]; past_k/v [B, n_kv, S, d] → out [B, T, H] and this layer's k, v, conv_rows, omega."""
-        if layout.segments is not None:  # packed TiDAR step: the reference path (the fused ops are one-segment)
-            q, k, v, conv_rows, omega = self.project(x, conv, rho, cos, sin, layout.segments)
-            out = self.attend(q, k, v, past_k, past_v, layout)
+        if layout.segments is not None:  # packed TiDAR step: the slot decides whether its op takes segments
+            q, k, v, conv_rows, omega = (self.fused_project or self.project)(x, conv, rho, cos, sin, layout.segments)
+            out = (self.fused_attend or self.attend)(q, k, v, past_k, past_v, layout)
             return self.o_proj(out), k, v, conv_rows, omega
         q, k, v, conv_rows, omega = (self.fused_project or self.project)(x, conv, rho, cos, sin)
         out = (self.fused_attend or self.attend)(q, k, v, past_k, past_v, layout)
@@ -306,6 +311,17 @@ class SparseMoE(nn.Module):
         return out.view(B, T, H), router_state
 
 
+def scale_then_norm(scaling: ResidualScaling, norm: RMSNorm, sub: Tensor, res: Tensor) -> tuple[Tensor, Tensor]:
+    """sub [B, T, H] sublayer output, res [B, T, H] fp32 residual → new residual (fp32) and its norm
+    (activation dtype). Inside ``kernels.triton_faces()`` one Triton kernel does both, so the residual is not
+    written and read back in between; outside it the two modules run as always (same numbers, same trace)."""
+    if not triton_active():
+        h = scaling(sub, res)
+        return h, norm(h.to(norm.weight.dtype))
+    return triton_face("residual_rmsnorm")(sub, res, scaling.hidden_states_bias, scaling.hidden_states_scale,
+                                           scaling.residual_bias, scaling.residual_scale, norm.weight, norm.eps)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: ZayaConfig, layer_idx: int) -> None:
         super().__init__()
@@ -318,22 +334,29 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h: Tensor, prev_router: Tensor | None, input_mask: Tensor | None, past_k: Tensor,
                 past_v: Tensor, conv: Tensor, rho: Tensor, layout: AttnLayout, cos: Tensor, sin: Tensor,
-                probe: list[Tensor] | None = None):
-        """h [B, T, H] fp32 residual stream → new h, router state, and this layer's state update. ``probe``
-        collects the residual stream after attention and after the MoE (for locating backend divergence)."""
+                probe: list[Tensor] | None = None, normed: Tensor | None = None, next_norm: RMSNorm | None = None):
+        """h [B, T, H] fp32 residual stream → new h, router state, this layer's state update, and the
+        ``next_norm`` of the new h (or None). ``probe`` collects the residual stream after attention and after
+        the MoE (for locating backend divergence). The Triton path (``step`` inside ``kernels.triton_faces()``)
+        passes ``next_norm``, the norm that reads this layer's output (the next layer's input norm or the
+        final norm), so the post-MoE scaling and that norm run as one kernel, and the next layer gets the
+        result as ``normed``, its input norm of ``h``; the reference path passes neither."""
         dtype = self.input_layernorm.weight.dtype
-        x = self.input_layernorm(h.to(dtype))
+        x = self.input_layernorm(h.to(dtype)) if normed is None else normed
         if input_mask is not None:  # zero padded rows so they leave no trace in the conv window or ρ
             x = x * input_mask[..., None].to(dtype)
         a, k, v, conv_rows, omega = self.self_attn(x, past_k, past_v, conv, rho, layout, cos, sin)
-        h = self.post_attention_residual_scale(a, h)
-        m, router_state = self.mlp(self.post_attention_layernorm(h.to(dtype)), prev_router)
+        h, x = scale_then_norm(self.post_attention_residual_scale, self.post_attention_layernorm, a, h)
+        m, router_state = self.mlp(x, prev_router)
         if probe is not None:
             probe.append(h)
-        h = self.post_mlp_residual_scale(m, h)
+        if next_norm is None:
+            h, next_x = self.post_mlp_residual_scale(m, h), None
+        else:
+            h, next_x = scale_then_norm(self.post_mlp_residual_scale, next_norm, m, h)
         if probe is not None:
             probe.append(h)
-        return h, router_state, (k, v, conv_rows, omega)
+        return h, router_state, (k, v, conv_rows, omega), next_x
 
 
 class ZayaModel(nn.Module):
@@ -450,14 +473,17 @@ class ZayaForCausalLM(nn.Module):
                 allowed, pos = packed_allowed(past.valid, packed, window)
             cos, sin = rope_cos_sin(pos, cfg.rotary_dim(layer_type), cfg.rope_theta(layer_type), dtype)
             attn = AttnLayout(allowed, past.valid, new_valid, window or 0, causal,
-                              None if packed is None else packed.segments)
+                              *((None, None, None) if packed is None else
+                                (packed.segments, packed.template, packed.offsets)))
             per_type[layer_type] = (attn, cos, sin)
-        router_state = None
+        router_state, normed = None, None  # normed: the next layer's input norm, when the last one made it
+        next_norms = self._next_norms() if triton_active() else [None] * len(m.layers)
         ks, vs, convs, omegas = [], [], [], []
         for i, layer in enumerate(m.layers):
             attn, cos, sin = per_type[cfg.layer_types[i]]
-            h, router_state, (k, v, conv_rows, omega) = layer(
-                h, router_state, input_mask, past.k[i], past.v[i], past.conv[i], past.rho[i], attn, cos, sin, probe
+            h, router_state, (k, v, conv_rows, omega), normed = layer(
+                h, router_state, input_mask, past.k[i], past.v[i], past.conv[i], past.rho[i], attn, cos, sin, probe,
+                normed, next_norms[i]
             )
             ks.append(k)
             vs.append(v)
@@ -465,15 +491,43 @@ class ZayaForCausalLM(nn.Module):
             omegas.append(omega)
         if readout is Readout.LAST:
             h = h[:, -1:]
-        out = m.norm(h.to(dtype))
+            normed = None if normed is None else normed[:, -1:]
+        out = m.norm(h.to(dtype)) if normed is None else normed
         logits = out if readout is Readout.HIDDEN else self.lm_head(out)
         return logits, Update(torch.stack(ks), torch.stack(vs), torch.stack(convs), torch.stack(omegas))
+
+    def _next_norms(self) -> list[RMSNorm]:
+        """Per layer, the norm that reads its output: the next layer's input norm, the final norm for the last
+        (the Triton path fuses each with the layer's post-MoE residual scaling)."""
+        layers = self.model.layers
+        return [layer.input_layernorm for layer in list(layers)[1:]] + [self.model.norm]
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Logits ``[B, T, V]`` of a fresh sequence; ``attention_mask`` [B, T] (1 = token, 0 = left padding)."""
         mask = None if attention_mask is None else attention_mask.bool()
         logits, _ = self.step(input_ids, self.empty_past(input_ids.shape[0]), mask)
         return logits
+
+
+def random_parameter(name: str, shape: tuple[int, ...], gen: torch.Generator, std: float,
+                     randomize_all: bool = False) -> Tensor:
+    """One parameter of :func:`init_weights` (fp32, drawn from ``gen`` in ``named_parameters`` order), so a
+    writer can produce the same weights one tensor at a time (``init --preset 8b`` never holds the model)."""
+    if len(shape) >= 2:
+        if randomize_all or "conv" in name:  # unit-variance activations, so routing depends on input
+            fan_in = shape[-1] * (shape[-2] if "conv" in name else 1)
+            scale = 1.0 if name.endswith("embed_tokens.weight") else 1 / math.sqrt(fan_in)
+        else:
+            scale = std
+        return torch.randn(shape, generator=gen).mul_(scale)
+    if name.endswith("qk_norm.temp"):
+        return 0.5 + torch.rand(shape, generator=gen)
+    if randomize_all:
+        base = 1.0 if name.endswith(("scale", "norm.weight", "layernorm.weight")) else 0.0
+        return base + 0.1 * torch.randn(shape, generator=gen)
+    if name.endswith("bias"):
+        return torch.zeros(shape)
+    return torch.ones(shape)
 
 
 def init_weights(model: ZayaForCausalLM, seed: int, randomize_all: bool = False) -> None:
@@ -484,22 +538,7 @@ def init_weights(model: ZayaForCausalLM, seed: int, randomize_all: bool = False)
     std = model.config.initializer_range
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                if randomize_all or "conv" in name:  # unit-variance activations, so routing depends on input
-                    fan_in = p.shape[-1] * (p.shape[-2] if "conv" in name else 1)
-                    scale = 1.0 if name.endswith("embed_tokens.weight") else 1 / math.sqrt(fan_in)
-                else:
-                    scale = std
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
-            elif name.endswith("qk_norm.temp"):
-                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
-            elif randomize_all:
-                base = 1.0 if name.endswith(("scale", "norm.weight", "layernorm.weight")) else 0.0
-                p.copy_(base + 0.1 * torch.randn(p.shape, generator=gen))
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.fill_(1.0)
+            p.copy_(random_parameter(name, tuple(p.shape), gen, std, randomize_all))
         for layer in model.model.layers:
             b = layer.mlp.gate.balancing_biases
             b.zero_()

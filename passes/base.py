@@ -55,9 +55,14 @@ class PassRecord:
     max_rel_diff: float | str | None = None
     routing_flips: int | None = None  # near-tie tokens that would have chosen another expert (tolerated)
     max_flip_margin: float | None = None
+    # the probe ran on the first N layers only (a streamed export's truncated model); None: on the whole model
+    probe_layers: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["probe_layers"] is None:  # the key appears only where it says something
+            del d["probe_layers"]
+        return d
 
     @classmethod
     def from_json(cls, d: Any, where: str) -> PassRecord:  # noqa: ANN401
@@ -70,8 +75,9 @@ class PassRecord:
         for key in ("seconds", "max_abs_diff", "max_rel_diff", "max_flip_margin"):
             if key in d and not isinstance(d[key], (int, float, str, type(None))):
                 raise ValueError(f"{where}.{key}: expected a number")
-        if d.get("routing_flips") is not None and type(d["routing_flips"]) is not int:
-            raise ValueError(f"{where}.routing_flips: expected an integer")
+        for key in ("routing_flips", "probe_layers"):
+            if d.get(key) is not None and type(d[key]) is not int:
+                raise ValueError(f"{where}.{key}: expected an integer")
         return cls(**{"seconds": 0.0, **d})
 
 

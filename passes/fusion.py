@@ -23,7 +23,9 @@ import torch
 from torch import Tensor, nn
 
 import zaya_export.kernels as kernels  # registers the zaya.* ops
+from zaya_export.kernels.registry import triton_active, triton_face
 from zaya_export.models import ZayaForCausalLM
+from zaya_export.models.packed import Segments
 from zaya_export.models.zaya import AttnLayout
 
 from .base import Pass, PassError, PassManager, PassRecord
@@ -125,12 +127,14 @@ class FuseCCA(_LayerFusion):
     def fused(self, attn, model):  # noqa: ANN001, ANN201
         p, temp = attn.qkv_proj, attn.qk_norm.temp
 
-        def project(x: Tensor, conv: Tensor, rho: Tensor, cos: Tensor, sin: Tensor):  # noqa: ANN202
-            return kernels.call(
-                "cca", x, conv, rho, cos, sin, p.q_proj.weight, p.k_proj.weight, p.v_proj_current.weight,
-                p.v_proj_delayed.weight, p.conv_qk_depthwise.weight, p.conv_qk_depthwise.bias,
-                p.conv_qk_grouped.weight, p.conv_qk_grouped.bias, temp,
-            )
+        def project(x: Tensor, conv: Tensor, rho: Tensor, cos: Tensor, sin: Tensor,  # noqa: ANN202
+                    segments: Segments | None = None):
+            args = (x, conv, rho, cos, sin, p.q_proj.weight, p.k_proj.weight, p.v_proj_current.weight,
+                    p.v_proj_delayed.weight, p.conv_qk_depthwise.weight, p.conv_qk_depthwise.bias,
+                    p.conv_qk_grouped.weight, p.conv_qk_grouped.bias, temp)
+            if segments is None:
+                return kernels.call("cca", *args)
+            return _packed_cca(attn, args, segments)
 
         return project
 
@@ -142,10 +146,32 @@ class FuseAttention(_LayerFusion):
 
     def fused(self, attn, model):  # noqa: ANN001, ANN201
         def attend(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor, layout: AttnLayout) -> Tensor:
+            if layout.template is not None:
+                return _packed_attention(attn, q, k, v, past_k, past_v, layout)
             return kernels.call("block_attention", q, past_k, past_v, k, v, layout.past_valid, layout.new_valid,
                                 layout.window, layout.causal)
 
         return attend
+
+
+def _packed_cca(attn, args: tuple[Tensor, ...], segments: Segments):  # noqa: ANN001, ANN202
+    """The packed TiDAR step's CCA (``args``: ``zaya.cca``'s operands). Only the Triton kernel reads the
+    per-segment conv/value tables; ``zaya.cca`` itself (custom op, ONNX and MLIR faces) is one-segment, so
+    outside ``triton_faces()`` the module's reference region runs, exactly as the unfused model (and traces)."""
+    if not triton_active():
+        return attn.project(*args[:5], segments)
+    return triton_face("cca")(*args, conv_index=segments.conv_index, value_index=segments.value_index)
+
+
+def _packed_attention(attn, q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor,  # noqa: ANN001
+                      layout: AttnLayout) -> Tensor:
+    """The packed step's attention: the Triton kernel generates the mask from the static [T, T] template and
+    the step tokens' offsets; ``zaya.block_attention`` has no template operand, so outside ``triton_faces()``
+    the module's reference region (over the materialised predicate) runs."""
+    if not triton_active():
+        return attn.attend(q, k, v, past_k, past_v, layout)
+    return triton_face("block_attention")(q, past_k, past_v, k, v, layout.past_valid, layout.new_valid,
+                                          layout.window, template=layout.template, template_offsets=layout.offsets)
 
 
 class FuseMoE(_LayerFusion):

@@ -274,7 +274,7 @@ class PassLog:
 
 _KEYS = {"format", "schema_version", "created", "source", "dtype", "compute_dtype", "config", "weights", "formats",
          "mlir", "iree", "entry_points", "tidar", "pass_log", "op_counts", "versions", "validation",
-         "export_seconds", "files"}
+         "export_seconds", "files", "kernels"}
 
 
 @dataclass(kw_only=True)
@@ -299,6 +299,9 @@ class Manifest:
     validation: dict[str, Any] | None = None
     export_seconds: float = 0.0
     files: dict[str, str] = field(default_factory=dict)
+    # AOT-compiled Triton kernels by GPU arch: one record per code object (file, launch, resource use, matrix
+    # instructions found), as kernels/aot.py writes them
+    kernels: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def paths(self) -> dict[str, str]:
         """Every file the manifest points a reader at, by the field that names it."""
@@ -307,6 +310,7 @@ class Manifest:
         if self.mlir is not None:
             out |= {"mlir.module": self.mlir.module, "mlir.parameters.file": self.mlir.parameter_file}
         out |= {f"iree.{t}.vmfb": m.vmfb for t, m in self.iree.items()}
+        out |= {f"kernels.{a}.{k['kernel']}": k["file"] for a, ks in self.kernels.items() for k in ks}
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -318,7 +322,8 @@ class Manifest:
                 "entry_points": {n: e.to_json() for n, e in self.entry_points.items()},
                 "tidar": None if self.tidar is None else self.tidar.to_json(), "pass_log": self.pass_log.to_json(),
                 "op_counts": self.op_counts, "versions": self.versions, "validation": self.validation,
-                "export_seconds": self.export_seconds, "files": self.files}
+                "export_seconds": self.export_seconds, "files": self.files,
+                **({"kernels": self.kernels} if self.kernels else {})}  # absent without kernels: the old format
 
     @classmethod
     def from_json(cls, d: Any) -> Manifest:  # noqa: ANN401
@@ -353,4 +358,17 @@ class Manifest:
             pass_log=PassLog.from_json(_get(d, "pass_log", dict, w, {}), "manifest.pass_log"),
             op_counts=_get(d, "op_counts", dict, w, {}),
             versions=_get(d, "versions", dict, w, {}), validation=_get(d, "validation", (dict, type(None)), w, None),
-            export_seconds=float(_get(d, "export_seconds", (int, float), w, 0.0)), files=files)
+            export_seconds=float(_get(d, "export_seconds", (int, float), w, 0.0)), files=files,
+            kernels=_kernels(_get(d, "kernels", dict, w, {})))
+
+
+def _kernels(d: dict) -> dict[str, list[dict[str, Any]]]:
+    """``manifest.kernels``: arch → records, each naming its code object by a path inside the artifact."""
+    for arch, records in d.items():
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise ManifestError(f"manifest.kernels.{arch}: expected a list of kernel records")
+        for i, r in enumerate(records):
+            where = f"manifest.kernels.{arch}[{i}]"
+            _get(r, "kernel", str, where)
+            r["file"] = relative_path(_get(r, "file", str, where), f"{where}.file")
+    return d

@@ -239,7 +239,7 @@ def test_bad_mlir_requests_fail_clearly(artifact, tmp_path):
     result = CliRunner().invoke(main, ["export", str(ckpt), "-o", str(tmp_path / "d"), "--target", "cpu"])
     assert result.exit_code == 2 and "add mlir to --format" in result.stderr
     onnx_only = tmp_path / "onnx-only"
-    export_artifact(ckpt, onnx_only)
+    export_artifact(ckpt, onnx_only, tidar="off", calibrate=0)  # the smallest ONNX-only artifact
     with pytest.raises(InputError, match="no IREE module"):
         open_session(onnx_only, backend="iree")
     assert not np.any([(tmp_path / n).exists() for n in ("a", "b", "c", "d")])

@@ -202,7 +202,7 @@ def test_validate_explains_a_backend_that_routes_a_near_tie_the_other_way():
     is explained (and named), not failed; a clear-margin difference is not explained."""
     import numpy as np
 
-    from zaya_export.runtime.session import TorchBackend
+    from zaya_export.eager_reference import EagerReference
     from zaya_export.validate import TOLERANCES, _entry_ok, _explain_by_flip
 
     model = random_model(small_config(num_experts=4), seed=5)
@@ -211,19 +211,21 @@ def test_validate_explains_a_backend_that_routes_a_near_tie_the_other_way():
         out[1] = out[0]
         out[:2] *= 4
         model.model.layers[0].mlp.gate.balancing_biases.zero_()
-    ref = TorchBackend(model)
+    ref = EagerReference(model)
     inputs = dict(zip(["input_ids", "input_mask", "past_k", "past_v", "past_valid", "conv_state", "rho_state"],
                       (x.numpy() for x in example_inputs(model, 1, 6, 0, seed=3))))
     with routing_tape(RoutingTape("record")) as tape:
-        want = ref.run("prefill", inputs)
+        want = ref.backend.run("prefill", inputs)
     t = int((tape.routes[0].margin <= 1e-7).nonzero()[-1])  # a token tied between experts 0 and 1
     forced = [r.choice.clone() for r in tape.routes]
     forced[0][t] = tape.routes[0].runner_up[t]  # a backend that broke that tie the other way
     with routing_tape(RoutingTape("replay", forced, limit=1)):
-        got = ref.run("prefill", inputs)
+        got = ref.backend.run("prefill", inputs)
     tol = TOLERANCES["fp32"]
     assert not _entry_ok(got, want, slice(None), tol)[0]  # it does move the output
     flip = _explain_by_flip(ref, "prefill", inputs, got, slice(None), tol)
     assert flip is not None and (flip["moe_call"], flip["token"]) == (0, t) and flip["margin"] <= tol.tie
     wrong = dict(got, logits=got["logits"] + np.float32(0.5) * np.abs(got["logits"]).max())
     assert _explain_by_flip(ref, "prefill", inputs, wrong, slice(None), tol) is None
+    # the forced runs never entered the shared memo: it still serves the free-routing outputs
+    np.testing.assert_array_equal(ref.run("prefill", inputs)["logits"], want["logits"])

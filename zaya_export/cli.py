@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -66,6 +65,9 @@ def main() -> None:
     """Export ZAYA1 checkpoints to deployable artifacts, run them, and validate parity."""
 
 
+INIT_SHARD_BYTES = 2_500_000_000  # init's shard size: the 8B preset in bf16 becomes 8 files, the others one
+
+
 @main.command()
 @click.option("--preset", "preset_name", type=click.Choice(["tiny", "small", "8b"]), default="tiny",
               show_default=True, help="Model size.")
@@ -80,28 +82,26 @@ def init(preset_name: str, seed: int, dtype: str, force: bool, as_json: bool, ou
     from .output_dir import check_replaceable
 
     check_replaceable(out, force, "checkpoint")  # before the heavy imports: a refused path fails at once
+    import time
     import torch
-    from zaya_export.models.checkpoint import DTYPES, save_checkpoint
-    from .models import ZayaForCausalLM, init_weights, preset
+    from zaya_export.models.checkpoint import DTYPES, save_streamed_checkpoint
+    from zaya_export.models.safetensors_stream import eta_text
+    from zaya_export.models.streaming import random_slots
+    from .models import preset
     from zaya_export.runtime.tokenizer import build_tokenizer
 
     config = preset(preset_name)
-    torch_dtype = DTYPES[dtype]
-    with torch.device("meta"):
-        n_params = sum(p.numel() for p in ZayaForCausalLM(config).parameters())
-    need = n_params * 4 * 2  # fp32 init plus the write buffer
-    total_ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if need > total_ram:
-        raise InputError(f"preset {preset_name} ({n_params / 1e9:.1f}B params) needs ~{need / 2**30:.0f} GiB "
-                         f"of RAM to initialise; this machine has {total_ram / 2**30:.0f} GiB")
+    # one tensor at a time (the 8B preset is 18.8 GB in bf16): the values init_weights(model, seed) gives
+    slots, produce = random_slots(config, seed, DTYPES[dtype])
+    n_params = sum(torch.Size(s.shape).numel() for s in slots if not s.name.endswith("balancing_biases"))
     console = _stderr()
-    with console.status(f"initialising {preset_name} ({n_params / 1e6:.1f}M params)"):
-        torch.manual_seed(seed)
-        model = ZayaForCausalLM(config)
-        init_weights(model, seed)
-        tokenizer = build_tokenizer(min(config.vocab_size, 4096))
-    with console.status(f"writing {out}"):
-        save_checkpoint(model, out, tokenizer_json=tokenizer.to_str(), dtype=torch_dtype, overwrite=force)
+    tokenizer = build_tokenizer(min(config.vocab_size, 4096))
+    with console.status(f"writing {out} ({preset_name}, {n_params / 1e6:.1f}M params)") as status:
+        start = time.perf_counter()
+        save_streamed_checkpoint(
+            config, out, slots, produce, tokenizer_json=tokenizer.to_str(), overwrite=force,
+            max_shard_bytes=INIT_SHARD_BYTES,
+            progress=lambda done, total: status.update(f"writing {out}: {eta_text(done, total, start)}"))
     if as_json:
         click.echo(json.dumps({"path": str(out), "preset": preset_name, "params": n_params, "dtype": dtype,
                                "seed": seed}))
@@ -176,7 +176,8 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--prompt-ids", help="Prompt as comma-separated token ids, e.g. 2,17,301.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--device", default="local-task", show_default=True,
-              help="IREE device for --backend iree: local-task (CPU threads), local-sync, hip (AMD GPU).")
+              help="IREE device for --backend iree: local-task (CPU threads), local-sync, hip (AMD GPU); for "
+              "--backend torch: cuda or hip runs the Triton kernels on the GPU, one graph launch per decode step.")
 @click.option("--backend", type=click.Choice(["ort", "iree", "torch"]), default=None,
               help="ort (artifacts; the default for them) or torch (eager; the default for checkpoints).")
 @click.option("--mode", type=click.Choice(["auto", "ar", "tidar", "tidar-fused"]), default="auto", show_default=True,
@@ -220,8 +221,20 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
 
     is_artifact = kind(source) == "artifact"
     backend = backend or ("ort" if is_artifact else "torch")
+    gpu = backend == "torch" and device in ("cuda", "hip")  # the GPU path: Triton kernels + CUDA/HIP graphs
+    if gpu and (mode not in ("ar", "auto", "tidar-fused") or sampler_name == "mix" or temperature > 0):
+        raise InputError(f"--backend torch --device {device} runs greedy decoding, AR or fused TiDAR (--mode "
+                         "ar|tidar-fused, temperature 0); two-forward TiDAR and sampling run on the CPU devices")
+    if gpu:
+        from zaya_export.runtime.graph_decode import torch_device
+
+        try:
+            torch_device(device)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        mode = "ar" if mode == "auto" else mode
     with _stderr().status(f"opening {source} ({backend})"):
-        options = {"device": device} if is_artifact else {}
+        options = {"device": device} if is_artifact and not gpu else {}
         session = open_session(source, backend, dtype=dtype, allow_version_mismatch=allow_version_mismatch,
                                **options)
     config, tokenizer = session.config, session.tokenizer
@@ -261,7 +274,12 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
         if mode == "ar" and sampler_name == "mix":
             raise InputError(f"{source}: --sampler mix needs TiDAR entry points ({why})")
     session.prepare(mode)  # onnxruntime sessions built before the clock starts
-    if mode != "ar":
+    if gpu:
+        from zaya_export.runtime.graph_decode import generate_on_device
+
+        result = generate_on_device(session.backend.model, [ids], max_new_tokens, config.eos_token_ids, device,
+                                    tidar=(session.block_len, session.levels) if mode == "tidar-fused" else None)
+    elif mode != "ar":
         result = generate_tidar(session, [ids], max_new_tokens, config.eos_token_ids, sampler, w,
                                 fused=mode == "tidar-fused")
     else:
@@ -296,6 +314,9 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
 @click.option("--target", "targets", default=None, help="IREE targets to compile the MLIR module for, "
               "comma-separated: cpu, gfx942 (MI300X/MI325X), gfx90a (MI250X), gfx1100 (RX 7900). Default with "
               "mlir: cpu.")
+@click.option("--kernels", default="auto", show_default=True, help="GPU archs to AOT-compile the Triton kernels "
+              "for into OUT/kernels/<arch>/, comma-separated: gfx942, gfx90a, gfx1100, sm_90; auto = every GPU "
+              "--target (when triton is installed); off = none.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
 @click.option("--dump-after", multiple=True,
@@ -310,10 +331,13 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
               "config names a mask token or a block length); an AR checkpoint gets prefill and decode.")
 @click.option("--calibrate", type=click.IntRange(min=0, max=64), default=4, show_default=True,
               help="Held-out prompts on which the TiDAR acceptance is measured for run --mode auto (0: skip).")
+@click.option("--stream", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Stream the weights from the checkpoint into the artifact tensor by tensor, tracing a model "
+              "that holds shapes only and checking the passes on its first layers: auto = above 2B parameters.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
-def export(checkpoint: Path, out: Path, formats: str, targets: str | None, dtype: str, force: bool,
+def export(checkpoint: Path, out: Path, formats: str, targets: str | None, kernels: str, dtype: str, force: bool,
            dump_after: tuple[str, ...], block_len: int | None, levels: str | None, tidar: str, calibrate: int,
-           as_json: bool) -> None:
+           stream: str, as_json: bool) -> None:
     """Export CHECKPOINT to an artifact: fused, traced entry points lowered to ONNX and/or MLIR (compiled by
     IREE), weights stored once."""
     from .output_dir import check_replaceable
@@ -327,15 +351,18 @@ def export(checkpoint: Path, out: Path, formats: str, targets: str | None, dtype
             checkpoint, out, dtype=dtype, force=force, dump_after=dump_after, block_len=block_len,
             levels=tuple(_parse_ids(levels)) if levels else None, formats=tuple(_split(formats)),
             targets=None if targets is None else tuple(_split(targets)), tidar=tidar, calibrate=calibrate,
-            status=lambda msg: status.update(msg))
+            stream=stream, kernels=kernels, status=lambda msg: status.update(msg))
     summary = {"artifact": str(out), "entry_points": sorted(manifest.entry_points), "dtype": manifest.dtype,
                "formats": list(manifest.formats), "iree_targets": sorted(manifest.iree),
+               "kernels": {a: [k["kernel"] for k in ks] for a, ks in manifest.kernels.items()},
                "pass_log": [r.to_json() for r in manifest.pass_log.model], "seconds": manifest.export_seconds}
     if as_json:
         click.echo(json.dumps(summary))
     else:
         fired = ", ".join(f"{r['name']}×{r['rewrites']}" for r in summary["pass_log"])
         iree = f"; IREE: {', '.join(summary['iree_targets'])}" if summary["iree_targets"] else ""
+        if summary["kernels"]:
+            iree += f"; Triton kernels: {', '.join(summary['kernels'])}"
         console.print(f"wrote {out} ({'+'.join(summary['formats'])}: {', '.join(summary['entry_points'])}; {fired}"
                       f"{iree}; {summary['seconds']} s)")
 
@@ -375,6 +402,7 @@ def inspect(artifact: Path, as_json: bool) -> None:
         }
     info["validation"] = art.manifest.validation
     info["iree"] = _inspect_iree(art)
+    info["kernels"] = _inspect_kernels(art)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -387,12 +415,26 @@ def inspect(artifact: Path, as_json: bool) -> None:
         gpu = f"; AMD code objects: {', '.join(t['amd_archs_found'])}" if t["arch"] else ""
         ok = "" if t["archs_ok"] else "  MISMATCH"
         click.echo(f"  iree/{target}: {t['bytes'] / 2**20:.2f} MiB, driver {t['driver']}{gpu}{ok}")
+    for arch, ks in info["kernels"].items():
+        for k in ks:
+            mma = f"yes ({', '.join(k['matrix_instructions'])})" if k["uses_matrix_cores"] else "no"
+            click.echo(f"  kernels/{arch}/{k['kernel']}: {k['code_bytes'] / 1024:.1f} KiB, VGPR {k['vgprs']}, "
+                       f"SGPR {k['sgprs']}, LDS {k['lds_bytes']} B, occupancy {k['occupancy']}/{k['occupancy_max']}, "
+                       f"matrix cores {mma}{'  MISSING' if k['matmul'] and not k['uses_matrix_cores'] else ''}")
     for rel, size in sorted(info["files"].items()):
         click.echo(f"  {rel:32s} {size / 2**20:9.2f} MiB")
     if info["validation"]:
         for name, v in info["validation"].items():
             click.echo(f"  {name}: {'PASS' if v['ok'] else 'FAIL'} (max abs {v['worst_logits_max_abs']:.2e}, "
                        f"greedy {v['greedy_equal']}/{v['prompts']})")
+
+
+def _inspect_kernels(art) -> dict:  # noqa: ANN001
+    """Per arch and kernel: code size, registers, LDS, occupancy and the matrix instructions found in the
+    compiled code (recorded at export by kernels/isa.py; the files themselves are hash-checked on open)."""
+    keys = ("kernel", "format", "code_bytes", "vgprs", "agprs", "sgprs", "lds_bytes", "scratch_bytes", "occupancy",
+            "occupancy_max", "matmul", "uses_matrix_cores", "matrix_instructions", "grid", "block", "use")
+    return {arch: [{k: r.get(k) for k in keys} for r in records] for arch, records in art.manifest.kernels.items()}
 
 
 def _inspect_iree(art) -> dict:  # noqa: ANN001
@@ -434,13 +476,14 @@ def validate(artifact: Path, checkpoint: Path | None, reference: str, backends: 
     from zaya_export.runtime.session import Session
 
     from .bisect import bisect, describe
-    from .validate import _reference_model, cross_check, to_markdown, validate_artifact, write_report
+    from .validate import cross_check, eager_reference, to_markdown, validate_artifact, write_report
     art = open_artifact(artifact)
     reports, out = [], {"ok": True}
+    eager = eager_reference(art, checkpoint)  # computed once, shared by every backend
     for backend in names:
         with _stderr().status(f"validating {artifact} ({backend} vs {reference})"):
             report = validate_artifact(art, backend=backend, checkpoint=checkpoint, reference=reference,
-                                       device=device)
+                                       device=device, eager=eager)
         reports.append(report)
         out["ok"] &= report["ok"]
         if not as_json:
@@ -459,7 +502,7 @@ def validate(artifact: Path, checkpoint: Path | None, reference: str, backends: 
                 errs = ", ".join(f"{k} {v:.1e}" for k, v in c["max_abs"].items())
                 click.echo(f"{c['pair']} {c['entry']}: {errs} {'✓' if c['ok'] else '✗'}")
     if do_bisect:
-        model = _reference_model(art, checkpoint)
+        model = eager.model
         sessions = [Session.from_model(model)] + [Session.from_artifact(art, b, device=device) for b in names]
         out["bisect"] = [bisect(sessions[i], sessions[j], model) for i in range(len(sessions))
                          for j in range(i + 1, len(sessions))]

@@ -54,9 +54,11 @@ from zaya_export.runtime.tokenizer import load_tokenizer
 from zaya_export.runtime.manifest import (EntryPoint, Manifest, MlirModule, PassLog, PortSig, StateEntry,
                                           TidarInfo)
 
+from .kernel_aot import build_kernels, resolve_kernel_archs
 from .mlir_export import (MLIR_FILE, PARAM_SCOPE, Target, compile_target, externalize_weights, lower_module,
                           resolve_targets)
 from .onnx_export import WEIGHTS_FILE, bind_external_weights, lower_entry, save_entry, write_weights
+from .weights_stream import STREAM_CHOICES, StreamedCheckpoint, fuse_streamed, open_streamed, write_streamed_weights
 
 FORMATS = ("onnx", "mlir")
 MAX_BLOCK_LEN = 256  # TiDAR drafts per step: ZAYA1 uses 16; beyond this the step's graphs and masks get huge
@@ -82,6 +84,8 @@ class ExportOptions:
     force: bool = False
     dump_after: tuple[str, ...] = ()  # phases or fusion passes
     dump_dir: Path | None = None
+    kernels: str | tuple[str, ...] = ()  # Triton kernels to AOT-compile: GPU archs, "auto" (the GPU targets), "off"
+    stream: str = "auto"  # on: weights streamed from the checkpoint (weights_stream); auto: above 2B params
 
     def checked(self) -> ExportOptions:
         """These options with targets resolved to :class:`Target`; raises :class:`ExportError` on any bad one."""
@@ -102,6 +106,8 @@ class ExportOptions:
                 raise ExportError(str(exc)) from None
         if self.tidar not in TIDAR_CHOICES:
             raise ExportError(f"--tidar must be one of {', '.join(TIDAR_CHOICES)}, got {self.tidar!r}")
+        if self.stream not in STREAM_CHOICES:
+            raise ExportError(f"--stream must be one of {', '.join(STREAM_CHOICES)}, got {self.stream!r}")
         if "mlir" in formats and self.dtype != "fp32":
             raise ExportError(f"--format mlir reads the weights in place as IREE parameters, which needs them stored "
                               f"in the compute dtype: use --dtype fp32 (got {self.dtype})")
@@ -112,7 +118,8 @@ class ExportOptions:
         unknown = sorted(set(self.dump_after) - set(dumpable))
         if unknown:
             raise ExportError(f"--dump-after names unknown passes or phases {unknown}; choose from {dumpable}")
-        return dataclasses.replace(self, formats=formats, targets=targets)
+        archs = resolve_kernel_archs(self.kernels, tuple(t.name for t in targets))
+        return dataclasses.replace(self, formats=formats, targets=targets, kernels=archs)
 
 
 @dataclass
@@ -141,7 +148,10 @@ class ExportRun:
     onnx_logs: dict[str, list[PassRecord]] = field(default_factory=dict)
     mlir: MlirModule | None = None
     iree: dict[str, Any] = field(default_factory=dict)
+    kernels: dict[str, list[dict]] = field(default_factory=dict)  # AOT Triton kernels by arch (kernel_aot)
     manifest: Manifest | None = None
+    source: StreamedCheckpoint | None = None  # a streamed export reads its weights from here (weights_stream)
+    packed: tuple[dict[str, EntrySpec], list[PassRecord]] | None = None  # streamed: specs and log of the pack
 
 
 def _check_companions(checkpoint: Path, vocab_size: int) -> None:
@@ -164,13 +174,19 @@ def _check_companions(checkpoint: Path, vocab_size: int) -> None:
 
 def _prepare(run: ExportRun) -> dict[str, str]:
     opts = run.options
-    run.status(f"loading {run.checkpoint}")
-    model = load_checkpoint(run.checkpoint, dtype="fp32")
-    _check_companions(run.checkpoint, model.config.vocab_size)
-    if opts.dtype != "fp32":
-        with torch.no_grad():  # compute with exactly the weights that will be stored
-            for p in model.parameters():
-                p.copy_(p.to(DTYPES[opts.dtype]).float())
+    run.source = open_streamed(run.checkpoint, opts.stream)
+    if run.source is not None:  # tensors are read when written; the model to trace holds shapes only
+        run.status(f"reading the headers of {run.checkpoint} (streamed export)")
+        model = run.source.stand_in(DTYPES[opts.dtype])
+        _check_companions(run.checkpoint, model.config.vocab_size)
+    else:
+        run.status(f"loading {run.checkpoint}")
+        model = load_checkpoint(run.checkpoint, dtype="fp32")
+        _check_companions(run.checkpoint, model.config.vocab_size)
+        if opts.dtype != "fp32":
+            with torch.no_grad():  # compute with exactly the weights that will be stored
+                for p in model.parameters():
+                    p.copy_(p.to(DTYPES[opts.dtype]).float())
     run.model = model
     run.with_tidar = model.config.declares_tidar if opts.tidar == "auto" else opts.tidar == "on"
     if not run.with_tidar and (opts.block_len is not None or opts.levels is not None):
@@ -186,7 +202,7 @@ def _prepare(run: ExportRun) -> dict[str, str]:
             packed_layout(run.block_len, run.levels, model.config.conv_history)
         except ValueError as exc:
             raise ExportError(f"--levels: {exc}") from None
-    return {"prefill": _prefill_graph(model)}
+    return {"prefill": _prefill_graph(model)} if "prepare" in opts.dump_after else {}
 
 
 CALIBRATE_MAX_PARAMS = 2_000_000_000  # beyond this, eager generation at export would take longer than the export
@@ -195,8 +211,8 @@ CALIBRATE_MAX_PARAMS = 2_000_000_000  # beyond this, eager generation at export 
 def _calibrate(run: ExportRun) -> dict[str, str]:
     """Acceptance histograms on held-out code (``calibrate``), for the cost model of ``run --mode auto``."""
     params = sum(p.numel() for p in run.model.parameters())
-    if not run.with_tidar or not run.options.calibrate or params > CALIBRATE_MAX_PARAMS:
-        return {}
+    if not run.with_tidar or not run.options.calibrate or params > CALIBRATE_MAX_PARAMS or run.source is not None:
+        return {}  # (a streamed export has no eager model to generate with)
     from .calibrate import measure_acceptance
 
     run.status(f"calibrating: TiDAR acceptance on {run.options.calibrate} held-out prompts")
@@ -209,6 +225,14 @@ def _calibrate(run: ExportRun) -> dict[str, str]:
 
 
 def _fuse(run: ExportRun) -> dict[str, str]:
+    if run.source is not None:
+        try:
+            run.model_log, run.packed = fuse_streamed(run, _probe, _prefill_graph, _dump_dir(run))
+        except PassError as exc:
+            raise ExportError(str(exc)) from None
+        for p in fusion_pipeline():
+            run.expected.update(p.expected_ops(run.model))
+        return {"prefill": _prefill_graph(run.model)} if "fuse" in run.options.dump_after else {}
     run.status("fusing (fuse_cca, fuse_attention, fuse_moe)")
     model, opts = run.model, run.options
     passes = fusion_pipeline()
@@ -221,7 +245,7 @@ def _fuse(run: ExportRun) -> dict[str, str]:
         raise ExportError(str(exc)) from None
     for p in passes:
         run.expected.update(p.expected_ops(model))
-    return {"prefill": _prefill_graph(model)}
+    return {"prefill": _prefill_graph(model)} if "fuse" in opts.dump_after else {}
 
 
 def _pack(run: ExportRun) -> dict[str, str]:
@@ -229,6 +253,10 @@ def _pack(run: ExportRun) -> dict[str, str]:
     if not run.with_tidar:
         run.specs = {name: spec for name, spec in specs.items() if name in AR_ENTRIES}
         return {}
+    if run.packed is not None:  # streamed: packed and checked on the truncated model (fuse_streamed)
+        run.specs, pack_log = run.packed
+        run.model_log += pack_log
+        return {name: repr(spec) for name, spec in run.specs.items()}
     run.status("packing the TiDAR step (pack_tidar_step)")
     plan, packer = ExportPlan(run.model, specs), PackTidarStep(run.block_len, run.levels)
     try:
@@ -268,13 +296,19 @@ def _trace(run: ExportRun) -> dict[str, str]:
         run.status("tracing the in-place state commits")
         for name in COMMIT_SPECS:  # the IREE runtime keeps the state on the device and commits with these
             run.mlir_programs[name] = export_commit(run.model.config, name)
+    if "trace" not in run.options.dump_after:  # dumps are made only when asked for: at 8B each costs minutes
+        return {}
     return {name: p.graph_module.print_readable(print_output=False) for name, p in run.programs.items()}
 
 
 def _weights(run: ExportRun) -> dict[str, str]:
     run.status("writing the shared weights")
     (run.tmp / "onnx").mkdir()
-    run.offsets = write_weights(run.model, run.tmp / "onnx" / WEIGHTS_FILE, DTYPES[run.options.dtype])
+    if run.source is not None:
+        run.offsets = write_streamed_weights(run.source, run.tmp / "onnx" / WEIGHTS_FILE, DTYPES[run.options.dtype],
+                                             run.status)
+    else:
+        run.offsets = write_weights(run.model, run.tmp / "onnx" / WEIGHTS_FILE, DTYPES[run.options.dtype])
     return {"offsets": "\n".join(f"{k} {v}" for k, v in run.offsets.items())}
 
 
@@ -295,6 +329,8 @@ def _lower_onnx(run: ExportRun) -> dict[str, str]:
                                                 outputs=_signature(onnx_model.graph.outputs))
         run.onnx_logs[name] = list(log)
     run.programs.clear()  # the ONNX files are written: free the traced graphs
+    if "lower-onnx" not in run.options.dump_after:
+        return {}
     return {name: _onnx_text(run.tmp / e.onnx) for name, e in run.entries.items() if e.onnx}
 
 
@@ -318,7 +354,14 @@ def _lower_mlir(run: ExportRun) -> dict[str, str]:
             run.iree[target.name] = compile_target(run.tmp / MLIR_FILE, target, run.tmp / "iree" / f"{target.name}.vmfb")
         except RuntimeError as exc:
             raise ExportError(str(exc)) from None
-    return {"module": (run.tmp / MLIR_FILE).read_text()}
+    return {"module": (run.tmp / MLIR_FILE).read_text()} if "lower-mlir" in run.options.dump_after else {}
+
+
+def _kernels(run: ExportRun) -> dict[str, str]:
+    if run.options.kernels:
+        run.status(f"Triton kernels for {', '.join(run.options.kernels)}")
+        run.kernels = build_kernels(run.model.config, run.options.kernels, run.tmp)
+    return {}
 
 
 def _write(run: ExportRun) -> dict[str, str]:
@@ -331,7 +374,7 @@ def _write(run: ExportRun) -> dict[str, str]:
     run.manifest = Manifest(
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), source=str(run.checkpoint),
         dtype=opts.dtype, compute_dtype="fp32", config=config.to_dict(), weights=f"onnx/{WEIGHTS_FILE}",
-        formats=opts.formats, mlir=run.mlir, iree=run.iree, entry_points=run.entries,
+        formats=opts.formats, mlir=run.mlir, iree=run.iree, kernels=run.kernels, entry_points=run.entries,
         tidar=tidar if run.with_tidar else None,
         pass_log=PassLog(model=run.model_log, onnx=run.onnx_logs), op_counts=run.op_counts,
         versions=tool_versions(), export_seconds=0.0)
@@ -349,6 +392,7 @@ PHASES: tuple[tuple[str, Callable[[ExportRun], dict[str, str]]], ...] = (
     ("weights", _weights),
     ("lower-onnx", _lower_onnx),
     ("lower-mlir", _lower_mlir),
+    ("kernels", _kernels),
     ("write", _write),
 )
 

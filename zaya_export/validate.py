@@ -18,10 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from zaya_export.runtime.generate import generate, generate_greedy
+from zaya_export.runtime.generate import generate
 from zaya_export.runtime.sampling import SamplerConfig
 from zaya_export.runtime.tidar import generate_tidar
-from zaya_export.runtime.session import Session, TorchBackend, artifact_model
+from zaya_export.runtime.session import Session, artifact_model
+
+from .eager_reference import EagerReference
 
 from zaya_export.kernels.routing import RoutingTape, routing_tape
 from zaya_export.models.upstream import skip_bias_layers
@@ -111,21 +113,21 @@ def _entry_ok(got: dict[str, np.ndarray], want: dict[str, np.ndarray], rows, tol
     return _logits_ok(m, tol) and state <= tol.state_rtol, m, state
 
 
-def _explain_by_flip(ref: TorchBackend, entry: str, inputs: dict[str, np.ndarray], got: dict[str, np.ndarray],
+def _explain_by_flip(ref: EagerReference, entry: str, inputs: dict[str, np.ndarray], got: dict[str, np.ndarray],
                      rows, tol: Tolerance) -> dict[str, Any] | None:  # noqa: ANN001
     """A backend and the eager model may route a near-tie token to different experts, which moves that row by
     far more than rounding. Re-run the eager model with one near-tie decision flipped to its runner-up (the
     decisions before it replayed, those after it free); if that reproduces the backend, the mismatch is
     explained: return where the flip was."""
-    with routing_tape(RoutingTape("record")) as tape:
-        ref.run(entry, inputs)
+    with routing_tape(RoutingTape("record")) as tape:  # taped runs bypass the memo: forced decisions differ
+        ref.backend.run(entry, inputs)
     ties = sorted(((float(r.margin[t]), call, t) for call, r in enumerate(tape.routes)
                    for t in (r.margin <= tol.tie).nonzero().flatten().tolist()))[:MAX_FLIP_TRIES]
     for margin, call, t in ties:
         forced = [r.choice.clone() for r in tape.routes]
         forced[call][t] = tape.routes[call].runner_up[t]
         with routing_tape(RoutingTape("replay", forced, limit=call + 1)):
-            want = ref.run(entry, inputs)
+            want = ref.backend.run(entry, inputs)
         if _entry_ok(got, want, rows, tol)[0]:
             return {"moe_call": call, "token": t, "margin": margin,
                     "expert": int(tape.routes[call].runner_up[t]), "instead_of": int(tape.routes[call].choice[t])}
@@ -145,6 +147,12 @@ def _accept_inputs(artifact: Artifact, info: EntryPoint, B: int, seed: int) -> d
              Name.UNIFORMS: rng.random((B, K + 1)).astype(np.float32),
              Name.SAMPLER: np.array([0.9, 50, 0.95, 0.5], np.float32)}
     return {k: v for k, v in extra.items() if k in names}
+
+
+def eager_reference(artifact: Artifact, checkpoint: Path | None = None) -> EagerReference:
+    """The eager side of ``validate`` for ``artifact`` (on ``checkpoint``'s weights when given), to share
+    between the backends checked in one run."""
+    return EagerReference(_reference_model(artifact, checkpoint))
 
 
 def _reference_model(artifact: Artifact, checkpoint: Path | None):  # noqa: ANN202
@@ -191,13 +199,17 @@ def _hf_logits(hf, ids: torch.Tensor, mask: torch.Tensor, all_rows: bool) -> np.
 
 def validate_artifact(artifact: Artifact, backend: str = "ort", checkpoint: Path | None = None,
                       reference: str = "eager", prompts: list[list[int]] | None = None,
-                      max_new_tokens: int = 16, device: str = "local-task") -> dict[str, Any]:
+                      max_new_tokens: int = 16, device: str = "local-task",
+                      eager: EagerReference | None = None) -> dict[str, Any]:
+    """One backend of ``artifact`` against the eager model. ``eager``: the reference runs to share with the
+    other backends of the same ``validate`` (built from ``checkpoint`` when not given; pass one built by
+    :func:`eager_reference` with the same ``checkpoint``)."""
     # Against its own weights an artifact must match at its compute precision; against the source checkpoint
     # the rounding of the stored weights counts too.
     dtype = artifact.manifest.dtype if checkpoint is not None else artifact.manifest.compute_dtype
     tol = TOLERANCES[dtype]
-    ref_model = _reference_model(artifact, checkpoint)
-    ref = TorchBackend(ref_model)
+    ref = eager or eager_reference(artifact, checkpoint)
+    ref_model = ref.model
     session = Session.from_artifact(artifact, backend, device=device)
     hf = hf_model(ref_model) if reference == "hf" else None
     skip = skip_bias_layers(ref_model) if hf is not None else []
@@ -239,13 +251,13 @@ def validate_artifact(artifact: Artifact, backend: str = "ort", checkpoint: Path
     greedy = []
     for p in prompts:
         got = generate(session, [p], max_new_tokens, stop).tokens[0]
-        want = generate_greedy(ref_model, [p], max_new_tokens, stop).tokens[0]
+        want = ref.greedy(p, max_new_tokens, stop)
         same = sum(1 for a, b in zip(got, want) if a == b) if len(got) == len(want) else 0
         tie = None if got == want else _near_tie_divergence(ref_model, p, got, want, tol)
         ok = (got == want or tie is not None) if tol.greedy_exact else same / max(len(want), 1) >= tol.top1
         greedy.append({"prompt_len": len(p), "tokens": got, "reference": want, "equal": got == want,
                        "near_tie": tie, "ok": bool(ok)})
-    tidar = _tidar_checks(session, ref_model, prompts, max_new_tokens, tol) if session.has("verify") else []
+    tidar = _tidar_checks(session, ref, prompts, max_new_tokens, tol) if session.has("verify") else []
     report = {"backend": backend, "reference": reference, "dtype": dtype, "tolerance": asdict(tol),
               "checkpoint": str(checkpoint) if checkpoint else None, "entries": checks, "greedy": greedy,
               "tidar": tidar, "upstream_skip_bias_reset": quirk,
@@ -262,7 +274,7 @@ def _note_quirk(quirk: dict[str, Any], got: np.ndarray, stored: np.ndarray, as_l
     quirk["top1_vs_as_loaded"] = min(quirk["top1_vs_as_loaded"], top1)
 
 
-def _step_check(ref: TorchBackend, entry: str, inputs: dict[str, np.ndarray], got: dict[str, np.ndarray],
+def _step_check(ref: EagerReference, entry: str, inputs: dict[str, np.ndarray], got: dict[str, np.ndarray],
                 want: dict[str, np.ndarray], tol: Tolerance) -> dict[str, Any]:
     """In-graph TiDAR step: its integer decisions must equal the eager model's, unless the packed forward's
     logits hold a near tie at the top of some row (then either decision is right; the states after two
@@ -299,20 +311,20 @@ def _near_tie_divergence(model, prompt: list[int], got: list[int], want: list[in
     return None
 
 
-def _tidar_checks(session: Session, ref_model, prompts: list[list[int]], max_new_tokens: int,  # noqa: ANN001
+def _tidar_checks(session: Session, ref: EagerReference, prompts: list[list[int]], max_new_tokens: int,
                   tol: Tolerance) -> list[dict[str, Any]]:
     """Greedy TiDAR == greedy AR (eager), and the same acceptance lengths as the eager model for seeded
     stochastic lossless sampling."""
-    eager = Session.from_model(ref_model, session.block_len)
+    ref_model = ref.model
     stop = ref_model.config.eos_token_ids
     out = []
     for p in prompts:
-        ar = generate_greedy(ref_model, [p], max_new_tokens, stop).tokens[0]
+        ar = ref.greedy(p, max_new_tokens, stop)
         for fused in (False, True):
             td = generate_tidar(session, [p], max_new_tokens, stop, fused=fused)
             cfg = SamplerConfig(temperature=1.0, seed=len(p))
             got = generate_tidar(session, [p], max_new_tokens, stop, cfg, fused=fused)
-            want = generate_tidar(eager, [p], max_new_tokens, stop, cfg, fused=fused)
+            want = ref.tidar(session.block_len, p, max_new_tokens, stop, cfg, fused)
             equal = td.tokens[0] == ar
             tie = None if equal else _near_tie_divergence(ref_model, p, td.tokens[0], ar, tol)
             greedy_ok = equal or tie is not None if tol.greedy_exact else True
