@@ -13,6 +13,10 @@ from pathlib import Path
 # the implementations the model calls. Tests import the installed package only.
 _ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if (Path(p or ".").resolve() != _ROOT)]
+# Triton reads TRITON_INTERPRET when it is first imported (its standard library is built then): set it before any
+# test file imports it, so every worker runs the kernels in the CPU interpreter whichever file it loads first.
+# The AOT compiles run in child processes with the variable removed (kernels/aot.py).
+os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
