@@ -15,6 +15,7 @@ without it the reference ops run, which is also how the static step is checked o
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 
 import torch
@@ -46,6 +47,34 @@ def torch_device(name: str) -> torch.device:
     return torch.device("cuda")
 
 
+def kernel_scope(model: ZayaForCausalLM, kernels_on: bool) -> ExitStack:
+    """The fused ops as Triton kernels (``kernels_on``), or the reference model as it is."""
+    stack = ExitStack()
+    if kernels_on:
+        stack.enter_context(fused(model))
+        stack.enter_context(kernels.triton_faces())
+    return stack
+
+
+def capture_step(step: Callable[[], None], buffers: Callable[[], list[Tensor]],
+                 scope: Callable[[], ExitStack]) -> torch.cuda.CUDAGraph:
+    """Record one ``step`` as a CUDA/HIP graph: two warm-up steps on a side stream (Triton compiles and
+    autotunes outside the capture), every buffer the step writes put back, then the capture."""
+    saved = [t.clone() for t in buffers()]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), scope():
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    for buf, value in zip(buffers(), saved):
+        buf.copy_(value)
+    graph = torch.cuda.CUDAGraph()
+    with scope(), torch.cuda.graph(graph):
+        step()
+    return graph
+
+
 class GraphDecoder:
     """Prefill eagerly, then decode one token per row per :meth:`step` (a graph replay on a GPU)."""
 
@@ -57,11 +86,11 @@ class GraphDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def _scope(self) -> ExitStack:
-        stack = ExitStack()
-        if self.kernels_on:
-            stack.enter_context(fused(self.model))
-            stack.enter_context(kernels.triton_faces())
-        return stack
+        return kernel_scope(self.model, self.kernels_on)
+
+    def _buffers(self) -> list[Tensor]:
+        s = self.state
+        return [s.k, s.v, s.valid, s.conv, s.rho, self.lengths, self.token]
 
     @torch.no_grad()
     def prefill(self, ids: Tensor, mask: Tensor | None, max_new_tokens: int) -> Tensor:
@@ -75,7 +104,7 @@ class GraphDecoder:
         self.token = logits.argmax(-1)  # [B], the input buffer of the next step
         self.graph = None
         if self.graph_on:
-            self._capture()
+            self.graph = capture_step(self._step, self._buffers, self._scope)
         return self.token.clone()
 
     def _step(self) -> None:
@@ -89,23 +118,6 @@ class GraphDecoder:
         s.rho.copy_(rho)
         self.lengths.add_(1)
         self.token.copy_(logits[:, -1].argmax(-1))
-
-    def _capture(self) -> None:
-        """Warm up (Triton compiles and autotunes outside the capture) on a side stream, put the state back,
-        then record one step."""
-        s = self.state
-        saved = [t.clone() for t in (s.k, s.v, s.valid, s.conv, s.rho, self.lengths, self.token)]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), self._scope():
-            for _ in range(2):
-                self._step()
-        torch.cuda.current_stream().wait_stream(side)
-        for buf, value in zip((s.k, s.v, s.valid, s.conv, s.rho, self.lengths, self.token), saved):
-            buf.copy_(value)
-        self.graph = torch.cuda.CUDAGraph()
-        with self._scope(), torch.cuda.graph(self.graph):
-            self._step()
 
     @torch.no_grad()
     def step(self) -> Tensor:

@@ -19,7 +19,6 @@ from contextlib import ExitStack
 import torch
 from torch import Tensor
 
-import zaya_export.kernels as kernels
 from zaya_export.models import ZayaForCausalLM
 from zaya_export.models.decoding import prefill
 from zaya_export.models.entries import default_levels
@@ -27,8 +26,8 @@ from zaya_export.models.ingraph_step import greedy_step
 from zaya_export.models.layout import BIDIRECTIONAL, Readout
 from zaya_export.models.packed import PackedLayout, Segments, packed_layout
 from zaya_export.models.state import Past, write_rows
-from zaya_export.passes.fusion import fused
 
+from .graph_decode import capture_step, kernel_scope
 from .tidar import TidarResult
 
 
@@ -56,11 +55,7 @@ class GraphTidar:
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def _scope(self) -> ExitStack:
-        stack = ExitStack()
-        if self.kernels_on:
-            stack.enter_context(fused(self.model))
-            stack.enter_context(kernels.triton_faces())
-        return stack
+        return kernel_scope(self.model, self.kernels_on)
 
     @torch.no_grad()
     def prefill(self, ids: Tensor, mask: Tensor | None, max_new_tokens: int) -> None:
@@ -86,7 +81,7 @@ class GraphTidar:
         self.steps = 0
         self.graph = None
         if self.graph_on:
-            self._capture()
+            self.graph = capture_step(self._step, self._buffers, self._scope)
 
     def _buffers(self) -> list[Tensor]:
         s = self.state
@@ -115,20 +110,6 @@ class GraphTidar:
         tokens = torch.where(active[:, None], tokens, torch.full_like(tokens, -1))
         self.emitted.index_copy_(1, self.step_index, tokens[:, None])
         self.step_index.add_(1)
-
-    def _capture(self) -> None:
-        saved = [t.clone() for t in self._buffers()]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), self._scope():
-            for _ in range(2):
-                self._step()
-        torch.cuda.current_stream().wait_stream(side)
-        for buf, value in zip(self._buffers(), saved):
-            buf.copy_(value)
-        self.graph = torch.cuda.CUDAGraph()
-        with self._scope(), torch.cuda.graph(self.graph):
-            self._step()
 
     @torch.no_grad()
     def step(self) -> None:
