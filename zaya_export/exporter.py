@@ -60,6 +60,10 @@ from .mlir_export import (MLIR_FILE, PARAM_SCOPE, Target, compile_target, extern
 from .onnx_export import WEIGHTS_FILE, bind_external_weights, lower_entry, save_entry, write_weights
 from .weights_stream import STREAM_CHOICES, StreamedCheckpoint, fuse_streamed, open_streamed, write_streamed_weights
 
+# What a phase can show for --dump-after: name → a function making the text, called only when that phase's dump
+# was asked for (at 8B, printing a traced graph or an ONNX file costs minutes).
+Dumps = dict[str, Callable[[], str]]
+
 FORMATS = ("onnx", "mlir")
 MAX_BLOCK_LEN = 256  # TiDAR drafts per step: ZAYA1 uses 16; beyond this the step's graphs and masks get huge
 TIDAR_CHOICES = ("auto", "on", "off")
@@ -172,7 +176,7 @@ def _check_companions(checkpoint: Path, vocab_size: int) -> None:
             raise ExportError(f"{gen_path}: not a JSON object")
 
 
-def _prepare(run: ExportRun) -> dict[str, str]:
+def _prepare(run: ExportRun) -> Dumps:
     opts = run.options
     run.source = open_streamed(run.checkpoint, opts.stream)
     if run.source is not None:  # tensors are read when written; the model to trace holds shapes only
@@ -202,13 +206,13 @@ def _prepare(run: ExportRun) -> dict[str, str]:
             packed_layout(run.block_len, run.levels, model.config.conv_history)
         except ValueError as exc:
             raise ExportError(f"--levels: {exc}") from None
-    return {"prefill": _prefill_graph(model)} if "prepare" in opts.dump_after else {}
+    return {"prefill": lambda: _prefill_graph(model)}
 
 
 CALIBRATE_MAX_PARAMS = 2_000_000_000  # beyond this, eager generation at export would take longer than the export
 
 
-def _calibrate(run: ExportRun) -> dict[str, str]:
+def _calibrate(run: ExportRun) -> Dumps:
     """Acceptance histograms on held-out code (``calibrate``), for the cost model of ``run --mode auto``."""
     params = sum(p.numel() for p in run.model.parameters())
     if not run.with_tidar or not run.options.calibrate or params > CALIBRATE_MAX_PARAMS or run.source is not None:
@@ -221,10 +225,10 @@ def _calibrate(run: ExportRun) -> dict[str, str]:
     calibration = measure_acceptance(run.model, tokenizer, run.block_len, run.levels, run.options.calibrate)
     text = json.dumps(calibration.to_json()) + "\n"
     (run.tmp / CALIBRATION_FILE).write_text(text)
-    return {"calibration": text}
+    return {"calibration": lambda: text}
 
 
-def _fuse(run: ExportRun) -> dict[str, str]:
+def _fuse(run: ExportRun) -> Dumps:
     if run.source is not None:
         try:
             run.model_log, run.packed = fuse_streamed(run, _probe, _prefill_graph, _dump_dir(run))
@@ -232,7 +236,7 @@ def _fuse(run: ExportRun) -> dict[str, str]:
             raise ExportError(str(exc)) from None
         for p in fusion_pipeline():
             run.expected.update(p.expected_ops(run.model))
-        return {"prefill": _prefill_graph(run.model)} if "fuse" in run.options.dump_after else {}
+        return {"prefill": lambda: _prefill_graph(run.model)}
     run.status("fusing (fuse_cca, fuse_attention, fuse_moe)")
     model, opts = run.model, run.options
     passes = fusion_pipeline()
@@ -245,10 +249,10 @@ def _fuse(run: ExportRun) -> dict[str, str]:
         raise ExportError(str(exc)) from None
     for p in passes:
         run.expected.update(p.expected_ops(model))
-    return {"prefill": _prefill_graph(model)} if "fuse" in opts.dump_after else {}
+    return {"prefill": lambda: _prefill_graph(model)}
 
 
-def _pack(run: ExportRun) -> dict[str, str]:
+def _pack(run: ExportRun) -> Dumps:
     specs = base_entry_specs(run.block_len)
     if not run.with_tidar:
         run.specs = {name: spec for name, spec in specs.items() if name in AR_ENTRIES}
@@ -256,7 +260,7 @@ def _pack(run: ExportRun) -> dict[str, str]:
     if run.packed is not None:  # streamed: packed and checked on the truncated model (fuse_streamed)
         run.specs, pack_log = run.packed
         run.model_log += pack_log
-        return {name: repr(spec) for name, spec in run.specs.items()}
+        return {name: (lambda spec=spec: repr(spec)) for name, spec in run.specs.items()}
     run.status("packing the TiDAR step (pack_tidar_step)")
     plan, packer = ExportPlan(run.model, specs), PackTidarStep(run.block_len, run.levels)
     try:
@@ -265,10 +269,10 @@ def _pack(run: ExportRun) -> dict[str, str]:
         raise ExportError(str(exc)) from None
     run.model_log += [dataclasses.replace(r, **packer.check.to_json()) for r in pack_log]
     run.specs = plan.specs
-    return {name: repr(spec) for name, spec in plan.specs.items()}
+    return {name: (lambda spec=spec: repr(spec)) for name, spec in plan.specs.items()}
 
 
-def _trace(run: ExportRun) -> dict[str, str]:
+def _trace(run: ExportRun) -> Dumps:
     mlir = "mlir" in run.options.formats
     if mlir:
         externalize_weights(run.model)  # before tracing: the MLIR programs then refer to the weights by name
@@ -296,12 +300,10 @@ def _trace(run: ExportRun) -> dict[str, str]:
         run.status("tracing the in-place state commits")
         for name in COMMIT_SPECS:  # the IREE runtime keeps the state on the device and commits with these
             run.mlir_programs[name] = export_commit(run.model.config, name)
-    if "trace" not in run.options.dump_after:  # dumps are made only when asked for: at 8B each costs minutes
-        return {}
-    return {name: p.graph_module.print_readable(print_output=False) for name, p in run.programs.items()}
+    return {name: (lambda p=p: p.graph_module.print_readable(print_output=False)) for name, p in run.programs.items()}
 
 
-def _weights(run: ExportRun) -> dict[str, str]:
+def _weights(run: ExportRun) -> Dumps:
     run.status("writing the shared weights")
     (run.tmp / "onnx").mkdir()
     if run.source is not None:
@@ -309,10 +311,10 @@ def _weights(run: ExportRun) -> dict[str, str]:
                                              run.status)
     else:
         run.offsets = write_weights(run.model, run.tmp / "onnx" / WEIGHTS_FILE, DTYPES[run.options.dtype])
-    return {"offsets": "\n".join(f"{k} {v}" for k, v in run.offsets.items())}
+    return {"offsets": lambda: "\n".join(f"{k} {v}" for k, v in run.offsets.items())}
 
 
-def _lower_onnx(run: ExportRun) -> dict[str, str]:
+def _lower_onnx(run: ExportRun) -> Dumps:
     if "onnx" not in run.options.formats:
         return {}
     for name, program in run.programs.items():
@@ -329,12 +331,10 @@ def _lower_onnx(run: ExportRun) -> dict[str, str]:
                                                 outputs=_signature(onnx_model.graph.outputs))
         run.onnx_logs[name] = list(log)
     run.programs.clear()  # the ONNX files are written: free the traced graphs
-    if "lower-onnx" not in run.options.dump_after:
-        return {}
-    return {name: _onnx_text(run.tmp / e.onnx) for name, e in run.entries.items() if e.onnx}
+    return {name: (lambda e=e: _onnx_text(run.tmp / e.onnx)) for name, e in run.entries.items() if e.onnx}
 
 
-def _lower_mlir(run: ExportRun) -> dict[str, str]:
+def _lower_mlir(run: ExportRun) -> Dumps:
     if "mlir" not in run.options.formats:
         return {}
     try:
@@ -354,17 +354,17 @@ def _lower_mlir(run: ExportRun) -> dict[str, str]:
             run.iree[target.name] = compile_target(run.tmp / MLIR_FILE, target, run.tmp / "iree" / f"{target.name}.vmfb")
         except RuntimeError as exc:
             raise ExportError(str(exc)) from None
-    return {"module": (run.tmp / MLIR_FILE).read_text()} if "lower-mlir" in run.options.dump_after else {}
+    return {"module": lambda: (run.tmp / MLIR_FILE).read_text()}
 
 
-def _kernels(run: ExportRun) -> dict[str, str]:
+def _kernels(run: ExportRun) -> Dumps:
     if run.options.kernels:
         run.status(f"Triton kernels for {', '.join(run.options.kernels)}")
         run.kernels = build_kernels(run.model.config, run.options.kernels, run.tmp)
     return {}
 
 
-def _write(run: ExportRun) -> dict[str, str]:
+def _write(run: ExportRun) -> Dumps:
     opts, config = run.options, run.model.config
     for extra in ("tokenizer.json", "generation_config.json"):
         if (run.checkpoint / extra).is_file():
@@ -378,12 +378,11 @@ def _write(run: ExportRun) -> dict[str, str]:
         tidar=tidar if run.with_tidar else None,
         pass_log=PassLog(model=run.model_log, onnx=run.onnx_logs), op_counts=run.op_counts,
         versions=tool_versions(), export_seconds=0.0)
-    return {"manifest": json.dumps(run.manifest.to_json(), indent=1)}
+    return {"manifest": lambda: json.dumps(run.manifest.to_json(), indent=1)}
 
 
-# The export, in order. A phase reads and extends the ExportRun and returns its dumps (name → text) for
-# --dump-after.
-PHASES: tuple[tuple[str, Callable[[ExportRun], dict[str, str]]], ...] = (
+# The export, in order. A phase reads and extends the ExportRun and returns its Dumps.
+PHASES: tuple[tuple[str, Callable[[ExportRun], Dumps]], ...] = (
     ("prepare", _prepare),
     ("calibrate", _calibrate),
     ("fuse", _fuse),
@@ -444,11 +443,11 @@ def _dump_dir(run: ExportRun) -> Path:
     return run.options.dump_dir or run.out.parent / f"{run.out.name}.dump"
 
 
-def _write_dumps(run: ExportRun, index: int, phase: str, dumps: dict[str, str]) -> None:
+def _write_dumps(run: ExportRun, index: int, phase: str, dumps: Dumps) -> None:
     folder = _dump_dir(run)
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in dumps.items():
-        (folder / f"phase{index}-{phase}-{name}.txt").write_text(text)
+        (folder / f"phase{index}-{phase}-{name}.txt").write_text(text())
     if not dumps:
         (folder / f"phase{index}-{phase}.txt").write_text(f"{phase}: nothing to dump for this export\n")
 
