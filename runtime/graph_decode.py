@@ -158,15 +158,16 @@ def generate_on_device(model: ZayaForCausalLM, prompts: list[list[int]], max_new
     target = torch_device(device)
     model = model.to(target)
     ids, mask = (torch.from_numpy(a).to(target) for a in left_pad(prompts, model.config.pad_token_id or 0))
+    mask = mask.bool() if bool((mask == 0).any()) else None  # None: no padding, no mask to apply
     if tidar is not None:
         from .graph_tidar import generate_tidar_static
 
-        return generate_tidar_static(model, ids, max_new_tokens, mask.bool() if bool((mask == 0).any()) else None,
+        return generate_tidar_static(model, ids, max_new_tokens, mask,
                                      kernels_on, block_len=tidar[0], levels=tidar[1], stop_ids=stop_ids)
     sync = torch.cuda.synchronize if target.type == "cuda" else (lambda: None)
     start = time.perf_counter()
     decoder = GraphDecoder(model, kernels_on)
-    out = [decoder.prefill(ids, mask.bool() if bool((mask == 0).any()) else None, max_new_tokens)]
+    out = [decoder.prefill(ids, mask, max_new_tokens)]
     sync()
     first_seconds = time.perf_counter() - start
     for _ in range(max_new_tokens - 1):

@@ -495,7 +495,7 @@ def validate(artifact: Path, checkpoint: Path | None, reference: str, backends: 
     out["reports"] = reports
     if len(names) > 1:
         with _stderr().status(f"cross-checking {', '.join(names)}"):
-            out["cross"] = cross_check(art, names, device)
+            out["cross"] = cross_check(art, names, device, model=eager.model)
         out["ok"] &= all(c["ok"] for c in out["cross"])
         if not as_json:
             for c in out["cross"]:

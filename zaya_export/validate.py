@@ -414,10 +414,13 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cross_check(artifact: Artifact, backends: list[str], device: str = "local-task") -> list[dict[str, Any]]:
-    """Backend ↔ backend (e.g. ORT ↔ IREE) on the same inputs: logits and state max abs per entry and shape."""
+def cross_check(artifact: Artifact, backends: list[str], device: str = "local-task",
+                model: Any = None) -> list[dict[str, Any]]:
+    """Backend ↔ backend (e.g. ORT ↔ IREE) on the same inputs: logits and state max abs per entry and shape.
+    ``model`` only shapes the example inputs (its config and dtype): pass the one already loaded (e.g.
+    :attr:`EagerReference.model`) rather than loading the artifact's weights again."""
     tol = TOLERANCES[artifact.manifest.compute_dtype]
-    model = _reference_model(artifact, None)
+    model = _reference_model(artifact, None) if model is None else model
     sessions = {b: Session.from_artifact(artifact, b, device=device) for b in backends}
     out = []
     for i, a in enumerate(backends):
