@@ -22,7 +22,7 @@ from onnxscript import opset20 as op
 from torch import Tensor
 
 from .routing import top1
-from .registry import ZAYA, OnnxFace, register_mlir, register_onnx, register_schema
+from .registry import ZAYA, OnnxFace, register_helper, register_mlir, register_onnx, register_schema
 
 _ROUTER = ["down_w", "down_b", "eda_scale", "norm_w", "fc1_w", "fc1_b", "fc2_w", "fc2_b", "out_w", "balancing"]
 
@@ -106,10 +106,9 @@ register_schema(
 
 
 @onnxscript.script(ZAYA, default_opset=op)
-def MoETop1(x, prev, down_w, down_b, eda_scale, norm_w, fc1_w, fc1_b, fc2_w, fc2_b, out_w, balancing, gate_up, down,
-            eps: float, num_experts: int, intermediate: int):
-    zero = op.Constant(value_ints=[0])
-    one = op.Constant(value_ints=[1])
+def MoERouter(x, prev, down_w, down_b, eda_scale, norm_w, fc1_w, fc1_b, fc2_w, fc2_b, out_w, balancing, eps: float):
+    """The router with EDA → choice [N, 1] (E = skip), its un-biased probability [N, 1], router state r [N, R].
+    A function of its own: MoETop1 calls it, and the quantized MoE (passes/onnx_quant) routes with it."""
     neg1 = op.Constant(value_ints=[-1])
     r = op.Add(op.Add(op.MatMul(x, op.Transpose(down_w, perm=[1, 0])), down_b), op.Mul(prev, eda_scale))
     rf = op.Cast(r, to=1)
@@ -118,10 +117,21 @@ def MoETop1(x, prev, down_w, down_b, eda_scale, norm_w, fc1_w, fc1_b, fc2_w, fc2
     a = op.Gelu(op.Add(op.MatMul(a, op.Transpose(fc1_w, perm=[1, 0])), fc1_b))
     a = op.Gelu(op.Add(op.MatMul(a, op.Transpose(fc2_w, perm=[1, 0])), fc2_b))
     probs = op.Softmax(op.MatMul(a, op.Transpose(out_w, perm=[1, 0])), axis=-1)  # [N, E+1]
-    _, choice = op.TopK(op.Add(op.Cast(probs, to=1), balancing), one, axis=-1)  # [N, 1]
+    _, choice = op.TopK(op.Add(op.Cast(probs, to=1), balancing), op.Constant(value_ints=[1]), axis=-1)  # [N, 1]
+    return choice, op.GatherElements(probs, choice, axis=1), r
+
+
+@onnxscript.script(ZAYA, default_opset=op)
+def MoETop1(x, prev, down_w, down_b, eda_scale, norm_w, fc1_w, fc1_b, fc2_w, fc2_b, out_w, balancing, gate_up, down,
+            eps: float, num_experts: int, intermediate: int):
+    zero = op.Constant(value_ints=[0])
+    one = op.Constant(value_ints=[1])
+    neg1 = op.Constant(value_ints=[-1])
+    choice, prob, r = MoERouter(x, prev, down_w, down_b, eda_scale, norm_w, fc1_w, fc1_b, fc2_w, fc2_b, out_w,
+                                balancing, eps=eps)
     E = op.Constant(value_int=num_experts)
     skip = op.Equal(choice, E)
-    weight = op.Where(skip, op.CastLike(op.Constant(value_float=0.0), probs), op.GatherElements(probs, choice, axis=1))
+    weight = op.Where(skip, op.CastLike(op.Constant(value_float=0.0), prob), prob)
     expert = op.Where(skip, op.Constant(value_int=0), choice)  # [N, 1]
     I = op.Reshape(op.Constant(value_int=intermediate), neg1)
     two_i = op.Mul(I, op.Constant(value_ints=[2]))
@@ -158,5 +168,6 @@ def _translate(x, prev, down_w, down_b, eda_scale, norm_w, fc1_w, fc1_b, fc2_w, 
                         gate_up, down, eps=eps, num_experts=gate_up.shape[0], intermediate=gate_up.shape[1] // 2)
 
 
+register_helper("MoERouter", MoERouter)
 register_onnx("MoETop1", OnnxFace(torch.ops.zaya.moe_top1.default, _translate, MoETop1))
 register_mlir("moe_top1", moe_top1_static, decode=moe_top1_gathered)

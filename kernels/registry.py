@@ -30,6 +30,7 @@ class OnnxFace:
 
 
 _FACES: dict[str, OnnxFace] = {}
+_HELPERS: dict[str, object] = {}  # functions the bodies call (zaya domain), attached with every body
 
 
 def register_schema(name: str, inputs: list[tuple[str, str]], outputs: list[tuple[str, str]],
@@ -52,13 +53,19 @@ def register_onnx(name: str, face: OnnxFace) -> None:
     _FACES[name] = face
 
 
+def register_helper(name: str, body: object) -> None:
+    """An ONNX function that op bodies call (or passes emit): attached to every lowered graph."""
+    _HELPERS[name] = body
+
+
 def translation_table() -> dict:
     return {face.torch_op: face.translate for face in _FACES.values()}
 
 
 def function_protos(used: set[str] | None = None) -> list[onnx.FunctionProto]:
-    """Function bodies of the registered ops (only ``used`` op types when given)."""
-    return [face.body.to_function_proto() for name, face in _FACES.items() if used is None or name in used]
+    """Function bodies of the registered ops (only ``used`` op types when given) and of their helpers."""
+    return [face.body.to_function_proto() for name, face in _FACES.items() if used is None or name in used] + [
+        body.to_function_proto() for body in _HELPERS.values()]
 
 
 def registered() -> list[str]:

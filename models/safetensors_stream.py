@@ -23,7 +23,7 @@ import torch
 
 from .safetensors_header import DTYPE_BYTES, TensorInfo
 
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8"}
 TORCH_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 

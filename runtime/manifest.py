@@ -20,6 +20,7 @@ from typing import Any
 from zaya_export.errors import ZayaError
 from zaya_export.output_dir import ARTIFACT_FORMAT
 from zaya_export.models.io_table import Name
+from zaya_export.models.quantization import QuantError, QuantScheme
 from zaya_export.passes.base import PassRecord
 
 FORMAT = ARTIFACT_FORMAT  # defined beside the output protocol, which recognises artifacts by it
@@ -274,7 +275,7 @@ class PassLog:
 
 _KEYS = {"format", "schema_version", "created", "source", "dtype", "compute_dtype", "config", "weights", "formats",
          "mlir", "iree", "entry_points", "tidar", "pass_log", "op_counts", "versions", "validation",
-         "export_seconds", "files", "kernels"}
+         "export_seconds", "files", "kernels", "quant"}
 
 
 @dataclass(kw_only=True)
@@ -302,6 +303,12 @@ class Manifest:
     # AOT-compiled Triton kernels by GPU arch: one record per code object (file, launch, resource use, matrix
     # instructions found), as kernels/aot.py writes them
     kernels: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # weight-only quantization (models/quantization.QuantScheme as JSON); None: float weights
+    quant: dict[str, Any] | None = None
+
+    @property
+    def scheme(self) -> QuantScheme | None:
+        return None if self.quant is None else QuantScheme.from_json(self.quant, "manifest.quant")
 
     def paths(self) -> dict[str, str]:
         """Every file the manifest points a reader at, by the field that names it."""
@@ -323,7 +330,8 @@ class Manifest:
                 "tidar": None if self.tidar is None else self.tidar.to_json(), "pass_log": self.pass_log.to_json(),
                 "op_counts": self.op_counts, "versions": self.versions, "validation": self.validation,
                 "export_seconds": self.export_seconds, "files": self.files,
-                **({"kernels": self.kernels} if self.kernels else {})}  # absent without kernels: the old format
+                **({"kernels": self.kernels} if self.kernels else {}),  # absent without kernels: the old format
+                **({"quant": self.quant} if self.quant else {})}
 
     @classmethod
     def from_json(cls, d: Any) -> Manifest:  # noqa: ANN401
@@ -359,7 +367,17 @@ class Manifest:
             op_counts=_get(d, "op_counts", dict, w, {}),
             versions=_get(d, "versions", dict, w, {}), validation=_get(d, "validation", (dict, type(None)), w, None),
             export_seconds=float(_get(d, "export_seconds", (int, float), w, 0.0)), files=files,
-            kernels=_kernels(_get(d, "kernels", dict, w, {})))
+            kernels=_kernels(_get(d, "kernels", dict, w, {})), quant=_quant(_get(d, "quant", (dict, type(None)), w, None)))
+
+
+def _quant(d: dict | None) -> dict | None:
+    """``manifest.quant``: a scheme this version can run."""
+    if d is not None:
+        try:
+            QuantScheme.from_json(d, "manifest.quant")
+        except QuantError as exc:
+            raise ManifestError(str(exc)) from None
+    return d
 
 
 def _kernels(d: dict) -> dict[str, list[dict[str, Any]]]:

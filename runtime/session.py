@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 
 from zaya_export.models import entries
-from zaya_export.models.checkpoint import load_checkpoint
+from zaya_export.models.checkpoint import DTYPES, load_checkpoint
+from zaya_export.models.quantization import load_quantized
 from zaya_export.errors import InputError
 
 from .artifact import Artifact
@@ -88,5 +89,9 @@ class Session:
 
 
 def artifact_model(artifact: Artifact, dtype: str | None = None):  # noqa: ANN201 - ZayaForCausalLM
-    """The eager reference model on the artifact's own weights (the checkpoint loader, pointed at them)."""
+    """The eager reference model on the artifact's own weights (the checkpoint loader, pointed at them; a
+    quantized artifact's matrices dequantized)."""
+    scheme = artifact.manifest.scheme
+    if scheme is not None:
+        return load_quantized(artifact.weights, artifact.config, scheme, DTYPES[dtype or "fp32"])
     return load_checkpoint(artifact.root, dtype=dtype, weights_dir=artifact.weights.parent)

@@ -14,6 +14,7 @@ import numpy as np
 
 from zaya_export.runtime.cost_curve import measure
 from zaya_export.runtime.costmodel import auto_mode, needed_entries, predict
+from zaya_export.runtime.roofline import roofline
 
 from zaya_export.runtime.generate import generate, generate_greedy
 from zaya_export.runtime.session import Session, artifact_model
@@ -48,16 +49,33 @@ def _session(artifact: Artifact, name: str, threads: int | None = None) -> Sessi
                                  state_on_device=not name.endswith("-host"))
 
 
+def eager_fits(artifact: Artifact) -> bool:
+    """Whether the eager fp32 model fits beside the backends: a quarter of this machine's memory at most (the
+    8B is 37 GB in fp32; its bench runs the artifact alone)."""
+    import os
+
+    import torch
+
+    from zaya_export.models import ZayaForCausalLM
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in ZayaForCausalLM(artifact.config).parameters())
+    return params * 4 <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4
+
+
 def bench_artifact(artifact: Artifact, backends: tuple[str, ...] = ("ort",), prompt_len: int = 128,
                    new_tokens: int = 128, repeats: int = 3, threads: int | None = None) -> dict[str, Any]:
-    """Greedy AR decode of each backend and of the eager model, interleaved per repeat; best of ``repeats``."""
-    model = artifact_model(artifact, artifact.manifest.compute_dtype)
+    """Greedy AR decode of each backend and of the eager model (when it fits in memory), interleaved per
+    repeat; best of ``repeats``; each rate also as a share of the machine's memory-bandwidth roofline."""
+    eager = eager_fits(artifact)
+    model = artifact_model(artifact, artifact.manifest.compute_dtype) if eager else None
     sessions = {b: _session(artifact, b, threads) for b in backends}
     prompt = bench_prompt(artifact, prompt_len)
-    runs: dict[str, list[float]] = {"eager": [], **{b: [] for b in backends}}
+    runs: dict[str, list[float]] = {**({"eager": []} if eager else {}), **{b: [] for b in backends}}
     ttft: dict[str, list[float]] = {name: [] for name in runs}
     tokens = {}
-    generate_greedy(model, [prompt], 4)  # warm-up every side (allocators, kernels, IREE executables)
+    if eager:
+        generate_greedy(model, [prompt], 4)  # warm-up every side (allocators, kernels, IREE executables)
     for session in sessions.values():
         generate(session, [prompt], 4)
     for _ in range(repeats):
@@ -68,11 +86,15 @@ def bench_artifact(artifact: Artifact, backends: tuple[str, ...] = ("ort",), pro
             ttft[name].append(result.first_token_seconds)
             tokens[name] = result.tokens[0]
     best = {k: max(v) for k, v in runs.items()}
+    reference = "eager" if eager else backends[0]
     return {"backends": list(backends), "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
             "decode_tok_per_s": {k: round(v, 2) for k, v in best.items()},
             "prefill_seconds": {k: round(min(v), 4) for k, v in ttft.items()},
-            "speedup": {b: round(best[b] / best["eager"], 3) for b in backends},
-            "same_tokens": all(tokens[b] == tokens["eager"] for b in backends)}
+            "speedup": {b: round(best[b] / best["eager"], 3) for b in backends} if eager else None,
+            "eager": "measured" if eager else "skipped: the fp32 eager model needs over a quarter of this "
+                                                "machine's memory",
+            "same_tokens": all(tokens[b] == tokens[reference] for b in backends),
+            "roofline": roofline(artifact, prompt_len + new_tokens // 2, best)}
 
 
 def bench_modes(artifact: Artifact, backend: str = "ort", prompt_len: int = 128, new_tokens: int = 128,

@@ -334,10 +334,17 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
 @click.option("--stream", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Stream the weights from the checkpoint into the artifact tensor by tensor, tracing a model "
               "that holds shapes only and checking the passes on its first layers: auto = above 2B parameters.")
+@click.option("--quant", type=click.Choice(["int8", "int4", "int8-asym", "int4-asym"]), default=None,
+              help="Weight-only quantization of the attention, expert and LM-head matrices (per-group scales, "
+                   "onnxruntime MatMulNBits; ONNX only).")
+@click.option("--group-size", type=click.Choice(["16", "32", "64", "128", "256"]), default="32", show_default=True,
+              help="Values per quantization group (one scale each).")
+@click.option("--quant-head", type=click.Choice(["int8", "same"]), default="int8", show_default=True,
+              help="The LM head under --quant int4: kept at int8, or the same bits as the rest.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
 def export(checkpoint: Path, out: Path, formats: str, targets: str | None, kernels: str, dtype: str, force: bool,
            dump_after: tuple[str, ...], block_len: int | None, levels: str | None, tidar: str, calibrate: int,
-           stream: str, as_json: bool) -> None:
+           stream: str, quant: str | None, group_size: str, quant_head: str, as_json: bool) -> None:
     """Export CHECKPOINT to an artifact: fused, traced entry points lowered to ONNX and/or MLIR (compiled by
     IREE), weights stored once."""
     from .output_dir import check_replaceable
@@ -351,8 +358,10 @@ def export(checkpoint: Path, out: Path, formats: str, targets: str | None, kerne
             checkpoint, out, dtype=dtype, force=force, dump_after=dump_after, block_len=block_len,
             levels=tuple(_parse_ids(levels)) if levels else None, formats=tuple(_split(formats)),
             targets=None if targets is None else tuple(_split(targets)), tidar=tidar, calibrate=calibrate,
-            stream=stream, kernels=kernels, status=lambda msg: status.update(msg))
+            stream=stream, kernels=kernels, quant=quant, group_size=int(group_size), quant_head=quant_head,
+            status=lambda msg: status.update(msg))
     summary = {"artifact": str(out), "entry_points": sorted(manifest.entry_points), "dtype": manifest.dtype,
+               "quant": manifest.quant,
                "formats": list(manifest.formats), "iree_targets": sorted(manifest.iree),
                "kernels": {a: [k["kernel"] for k in ks] for a, ks in manifest.kernels.items()},
                "pass_log": [r.to_json() for r in manifest.pass_log.model], "seconds": manifest.export_seconds}
@@ -363,6 +372,8 @@ def export(checkpoint: Path, out: Path, formats: str, targets: str | None, kerne
         iree = f"; IREE: {', '.join(summary['iree_targets'])}" if summary["iree_targets"] else ""
         if summary["kernels"]:
             iree += f"; Triton kernels: {', '.join(summary['kernels'])}"
+        if manifest.scheme is not None:
+            iree += f"; weights {manifest.scheme.name}"
         console.print(f"wrote {out} ({'+'.join(summary['formats'])}: {', '.join(summary['entry_points'])}; {fired}"
                       f"{iree}; {summary['seconds']} s)")
 
@@ -380,7 +391,8 @@ def inspect(artifact: Path, as_json: bool) -> None:
     from zaya_export.runtime.backends import check_signature
 
     art = open_artifact(artifact, allow_version_mismatch=True)
-    info = {"artifact": str(artifact), "dtype": art.manifest.dtype, "versions": art.manifest.versions,
+    info = {"artifact": str(artifact), "dtype": art.manifest.dtype, "quant": art.manifest.quant,
+            "versions": art.manifest.versions,
             "files": {rel: art.path(rel).stat().st_size for rel in art.manifest.files}, "entry_points": {}}
     for name, entry in art.entry_points.items():
         ports = {"inputs": [p.to_json() for p in entry.inputs], "outputs": [p.to_json() for p in entry.outputs]}
@@ -406,7 +418,10 @@ def inspect(artifact: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    click.echo(f"{artifact}  dtype={info['dtype']}  " + " ".join(f"{k}={v}" for k, v in info["versions"].items()))
+    scheme = art.manifest.scheme
+    quant = f"  quant={scheme.name} (LM head int{scheme.head_bits})" if scheme else ""
+    click.echo(f"{artifact}  dtype={info['dtype']}{quant}  "
+               + " ".join(f"{k}={v}" for k, v in info["versions"].items()))
     for name, e in info["entry_points"].items():
         fused = ", ".join(f"{k}×{v}" for k, v in e["fused"].items())
         click.echo(f"  {name}: {e['nodes']} ONNX nodes; fused: {fused}; inputs: "
@@ -593,10 +608,15 @@ def bench(artifact: Path, backends: str, prompt_len: int, new_tokens: int, repea
                            f"{row['mean_accepted']:6.3f}  speedup {row['speedup_vs_ar']}x{eager}")
             click.echo(f"{name:9s} auto picks {res['auto']['chosen']} ({res['auto']['reason']})")
         return
-    tps = result["decode_tok_per_s"]
-    others = ", ".join(f"{b} {tps[b]} ({result['speedup'][b]}x)" for b in result["backends"])
-    click.echo(f"decode tok/s: eager {tps['eager']}, {others} (prompt {prompt_len}, {new_tokens} new, best of "
-               f"{repeats}; same tokens: {result['same_tokens']})")
+    tps, speedup = result["decode_tok_per_s"], result["speedup"]
+    rates = ", ".join(f"{b} {tps[b]}" + (f" ({speedup[b]}x)" if speedup else "") for b in result["backends"])
+    eager = f"eager {tps['eager']}, " if speedup else ""
+    click.echo(f"decode tok/s: {eager}{rates} (prompt {prompt_len}, {new_tokens} new, best of {repeats}; same "
+               f"tokens: {result['same_tokens']}){'' if speedup else '; eager ' + result['eager']}")
+    roof = result["roofline"]
+    click.echo(f"roofline: {roof['bytes_per_token'] / 2**20:.1f} MiB read per token at context {roof['context']}, "
+               f"{roof['bandwidth_gb_s']} GB/s measured: {roof['roofline_tok_per_s']} tok/s; "
+               + ", ".join(f"{k} {v}%" for k, v in roof["percent_of_roofline"].items()))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -41,6 +41,7 @@ from zaya_export.models import ZayaForCausalLM
 from zaya_export.models.checkpoint import DTYPES, load_checkpoint
 from zaya_export.models.commit_entry import COMMIT_SPECS, export_commit
 from zaya_export.models.packed import packed_layout
+from zaya_export.models.quantization import QuantError, QuantScheme
 from zaya_export.models.entries import (AR_ENTRIES, PROBE, Entry, EntrySpec, base_entry_specs, default_levels,
                                         entry_specs, example_inputs, export_entry, greedy_inputs, op_histogram)
 from zaya_export.passes.base import PassError, PassManager, PassRecord
@@ -54,10 +55,13 @@ from zaya_export.runtime.tokenizer import load_tokenizer
 from zaya_export.runtime.manifest import (EntryPoint, Manifest, MlirModule, PassLog, PortSig, StateEntry,
                                           TidarInfo)
 
+from zaya_export.passes.onnx_quant import StoredMatrix
+
 from .kernel_aot import build_kernels, resolve_kernel_archs
 from .mlir_export import (MLIR_FILE, PARAM_SCOPE, Target, compile_target, externalize_weights, lower_module,
                           resolve_targets)
 from .onnx_export import WEIGHTS_FILE, bind_external_weights, lower_entry, save_entry, write_weights
+from .quant_export import quantize_entry, write_quantized_weights
 from .weights_stream import STREAM_CHOICES, StreamedCheckpoint, fuse_streamed, open_streamed, write_streamed_weights
 
 # What a phase can show for --dump-after: name → a function making the text, called only when that phase's dump
@@ -90,6 +94,15 @@ class ExportOptions:
     dump_dir: Path | None = None
     kernels: str | tuple[str, ...] = ()  # Triton kernels to AOT-compile: GPU archs, "auto" (the GPU targets), "off"
     stream: str = "auto"  # on: weights streamed from the checkpoint (weights_stream); auto: above 2B params
+    quant: str | None = None  # weight-only quantization (models/quantization.SCHEMES); None: float weights
+    group_size: int = 32
+    quant_head: str = "int8"  # the LM head under int4: kept at int8, or "same"
+    quant_accuracy: int = 4  # MatMulNBits accuracy_level (not a CLI flag: 0, exact fp32, is for tests)
+
+    def scheme(self) -> QuantScheme | None:
+        if self.quant is None:
+            return None
+        return QuantScheme.parse(self.quant, self.group_size, self.quant_head, self.quant_accuracy)
 
     def checked(self) -> ExportOptions:
         """These options with targets resolved to :class:`Target`; raises :class:`ExportError` on any bad one."""
@@ -112,6 +125,13 @@ class ExportOptions:
             raise ExportError(f"--tidar must be one of {', '.join(TIDAR_CHOICES)}, got {self.tidar!r}")
         if self.stream not in STREAM_CHOICES:
             raise ExportError(f"--stream must be one of {', '.join(STREAM_CHOICES)}, got {self.stream!r}")
+        try:
+            scheme = self.scheme()
+        except QuantError as exc:
+            raise ExportError(str(exc)) from None
+        if scheme is not None and formats != ("onnx",):
+            raise ExportError("--quant lowers the quantized matmuls to onnxruntime's MatMulNBits; the MLIR/IREE "
+                              "path has no quantized matmul yet: use --format onnx")
         if "mlir" in formats and self.dtype != "fp32":
             raise ExportError(f"--format mlir reads the weights in place as IREE parameters, which needs them stored "
                               f"in the compute dtype: use --dtype fp32 (got {self.dtype})")
@@ -156,6 +176,7 @@ class ExportRun:
     manifest: Manifest | None = None
     source: StreamedCheckpoint | None = None  # a streamed export reads its weights from here (weights_stream)
     packed: tuple[dict[str, EntrySpec], list[PassRecord]] | None = None  # streamed: specs and log of the pack
+    quantized: dict[str, StoredMatrix] = field(default_factory=dict)  # --quant: where each matrix's codes lie
 
 
 def _check_companions(checkpoint: Path, vocab_size: int) -> None:
@@ -306,7 +327,17 @@ def _trace(run: ExportRun) -> Dumps:
 def _weights(run: ExportRun) -> Dumps:
     run.status("writing the shared weights")
     (run.tmp / "onnx").mkdir()
-    if run.source is not None:
+    path, dtype, scheme = run.tmp / "onnx" / WEIGHTS_FILE, DTYPES[run.options.dtype], run.options.scheme()
+    tied = run.model.config.tie_word_embeddings
+    if scheme is not None and run.source is not None:
+        run.offsets, run.quantized = write_quantized_weights(path, run.source.shapes,
+                                                             lambda n: run.source.read(n, dtype), dtype, scheme,
+                                                             tied, run.status)
+    elif scheme is not None:
+        state = {n: t for n, t in run.model.state_dict().items() if not (n == "lm_head.weight" and tied)}
+        run.offsets, run.quantized = write_quantized_weights(path, {n: tuple(t.shape) for n, t in state.items()},
+                                                             state.__getitem__, dtype, scheme, tied, run.status)
+    elif run.source is not None:
         run.offsets = write_streamed_weights(run.source, run.tmp / "onnx" / WEIGHTS_FILE, DTYPES[run.options.dtype],
                                              run.status)
     else:
@@ -324,6 +355,8 @@ def _lower_onnx(run: ExportRun) -> Dumps:
             onnx_model, log = lower_entry(program, _wanted_ops(run, spec), spec.outputs, spec.inputs)
         except PassError as exc:
             raise ExportError(f"{name}: {exc}") from None
+        if run.quantized:  # before binding: the quantized matrices' float initializers are gone by then
+            log = [*log, *quantize_entry(onnx_model, run.options.scheme(), run.quantized, run.tmp / "onnx")]
         bind_external_weights(onnx_model, run.offsets, run.tmp / "onnx")
         save_entry(onnx_model, run.tmp / "onnx" / f"{name}.onnx")
         run.entries[name] = dataclasses.replace(run.entries[name], onnx=f"onnx/{name}.onnx",
@@ -377,7 +410,8 @@ def _write(run: ExportRun) -> Dumps:
         formats=opts.formats, mlir=run.mlir, iree=run.iree, kernels=run.kernels, entry_points=run.entries,
         tidar=tidar if run.with_tidar else None,
         pass_log=PassLog(model=run.model_log, onnx=run.onnx_logs), op_counts=run.op_counts,
-        versions=tool_versions(), export_seconds=0.0)
+        versions=tool_versions(), export_seconds=0.0,
+        quant=None if opts.quant is None else opts.scheme().to_json())
     return {"manifest": lambda: json.dumps(run.manifest.to_json(), indent=1)}
 
 

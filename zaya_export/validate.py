@@ -24,6 +24,7 @@ from zaya_export.runtime.tidar import generate_tidar
 from zaya_export.runtime.session import Session, artifact_model
 
 from .eager_reference import EagerReference
+from .quant_budget import budget_markdown, error_budget
 
 from zaya_export.kernels.routing import RoutingTape, routing_tape
 from zaya_export.models.upstream import skip_bias_layers
@@ -57,6 +58,11 @@ TOLERANCES = {
     # hidden state a lot; the distribution metrics (KL, top-1) are the gate.
     "fp16": Tolerance(logits_rtol=5e-2, state_rtol=1e-1, kl=1e-2, top1=0.95, greedy_exact=False, tie=1e-2),
     "bf16": Tolerance(logits_rtol=1e-1, state_rtol=2.5e-1, kl=3e-2, top1=0.9, greedy_exact=False, tie=4e-2),
+    # a quantized artifact against its own (dequantized) weights: MatMulNBits' fast path also rounds the
+    # activations to int8 per group, which moves logits by ~1% of their scale (measured on the demo); a wrong
+    # code layout or scale moves them by O(1) of it. Its distance from the unquantized model is the error
+    # budget (quant_budget), not this.
+    "quant": Tolerance(logits_rtol=5e-2, state_rtol=1e-1, kl=5e-3, top1=0.95, greedy_exact=False, tie=1e-2),
 }
 # (batch, new tokens, cached slots): T=1, empty cache, batch > 1 with padding, continuation after a cache.
 # Entries with a fixed T (decode, verify, draft) use their own T.
@@ -150,9 +156,9 @@ def _accept_inputs(artifact: Artifact, info: EntryPoint, B: int, seed: int) -> d
 
 
 def eager_reference(artifact: Artifact, checkpoint: Path | None = None) -> EagerReference:
-    """The eager side of ``validate`` for ``artifact`` (on ``checkpoint``'s weights when given), to share
-    between the backends checked in one run."""
-    return EagerReference(_reference_model(artifact, checkpoint))
+    """The eager side of ``validate`` for ``artifact`` (on ``checkpoint``'s weights when given; a quantized
+    artifact's always on its own), to share between the backends checked in one run."""
+    return EagerReference(_reference_model(artifact, None if artifact.manifest.scheme else checkpoint))
 
 
 def _reference_model(artifact: Artifact, checkpoint: Path | None):  # noqa: ANN202
@@ -205,8 +211,12 @@ def validate_artifact(artifact: Artifact, backend: str = "ort", checkpoint: Path
     other backends of the same ``validate`` (built from ``checkpoint`` when not given; pass one built by
     :func:`eager_reference` with the same ``checkpoint``)."""
     # Against its own weights an artifact must match at its compute precision; against the source checkpoint
-    # the rounding of the stored weights counts too.
+    # the rounding of the stored weights counts too. A quantized artifact is checked against its own
+    # (dequantized) weights, and against the source through its error budget.
+    scheme = artifact.manifest.scheme
     dtype = artifact.manifest.dtype if checkpoint is not None else artifact.manifest.compute_dtype
+    if scheme is not None:
+        dtype = "quant" if scheme.accuracy_level else artifact.manifest.compute_dtype
     tol = TOLERANCES[dtype]
     ref = eager or eager_reference(artifact, checkpoint)
     ref_model = ref.model
@@ -258,11 +268,24 @@ def validate_artifact(artifact: Artifact, backend: str = "ort", checkpoint: Path
         greedy.append({"prompt_len": len(p), "tokens": got, "reference": want, "equal": got == want,
                        "near_tie": tie, "ok": bool(ok)})
     tidar = _tidar_checks(session, ref, prompts, max_new_tokens, tol) if session.has("verify") else []
+    budget = None
+    if scheme is not None:
+        budget = error_budget(session, quant_source(artifact, checkpoint), scheme, artifact.tokenizer, prompts)
     report = {"backend": backend, "reference": reference, "dtype": dtype, "tolerance": asdict(tol),
               "checkpoint": str(checkpoint) if checkpoint else None, "entries": checks, "greedy": greedy,
-              "tidar": tidar, "upstream_skip_bias_reset": quirk,
-              "ok": all(c["ok"] for c in checks + greedy + tidar)}
+              "tidar": tidar, "upstream_skip_bias_reset": quirk, "quant_budget": budget,
+              "ok": all(c["ok"] for c in checks + greedy + tidar) and (budget is None or budget["ok"])}
     return report
+
+
+def quant_source(artifact: Artifact, checkpoint: Path | None):  # noqa: ANN201 - ZayaForCausalLM
+    """The unquantized model a quantized artifact's budget is measured against: ``checkpoint``, or the
+    checkpoint the artifact was exported from when it is still where the manifest says."""
+    path = checkpoint or Path(artifact.manifest.source)
+    if not (path / "config.json").is_file():
+        raise ZayaError(f"{artifact.root} is quantized ({artifact.manifest.scheme.name}): its error budget is measured "
+                        f"against the unquantized checkpoint, which is not at {path}; pass --checkpoint")
+    return load_checkpoint(path, dtype=artifact.manifest.compute_dtype)
 
 
 def _note_quirk(quirk: dict[str, Any], got: np.ndarray, stored: np.ndarray, as_loaded: np.ndarray) -> None:
@@ -380,6 +403,8 @@ def write_report(artifact: Artifact, report: dict[str, Any]) -> None:
                      "worst_kl": max(c["kl_max"] for c in report["entries"]),
                      "min_top1": min(c["top1"] for c in report["entries"]),
                      "greedy_equal": sum(g["equal"] for g in report["greedy"]), "prompts": len(report["greedy"])}
+    if report.get("quant_budget"):
+        summary[name]["quant_budget"] = {k: report["quant_budget"][k] for k in ("kl_mean", "top1", "ppl_ratio", "ok")}
     artifact.record_validation(summary)
 
 
@@ -404,6 +429,8 @@ def to_markdown(report: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|"]
         lines += [f"| {t['mode']} | {t['prompt_len']} | {t['greedy_equals_ar']} | {t['acceptance']} | "
                   f"{t['eager_acceptance']} | {'✓' if t['ok'] else '✗'} |" for t in report["tidar"]]
+    if report.get("quant_budget"):
+        lines += budget_markdown(report["quant_budget"])
     quirk = report.get("upstream_skip_bias_reset")
     if quirk:
         lines += ["", f"Upstream 5.23 resets the skip-class bias of {len(quirk['layers'])} router(s) to -1.0 on load "
