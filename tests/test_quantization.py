@@ -180,3 +180,43 @@ def test_large_matrices_are_quantized_in_row_chunks(monkeypatch):
     chunked = quantize(w, 4, 16, False)
     for a, b in zip(whole.parts().values(), chunked.parts().values()):
         assert torch.equal(a, b)
+
+
+def test_layerwise_validate_streams_the_source_one_layer_at_a_time(ckpt, tmp_path, monkeypatch):
+    """The 8B path of validate (its fp32 eager model does not fit): the artifact's `layers` entry against the
+    source run with one layer's matrices loaded at a time. Forced here on a small model by streaming every
+    matrix. On this perturbed model (|logits| ~ 100, routers near ties) int8 is outside its budget, and the
+    layer-by-layer check must say so as the full validate does; a float artifact must match exactly."""
+    import zaya_export.models.layer_streaming as layer_streaming
+    from zaya_export.validate import TOLERANCES
+    from zaya_export.validate_layerwise import layerwise_markdown, validate_layerwise
+
+    monkeypatch.setattr(layer_streaming, "KEEP_BELOW", 1000)  # every matrix of a layer is streamed
+    out = tmp_path / "art"
+    export_artifact(ckpt, out, quant="int8", tidar="off", calibrate=0)
+    report = validate_layerwise(open_artifact(out), tolerances=TOLERANCES)
+    full = validate_artifact(open_artifact(out))["quant_budget"]
+    assert len(report["residual_stream"]) == 2 * 2 and report["residual_stream"][0]["max_rel"] < 0.05
+    assert not report["ok"] and not full["ok"] and report["kl_mean"] > 1e-3 and full["kl_mean"] > 1e-3
+    assert "FAIL" in layerwise_markdown(report)
+    float_art = tmp_path / "fp32"
+    export_artifact(ckpt, float_art, tidar="off", calibrate=0)
+    exact = validate_layerwise(open_artifact(float_art), tolerances=TOLERANCES)
+    assert exact["ok"] and exact["kl_mean"] < 1e-6 and max(p["max_rel"] for p in exact["residual_stream"]) < 1e-4
+
+
+def test_large_quantized_artifacts_decode_on_the_prefill_session(demo_artifacts, monkeypatch):
+    """Above SHARE_ABOVE_BYTES of weights, decode runs on prefill's onnxruntime session (one prepacked copy of
+    the codes: 8.3 GB per session at 8B); the tokens are those of the separate decode graph."""
+    import zaya_export.runtime.backends as backends
+    from zaya_export.runtime.generate import generate
+    from zaya_export.runtime.session import Session
+
+    art = open_artifact(demo_artifacts / "int8")
+    prompt = [2, 17, 301, 45]
+    separate = Session.from_artifact(art, "ort")
+    want = generate(separate, [prompt], 12).tokens[0]
+    monkeypatch.setattr(backends, "SHARE_ABOVE_BYTES", 0)
+    shared = Session.from_artifact(art, "ort")
+    assert generate(shared, [prompt], 12).tokens[0] == want
+    assert set(shared.backend.sessions) == {"prefill"}

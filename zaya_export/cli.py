@@ -493,6 +493,25 @@ def validate(artifact: Path, checkpoint: Path | None, reference: str, backends: 
     from .bisect import bisect, describe
     from .validate import cross_check, eager_reference, to_markdown, validate_artifact, write_report
     art = open_artifact(artifact)
+    from .bench import eager_fits
+
+    if not eager_fits(art):  # the 8B: compare layer by layer with the source, one layer in memory at a time
+        from .validate import TOLERANCES
+        from .validate_layerwise import layerwise_markdown, validate_layerwise
+
+        with _stderr().status(f"validating {artifact} layer by layer against the source checkpoint"):
+            report = validate_layerwise(art, checkpoint, names[0], tolerances=TOLERANCES)
+        click.echo(json.dumps(report) if as_json else layerwise_markdown(report))
+        try:
+            folder = art.root / "report"
+            folder.mkdir(exist_ok=True)
+            (folder / f"validation-{names[0]}-layerwise.json").write_text(json.dumps(report, indent=2) + "\n")
+        except OSError as exc:
+            click.echo(f"warning: {artifact}: the report was not stored ({exc.strerror})", err=True)
+        if not report["ok"]:
+            click.echo("error: validation failed (see the report above)", err=True)
+            raise SystemExit(1)
+        return
     reports, out = [], {"ok": True}
     eager = eager_reference(art, checkpoint)  # computed once, shared by every backend
     for backend in names:

@@ -79,7 +79,7 @@ def _layers_logits(run: Any, model: Any, ids: np.ndarray) -> np.ndarray:  # noqa
     feed = example_feed(model, ids.shape[0], ids.shape[1], 0)
     feed[Name.INPUT_IDS] = ids
     feed[Name.INPUT_MASK] = np.ones(ids.shape, dtype=bool)
-    return run("layers", feed)[Name.LOGITS].astype(np.float64)
+    return run("layers", feed)[Name.LOGITS]
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
@@ -94,9 +94,22 @@ def error_budget(session: Session, source: Any, scheme: QuantScheme, tokenizer_p
     ids, origin = heldout_windows(source, tokenizer_path, windows, length)
     ref = EagerReference(source)
     with torch.no_grad():
-        want = _log_softmax(_layers_logits(ref.run, source, ids))  # [B, T, V]
-    got = _log_softmax(_layers_logits(session.run, source, ids))
-    budget = BUDGETS[scheme.bits]
+        want = _layers_logits(ref.run, source, ids)  # [B, T, V]
+    metrics = distribution_metrics(_layers_logits(session.run, source, ids), want, ids, BUDGETS[scheme.bits])
+    stop = source.config.eos_token_ids
+    agree = []
+    for p in prompts:
+        a, b = generate(session, [p], new_tokens, stop).tokens[0], ref.greedy(p, new_tokens, stop)
+        agree.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))))
+    return {"scheme": scheme.name, "text": origin, "windows": int(ids.shape[0]), "window_tokens": int(ids.shape[1]),
+            **metrics, "greedy_agreement": agree, "greedy_tokens": new_tokens}
+
+
+def distribution_metrics(got: np.ndarray, want: np.ndarray, ids: np.ndarray, budget: Budget) -> dict[str, Any]:
+    """Artifact logits ``got`` against source logits ``want`` (``[B, T, V]``, teacher-forced on ``ids``): mean
+    KL(source ‖ artifact), top-1 agreement without near ties and over all positions, both perplexities, and
+    the verdict under ``budget``."""
+    got, want = _log_softmax(got.astype(np.float64)), _log_softmax(want.astype(np.float64))
     tie = float(np.sqrt(2 * budget.kl_mean))  # the logit move the KL budget admits (½δ² = KL)
     if not (np.isfinite(got).all() and np.isfinite(want).all()):
         kl, top1, top1_all, ties, ratio = float("inf"), 0.0, 0.0, 0, float("inf")
@@ -106,19 +119,14 @@ def error_budget(session: Session, source: Any, scheme: QuantScheme, tokenizer_p
         agree = got.argmax(-1) == want.argmax(-1)
         top2 = np.sort(want, -1)[..., -2:]
         near = (top2[..., 1] - top2[..., 0]) <= tie
-        top1, top1_all, ties = float(agree[~near].mean()) if (~near).any() else 1.0, float(agree.mean()), int(near.sum())
+        top1 = float(agree[~near].mean()) if (~near).any() else 1.0
+        top1_all, ties = float(agree.mean()), int(near.sum())
         targets = ids[:, 1:, None]
         ppl_src = float(np.exp(-np.take_along_axis(want[:, :-1], targets, -1).mean()))
         ppl_art = float(np.exp(-np.take_along_axis(got[:, :-1], targets, -1).mean()))
         ratio = ppl_art / ppl_src
-    stop = source.config.eos_token_ids
-    agree = []
-    for p in prompts:
-        a, b = generate(session, [p], new_tokens, stop).tokens[0], ref.greedy(p, new_tokens, stop)
-        agree.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))))
-    return {"scheme": scheme.name, "text": origin, "windows": int(ids.shape[0]), "window_tokens": int(ids.shape[1]),
-            "kl_mean": kl, "top1": top1, "top1_all": top1_all, "near_ties": ties, "tie_nats": tie, "ppl_source": ppl_src, "ppl_artifact": ppl_art, "ppl_ratio": ratio,
-            "greedy_agreement": agree, "greedy_tokens": new_tokens, "budget": asdict(budget),
+    return {"kl_mean": kl, "top1": top1, "top1_all": top1_all, "near_ties": ties, "tie_nats": tie,
+            "ppl_source": ppl_src, "ppl_artifact": ppl_art, "ppl_ratio": ratio, "budget": asdict(budget),
             "ok": bool(kl <= budget.kl_mean and top1 >= budget.top1 and ratio <= budget.ppl_ratio)}
 
 
