@@ -104,6 +104,20 @@ def _data_length(path: Path) -> int:
     return path.stat().st_size - 8 - n
 
 
+def status_progress(status: Callable[[str], None], label: str) -> Progress:
+    """A :data:`Progress` that shows ``label: <bytes, rate, ETA>`` through ``status``, at most twice a second
+    (and once at the end), not once per tensor."""
+    start = last = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        nonlocal last
+        if time.perf_counter() - last >= 0.5 or done == total:
+            last = time.perf_counter()
+            status(f"{label}: {eta_text(done, total, start)}")
+
+    return progress
+
+
 def eta_text(done: int, total: int, start: float) -> str:
     """``3.2/18.8 GB, 210 MB/s, ETA 1m14s``: the bytes-and-time line of a streamed write."""
     elapsed = max(time.perf_counter() - start, 1e-6)

@@ -99,26 +99,26 @@ def bind_external_weights(model: ir.Model, offsets: dict[str, tuple], folder: Pa
                                    name=value.name, base_dir=folder)
         if stored_dtype == compute:
             value.const_value = tensor
-        elif _only_gathered(value):  # an embedding table: gather the rows, then cast only those
-            stored_value = ir.Value(name=value.name + ".stored", shape=value.shape, type=ir.TensorType(stored_dtype),
-                                    const_value=tensor)
+            bound += 1
+            continue
+        stored_value = ir.Value(name=value.name + ".stored", shape=value.shape, type=ir.TensorType(stored_dtype),
+                                const_value=tensor)
+        if _only_gathered(value):  # an embedding table: gather the rows, then cast only those
             for use in list(value.uses()):
                 gather = use.node
+                if gather.outputs[0].is_graph_output():
+                    raise ValueError(f"{value.name}: a gathered weight is a graph output")
                 gather.replace_input_with(0, stored_value)
                 cast = ir.node("Cast", [gather.outputs[0]], attributes={"to": compute})
                 for later in list(gather.outputs[0].uses()):
                     if later.node is not cast:
                         later.node.replace_input_with(later.idx, cast.outputs[0])
-                if gather.outputs[0].is_graph_output():
-                    raise ValueError(f"{value.name}: a gathered weight is a graph output")
                 cast.outputs[0].type, cast.outputs[0].shape = ir.TensorType(compute), gather.outputs[0].shape
                 gather.outputs[0].type = ir.TensorType(stored_dtype)
                 model.graph.insert_after(gather, cast)
             model.graph.initializers.pop(value.name)
             model.graph.register_initializer(stored_value)
         else:
-            stored_value = ir.Value(name=value.name + ".stored", shape=value.shape, type=ir.TensorType(stored_dtype),
-                                    const_value=tensor)
             cast = ir.node("Cast", [stored_value], attributes={"to": compute})
             ir.convenience.replace_all_uses_with(value, cast.outputs[0])
             model.graph.initializers.pop(value.name)

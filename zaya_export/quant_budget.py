@@ -74,12 +74,17 @@ def heldout_windows(model: Any, tokenizer_path: Any, windows: int, length: int, 
     return np.array([p + t for p, t in zip(prompts, out)], dtype=np.int64), "the source model's greedy continuations"
 
 
-def _layers_logits(run: Any, model: Any, ids: np.ndarray) -> np.ndarray:  # noqa: ANN401
-    """Logits of every position ``[B, T, V]`` from the ``layers`` entry on ``ids`` (empty cache)."""
+def layers_feed(model: Any, ids: np.ndarray) -> dict[str, np.ndarray]:  # noqa: ANN401
+    """The ``layers`` entry's inputs for teacher-forcing ``ids [B, T]`` over an empty cache."""
     feed = example_feed(model, ids.shape[0], ids.shape[1], 0)
     feed[Name.INPUT_IDS] = ids
     feed[Name.INPUT_MASK] = np.ones(ids.shape, dtype=bool)
-    return run("layers", feed)[Name.LOGITS]
+    return feed
+
+
+def _layers_logits(run: Any, model: Any, ids: np.ndarray) -> np.ndarray:  # noqa: ANN401
+    """Logits of every position ``[B, T, V]`` from the ``layers`` entry on ``ids`` (empty cache)."""
+    return run("layers", layers_feed(model, ids))[Name.LOGITS]
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:

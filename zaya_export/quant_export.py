@@ -8,7 +8,6 @@ once on the way, so the working set is one matrix and its codes, at any model si
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import onnx_ir as ir
 import torch
 
 from zaya_export.models.quantization import PARTS, QuantScheme, quantized_slots, quantizing_producer
-from zaya_export.models.safetensors_stream import TensorSlot, eta_text, write_streamed
+from zaya_export.models.safetensors_stream import TensorSlot, status_progress, write_streamed
 from zaya_export.models.streaming import stored_dtype
 from zaya_export.passes.base import PassManager, PassRecord
 from zaya_export.passes.onnx_quant import QuantizeWeights, StoredMatrix
@@ -31,15 +30,9 @@ def write_quantized_weights(path: Path, shapes: dict[str, tuple[int, ...]], read
     ``dtype`` for what stays float); returns the offsets (as ``write_weights``) and the quantized matrices."""
     slots = [TensorSlot(name, stored_dtype(name, dtype), shape) for name, shape in shapes.items()]
     slots, bits = quantized_slots(shapes, slots, scheme, tied)
-    start = last = time.perf_counter()
-
-    def progress(done: int, total: int) -> None:
-        nonlocal last
-        if time.perf_counter() - last >= 0.5 or done == total:
-            last = time.perf_counter()
-            status(f"quantizing and writing the weights ({scheme.name}): {eta_text(done, total, start)}")
-
-    offsets = write_streamed(path, slots, quantizing_producer(read, scheme, bits, tied), progress, order=slots)
+    offsets = write_streamed(path, slots, quantizing_producer(read, scheme, bits, tied),
+                             status_progress(status, f"quantizing and writing the weights ({scheme.name})"),
+                             order=slots)
     if tied:  # the traced graph names the tied head separately; its embedding lookup reads the float table
         offsets["lm_head.weight"] = offsets["model.embed_tokens.weight"]
     shape_of = {s.name: s.shape for s in slots}

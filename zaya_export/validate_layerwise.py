@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from zaya_export.errors import ZayaError
-from zaya_export.models.entries import example_feed
 from zaya_export.models.io_table import Name
 from zaya_export.models.layer_streaming import layer_streamed_model
 from zaya_export.models.streaming import StreamedCheckpoint
@@ -28,7 +27,7 @@ from zaya_export.runtime.artifact import Artifact
 from zaya_export.runtime.session import Session
 
 from .eager_reference import EagerReference
-from .quant_budget import BUDGETS, Budget, distribution_metrics, heldout_windows
+from .quant_budget import BUDGETS, Budget, distribution_metrics, heldout_windows, layers_feed
 
 
 def validate_layerwise(artifact: Artifact, checkpoint: Path | None = None, backend: str = "ort",
@@ -44,8 +43,7 @@ def validate_layerwise(artifact: Artifact, checkpoint: Path | None = None, backe
     model = layer_streamed_model(StreamedCheckpoint(source_path))
     ids, origin = heldout_windows(model, artifact.tokenizer, windows,
                                   min(length, model.config.max_position_embeddings))
-    feed = example_feed(model, ids.shape[0], ids.shape[1], 0)
-    feed[Name.INPUT_IDS], feed[Name.INPUT_MASK] = ids, np.ones(ids.shape, dtype=bool)
+    feed = layers_feed(model, ids)
     got = session.run("layers", feed)
     with torch.no_grad():
         want = EagerReference(model).run("layers", feed)

@@ -20,7 +20,6 @@ calibration needs the eager model and is skipped (as it is above 2B parameters a
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +28,7 @@ import torch
 
 from zaya_export.models.checkpoint import DTYPES
 from zaya_export.models.entries import base_entry_specs
-from zaya_export.models.safetensors_stream import eta_text, write_streamed
+from zaya_export.models.safetensors_stream import status_progress, write_streamed
 from zaya_export.models.streaming import StreamedCheckpoint, probe_layers
 from zaya_export.passes.base import PassManager, PassRecord
 from zaya_export.passes.fusion import fused, fusion_pipeline
@@ -90,15 +89,8 @@ def write_streamed_weights(source: StreamedCheckpoint, path: Path, dtype: torch.
                            status: Callable[[str], None]) -> dict[str, tuple]:
     """The artifact's weight file, tensor by tensor from ``source`` in ``dtype`` (routing biases fp32);
     returns name → (offset, length, safetensors dtype) as ``onnx_export.write_weights`` does."""
-    start = last = time.perf_counter()
-
-    def progress(done: int, total: int) -> None:
-        nonlocal last
-        if time.perf_counter() - last >= 0.5 or done == total:  # a status line per half second, not per tensor
-            last = time.perf_counter()
-            status(f"writing the shared weights: {eta_text(done, total, start)}")
-
-    offsets = write_streamed(path, source.slots(dtype), lambda slot: source.read(slot.name, dtype), progress)
+    offsets = write_streamed(path, source.slots(dtype), lambda slot: source.read(slot.name, dtype),
+                             status_progress(status, "writing the shared weights"))
     if source.config.tie_word_embeddings:  # the traced graph names the tied head separately
         offsets["lm_head.weight"] = offsets["model.embed_tokens.weight"]
     return offsets
