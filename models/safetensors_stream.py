@@ -86,16 +86,21 @@ def write_streamed(path: Path, slots: list[TensorSlot], produce: Callable[[Tenso
     return offsets
 
 
-def read_tensor(info: TensorInfo) -> torch.Tensor:
-    """One tensor of a checked safetensors file (``read_header``), read into fresh memory: [*info.shape]."""
+def read_tensor(info: TensorInfo, rows: int | None = None) -> torch.Tensor:
+    """One tensor of a checked safetensors file (``read_header``), read into fresh memory: [*info.shape], or
+    only its first ``rows`` rows (along dim 0) without reading the rest."""
+    shape = list(info.shape)
     nbytes = info.end - info.start
+    if rows is not None and shape and rows < shape[0]:
+        nbytes = nbytes // shape[0] * rows
+        shape[0] = rows
     data_start = info.file.stat().st_size - _data_length(info.file)
     buf = torch.empty(nbytes, dtype=torch.uint8)  # [nbytes]
     with info.file.open("rb") as f:
         f.seek(data_start + info.start)
         if f.readinto(memoryview(buf.numpy())) != nbytes:
             raise OSError(f"{info.file}: short read of tensor {info.name!r}")
-    return buf.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
+    return buf.view(TORCH_DTYPES[info.dtype]).reshape(shape)
 
 
 def _data_length(path: Path) -> int:

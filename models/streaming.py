@@ -51,10 +51,13 @@ class StreamedCheckpoint:
     def n_params(self) -> int:
         return sum(torch.Size(s).numel() for s in self.shapes.values())
 
-    def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """One native tensor (stacked from its legacy parts when needed) in ``dtype``, checked finite."""
+    def read(self, name: str, dtype: torch.dtype, rows: int | None = None) -> torch.Tensor:
+        """One native tensor (stacked from its legacy parts when needed) in ``dtype``, checked finite; with
+        ``rows``, only its first rows (a single-part tensor: the embedding and head)."""
         infos: list[TensorInfo] = self.plan[name]
-        parts = [read_tensor(info) for info in infos]
+        if rows is not None and len(infos) != 1:
+            raise ValueError(f"{name}: rows of a tensor stacked from {len(infos)} parts")
+        parts = [read_tensor(info, rows) for info in infos]
         tensor = parts[0] if len(parts) == 1 else torch.stack(parts)
         del parts
         return checked_cast(tensor, infos[0], stored_dtype(name, dtype))
@@ -78,16 +81,34 @@ class StreamedCheckpoint:
             warnings.warn(f"{self.path}: {note}", stacklevel=2)
         return model
 
-    def truncated(self, layers: int, dtype: torch.dtype) -> ZayaForCausalLM:
-        """The first ``layers`` layers with their real weights (rounded through ``dtype``), fp32."""
-        config = truncated_config(self.config, layers)
+    def truncated(self, layers: int, dtype: torch.dtype, vocab: int | None = None) -> ZayaForCausalLM:
+        """The first ``layers`` layers with their real weights (rounded through ``dtype``), fp32; with
+        ``vocab``, only the first ``vocab`` rows of the embedding and head (``probe_vocab``)."""
+        config = truncated_config(self.config, layers, vocab)
         keep = [n for n in self.shapes if not n.startswith("model.layers.")
                 or int(n.split(".")[2]) < layers]
-        return _build(config, {name: self.read(name, dtype).float() for name in keep})
+        rows = {name: vocab for name in _PER_TOKEN} if vocab else {}
+        return _build(config, {name: self.read(name, dtype, rows.get(name)).float() for name in keep})
 
 
-def truncated_config(config: ZayaConfig, layers: int) -> ZayaConfig:
-    return dataclasses.replace(config, num_hidden_layers=layers, layer_types=list(config.layer_types[:layers]))
+_PER_TOKEN = ("model.embed_tokens.weight", "lm_head.weight", "lm_head.bias")  # one row per vocabulary entry
+
+
+def truncated_config(config: ZayaConfig, layers: int, vocab: int | None = None) -> ZayaConfig:
+    return dataclasses.replace(config, num_hidden_layers=layers, layer_types=list(config.layer_types[:layers]),
+                               vocab_size=vocab or config.vocab_size)
+
+
+PROBE_VOCAB = 32768  # vocabulary rows of the probe model: a tied fp32 8B embedding/head alone is 2.1 GB
+
+
+def probe_vocab(config: ZayaConfig) -> int:
+    """How many leading vocabulary rows the probe model keeps: ``PROBE_VOCAB``, and every special token the
+    entries use (mask, pad, bos, eos). No pass touches the embedding or the head, so their other rows add memory,
+    not checking."""
+    eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    special = [t for t in (config.mask_token_id, config.pad_token_id, config.bos_token_id, *eos) if t is not None]
+    return min(config.vocab_size, max(PROBE_VOCAB, max(special, default=0) + 1))
 
 
 def probe_layers(config: ZayaConfig, at_least: int = 2) -> int:

@@ -22,7 +22,7 @@ from zaya_export.errors import InputError
 from zaya_export.exporter import ExportError, export_artifact
 from zaya_export.kernels.moe_top1 import moe_top1_gathered, moe_top1_static
 from zaya_export.kernels.registry import _conv1d
-from zaya_export.mlir_export import TARGETS, amd_archs_in
+from zaya_export.mlir_export import NARROW_PARAMETER_FLAGS, TARGETS, amd_archs_in, store_parameters
 from zaya_export.runtime.generate import generate, generate_greedy
 from zaya_export.runtime.device_cache import DeviceKVCache
 from zaya_export.runtime.sampling import SamplerConfig
@@ -229,8 +229,8 @@ def test_hip_without_driver_fails_clearly(artifact):
 
 def test_bad_mlir_requests_fail_clearly(artifact, tmp_path):
     ckpt = open_artifact(artifact).root.parent / "ckpt"
-    with pytest.raises(ExportError, match="--dtype fp32"):
-        export_artifact(ckpt, tmp_path / "a", dtype="fp16", formats=("onnx", "mlir"))
+    with pytest.raises(ExportError, match="no quantized matmul"):
+        export_artifact(ckpt, tmp_path / "a", quant="int8", formats=("onnx", "mlir"))
     with pytest.raises(ExportError, match="unsupported --format"):
         export_artifact(ckpt, tmp_path / "b", formats=("tflite",))
     result = CliRunner().invoke(main, ["export", str(ckpt), "-o", str(tmp_path / "c"), "--format", "onnx,mlir",
@@ -243,3 +243,43 @@ def test_bad_mlir_requests_fail_clearly(artifact, tmp_path):
     with pytest.raises(InputError, match="no IREE module"):
         open_session(onnx_only, backend="iree")
     assert not np.any([(tmp_path / n).exists() for n in ("a", "b", "c", "d")])
+
+
+def test_bf16_weights_are_read_in_place_and_widened_in_the_module(model, tmp_path):
+    """--dtype bf16 with MLIR: the parameters are bf16 globals over the one weight file, widened where they are
+    read; IREE equals the eager model (on the bf16-rounded weights) and onnxruntime, TiDAR entries included."""
+    ckpt = save_checkpoint(model, tmp_path / "ckpt")
+    out = tmp_path / "art"
+    export_artifact(ckpt, out, dtype="bf16", formats=("onnx", "mlir"), calibrate=0)
+    art = open_artifact(out)
+    text = (out / art.manifest.mlir.module).read_text()
+    assert ('#flow.parameter.named<"model"::"model.embed_tokens.weight"> : tensor<1024x128xbf16>' in text)
+    bias = "model.layers.0.mlp.gate.balancing_biases"  # routing biases stay fp32 in the file and the module
+    assert f'"model"::"{bias}"> : tensor<' in text and "xf32>" in text.split(f'"model"::"{bias}">')[1].split("\n")[0]
+    assert text.count("arith.extf") >= text.count("xbf16> to tensor<")  > 50
+    assert set(NARROW_PARAMETER_FLAGS) <= set(art.manifest.iree["cpu"].flags)
+    report = validate_artifact(art, backend="iree")
+    assert report["ok"], [c for c in report["entries"] + report["greedy"] + report["tidar"] if not c["ok"]]
+    assert max(c["max_rel"] for c in report["entries"]) <= 1e-5  # fp32 compute on the stored values
+    cross = cross_check(art, ["ort", "iree"])
+    assert cross and all(c["ok"] for c in cross), cross
+
+
+def test_store_parameters_retypes_every_read_or_refuses(tmp_path):
+    path = tmp_path / "m.mlir"
+    path.write_text(
+        '  util.global private @__auto.w = #flow.parameter.named<"model"::"w"> : tensor<4x2xf32>\n'
+        '  util.global private @__auto.s = #flow.parameter.named<"model"::"s"> : tensor<f32>\n'
+        '    %__auto.w = util.global.load @__auto.w : tensor<4x2xf32>\n'
+        '    %__auto.w_0 = util.global.load @__auto.w : tensor<4x2xf32>\n'
+        '    %__auto.s = util.global.load @__auto.s : tensor<f32>\n')
+    assert store_parameters(path, {"w": "F16", "s": "BF16"}) == 2
+    text = path.read_text()
+    assert "tensor<4x2xf16>\n" in text and "tensor<bf16>\n" in text
+    assert "%__auto.w_0 = arith.extf %__auto.w_0.stored : tensor<4x2xf16> to tensor<4x2xf32>" in text
+    assert "%__auto.s = arith.extf %__auto.s.stored : tensor<bf16> to tensor<f32>" in text
+    assert store_parameters(path, {}) == 0  # fp32 (or absent): untouched
+    path.write_text('  util.global private @__auto.w = #flow.parameter.named<"model"::"w"> : tensor<4xf32>\n'
+                    '    %x = util.global.load immutable @__auto.w : tensor<4xf32>\n')
+    with pytest.raises(RuntimeError, match="does not rewrite"):
+        store_parameters(path, {"w": "BF16"})

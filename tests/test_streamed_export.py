@@ -20,7 +20,8 @@ from zaya_export.models import ZayaForCausalLM, init_weights, preset
 from zaya_export.models.checkpoint import load_checkpoint, save_checkpoint, save_streamed_checkpoint
 from zaya_export.models.entries import example_feed
 from zaya_export.models.safetensors_header import read_header
-from zaya_export.models.streaming import StreamedCheckpoint, probe_layers, random_slots
+from zaya_export.models.checkpoint import count_nonfinite
+from zaya_export.models.streaming import PROBE_VOCAB, StreamedCheckpoint, probe_layers, probe_vocab, random_slots
 from zaya_export.runtime.artifact import open_artifact
 from zaya_export.runtime.session import Session
 
@@ -117,8 +118,30 @@ def test_truncated_model_and_probe_layers(model, tmp_path):
     assert truncated.config.num_hidden_layers == 2
     for name, t in truncated.state_dict().items():
         assert torch.equal(t, model.state_dict()[name]), name
+    small = source.truncated(2, torch.bfloat16, vocab=100)  # the first rows of the tied embedding/head
+    emb = model.model.embed_tokens.weight
+    assert small.config.vocab_size == 100 and small.lm_head.weight is small.model.embed_tokens.weight
+    assert torch.equal(small.model.embed_tokens.weight, emb[:100].to(torch.bfloat16).float())
+    assert small(torch.tensor([[5, 99]])).shape == (1, 2, 100)
     stand_in = source.stand_in(torch.float32)
     big = stand_in.model.layers[0].mlp.experts.gate_up_proj
     assert big.stride() == (0,) * big.dim() and not big.any()  # shapes only: one zero broadcast
     assert torch.equal(stand_in.model.layers[1].self_attn.qk_norm.temp,
                        model.model.layers[1].self_attn.qk_norm.temp)  # small tensors are real
+
+
+def test_probe_vocab_keeps_every_special_token():
+    cfg = preset("8b")
+    assert probe_vocab(cfg) == PROBE_VOCAB < cfg.vocab_size
+    far = small_config(vocab_size=300_000, eos_token_id=[1, 299_000], mask_token_id=4)
+    assert probe_vocab(far) == 299_001
+    assert probe_vocab(small_config(vocab_size=1000)) == 1000  # never more than the model has
+
+
+def test_nonfinite_count_in_chunks(monkeypatch):
+    import zaya_export.models.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "_FINITE_CHUNK", 7)  # values on both sides of several chunk borders
+    t = torch.zeros(5, 9, dtype=torch.bfloat16)
+    t[0, 6], t[0, 7], t[4, 8] = float("nan"), float("inf"), float("-inf")
+    assert count_nonfinite(t) == 3 and count_nonfinite(t[1:4]) == 0

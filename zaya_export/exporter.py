@@ -42,6 +42,7 @@ from zaya_export.models.checkpoint import DTYPES, load_checkpoint
 from zaya_export.models.commit_entry import COMMIT_SPECS, export_commit
 from zaya_export.models.packed import packed_layout
 from zaya_export.models.quantization import QuantError, QuantScheme
+from zaya_export.models.safetensors_header import read_header
 from zaya_export.models.entries import (AR_ENTRIES, PROBE, Entry, EntrySpec, base_entry_specs, default_levels,
                                         entry_specs, example_inputs, export_entry, greedy_inputs, op_histogram)
 from zaya_export.passes.base import PassError, PassManager, PassRecord
@@ -54,12 +55,11 @@ from zaya_export.runtime.calibration import CALIBRATION_FILE
 from zaya_export.runtime.tokenizer import load_tokenizer
 from zaya_export.runtime.manifest import (EntryPoint, Manifest, MlirModule, PassLog, PortSig, StateEntry,
                                           TidarInfo)
-
 from zaya_export.passes.onnx_quant import StoredMatrix
 
 from .kernel_aot import build_kernels, resolve_kernel_archs
 from .mlir_export import (MLIR_FILE, PARAM_SCOPE, Target, compile_target, externalize_weights, lower_module,
-                          resolve_targets)
+                          resolve_targets, store_parameters)
 from .onnx_export import WEIGHTS_FILE, bind_external_weights, lower_entry, save_entry, write_weights
 from .quant_export import quantize_entry, write_quantized_weights
 from .weights_stream import STREAM_CHOICES, StreamedCheckpoint, fuse_streamed, open_streamed, write_streamed_weights
@@ -132,9 +132,6 @@ class ExportOptions:
         if scheme is not None and formats != ("onnx",):
             raise ExportError("--quant lowers the quantized matmuls to onnxruntime's MatMulNBits; the MLIR/IREE "
                               "path has no quantized matmul yet: use --format onnx")
-        if "mlir" in formats and self.dtype != "fp32":
-            raise ExportError(f"--format mlir reads the weights in place as IREE parameters, which needs them stored "
-                              f"in the compute dtype: use --dtype fp32 (got {self.dtype})")
         if self.block_len is not None and not 1 <= self.block_len <= MAX_BLOCK_LEN:
             raise ExportError(f"--block-len must be in [1, {MAX_BLOCK_LEN}] (the packed step runs about "
                               f"(K+1)·levels tokens per forward), got {self.block_len}")
@@ -373,6 +370,8 @@ def _lower_mlir(run: ExportRun) -> Dumps:
     try:
         static = {name for name, e in run.entries.items() if e.tokens is not None}
         ops = lower_module(run.mlir_programs, run.tmp / MLIR_FILE, static, run.status)
+        stored = {name: info.dtype for name, info in read_header(run.tmp / "onnx" / WEIGHTS_FILE).items()}
+        narrow = store_parameters(run.tmp / MLIR_FILE, stored) > 0
     except Exception as exc:  # importer/decomposition failures come as many exception types
         raise ExportError(f"MLIR lowering failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     run.mlir_programs.clear()
@@ -384,7 +383,8 @@ def _lower_mlir(run: ExportRun) -> Dumps:
     for target in run.options.targets:
         run.status(f"iree-compile for {target.name}")
         try:
-            run.iree[target.name] = compile_target(run.tmp / MLIR_FILE, target, run.tmp / "iree" / f"{target.name}.vmfb")
+            run.iree[target.name] = compile_target(run.tmp / MLIR_FILE, target, run.tmp / "iree" / f"{target.name}.vmfb",
+                                                   narrow)
         except RuntimeError as exc:
             raise ExportError(str(exc)) from None
     return {"module": lambda: (run.tmp / MLIR_FILE).read_text()}

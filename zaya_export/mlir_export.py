@@ -14,9 +14,10 @@ programs are traced, so the importer sees aten ops it legalizes.
 
 from __future__ import annotations
 
+import re
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +97,46 @@ def lower_module(programs: dict[str, torch.export.ExportedProgram], path: Path, 
     return _ops_per_function(path.read_text())
 
 
+# One external parameter and one read of it, as iree-turbine prints them (fp32: the traced model's dtype).
+_GLOBAL = re.compile(r'^(?P<head>\s*util\.global private @(?P<sym>[\w.$-]+) = #flow\.parameter\.named<'
+                     r'"[^"]*"::"(?P<key>[^"]+)"> : )tensor<(?P<dims>(?:[0-9]+x)*)f32>$', re.M)
+_LOAD = re.compile(r'^(?P<indent>\s*)(?P<var>%[\w.$-]+) = util\.global\.load @(?P<sym>[\w.$-]+) : '
+                   r'tensor<(?P<dims>(?:[0-9]+x)*)f32>$', re.M)
+_MLIR_FLOAT = {"BF16": "bf16", "F16": "f16"}  # safetensors dtype → MLIR element type
+
+
+def store_parameters(path: Path, stored: Mapping[str, str]) -> int:
+    """Retype the module's external parameters to the dtype the weight file stores them in (``stored``:
+    safetensors key → safetensors dtype) and widen each read to fp32 (``arith.extf``) where it is loaded, so
+    IREE reads a bf16/fp16 weight file in place while the graphs compute in fp32, as the ONNX graphs do. The
+    widening sits next to its consumers, where IREE fuses it into their dispatches. Returns how many
+    parameters were retyped; RuntimeError if a retyped parameter is read in a form this rewrite does not know."""
+    text = path.read_text()
+    retyped: dict[str, str] = {}  # symbol → element type
+
+    def on_global(m: re.Match[str]) -> str:
+        elem = _MLIR_FLOAT.get(stored.get(m["key"], "F32"))
+        if elem is None:
+            return m[0]
+        retyped[m["sym"]] = elem
+        return f"{m['head']}tensor<{m['dims']}{elem}>"
+
+    def on_load(m: re.Match[str]) -> str:
+        elem = retyped.get(m["sym"])
+        if elem is None:
+            return m[0]
+        wide, narrow = f"tensor<{m['dims']}f32>", f"tensor<{m['dims']}{elem}>"
+        return (f"{m['indent']}{m['var']}.stored = util.global.load @{m['sym']} : {narrow}\n"
+                f"{m['indent']}{m['var']} = arith.extf {m['var']}.stored : {narrow} to {wide}")
+
+    text = _LOAD.sub(on_load, _GLOBAL.sub(on_global, text))
+    left = [sym for sym in retyped if re.search(rf"@{re.escape(sym)}\b(?!\s*=)[^\n]*f32>", text)]
+    if left:
+        raise RuntimeError(f"parameter {left[0]} is read as fp32 in a form store_parameters does not rewrite")
+    path.write_text(text)
+    return len(retyped)
+
+
 def _ops_per_function(text: str) -> dict[str, int]:
     counts, current = {}, None
     for line in text.splitlines():
@@ -108,13 +149,19 @@ def _ops_per_function(text: str) -> dict[str, int]:
     return counts
 
 
-def compile_target(mlir: Path, target: Target, out: Path) -> IreeModule:
-    """``iree-compile`` the module for one target; returns what the manifest records."""
+# With parameters stored narrower than fp32, IREE's constant-expression hoisting would turn each widened weight
+# (every expert slice, in practice) into an fp32 global made at load: a second, wider copy of the weights.
+NARROW_PARAMETER_FLAGS = ("--iree-opt-const-expr-hoisting=false",)
+
+
+def compile_target(mlir: Path, target: Target, out: Path, narrow_parameters: bool = False) -> IreeModule:
+    """``iree-compile`` the module for one target (``narrow_parameters``: :func:`store_parameters` retyped
+    some); returns what the manifest records."""
     import iree.compiler as ireec
 
     start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
-    flags = list(target.flags)
+    flags = [*target.flags, *(NARROW_PARAMETER_FLAGS if narrow_parameters else ())]
     try:
         ireec.compile_file(str(mlir), input_type="torch", target_backends=[], extra_args=flags, output_file=str(out))
     except ireec.CompilerToolError as exc:

@@ -6,7 +6,8 @@ weights from the model. For ZAYA1-8B that is 37 GB of fp32 on a 24 GB machine. A
 1. traces a *stand-in* model (``models.streaming``: large tensors are a zero broadcast to their shape, small
    ones real), whose graphs are those of the real model;
 2. checks the fusion passes (and ``pack_tidar_step``) on a *truncated* model: the first layers (every layer
-   type at least once) with their real weights, embeddings, final norm and head. The probe compares, as for a
+   type at least once) with their real weights, final norm, and the first ``probe_vocab`` rows of the
+   embedding and head (the fusion passes touch neither; the full tied 8B table would be 2.1 GB). The probe compares, as for a
    whole model, the prefill (and, for TiDAR, draft) outputs before and after each pass on the two probe inputs,
    logits and every state output of those layers (``passes/probe_check.py``); the manifest's pass log records
    how many layers it ran on (``probe_layers``). The other layers run the same fused code on other values;
@@ -29,7 +30,7 @@ import torch
 from zaya_export.models.checkpoint import DTYPES
 from zaya_export.models.entries import base_entry_specs
 from zaya_export.models.safetensors_stream import status_progress, write_streamed
-from zaya_export.models.streaming import StreamedCheckpoint, probe_layers
+from zaya_export.models.streaming import StreamedCheckpoint, probe_layers, probe_vocab
 from zaya_export.passes.base import PassManager, PassRecord
 from zaya_export.passes.fusion import fused, fusion_pipeline
 from zaya_export.passes.probe_check import tolerance_for
@@ -61,10 +62,10 @@ def fuse_streamed(run: ExportRun, probe: Callable[[torch.nn.Module, bool], Calla
     """Check the fusion passes (and the TiDAR packing) on the truncated model, then fuse the stand-in
     ``run.model`` inside ``run.scope``. Returns the fusion log (rewrites of the whole model, probe figures of
     the truncated one) and, for TiDAR, the packed entry specs with the packing's log."""
-    layers = probe_layers(run.source.config)
+    layers, vocab = probe_layers(run.source.config), probe_vocab(run.source.config)
     dtype = DTYPES[run.options.dtype]
     run.status(f"checking the fusion passes on the first {layers} layer(s), real weights")
-    truncated = run.source.truncated(layers, dtype)
+    truncated = run.source.truncated(layers, dtype, vocab)
     packed = None
     with fused(truncated, fusion_pipeline(), probe=probe(truncated, run.with_tidar),
                tolerance=tolerance_for(truncated.dtype)) as checked:
