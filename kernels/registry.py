@@ -122,6 +122,11 @@ def mlir_faces(decode: bool = False) -> Iterator[None]:
         _SCOPE.mlir, _SCOPE.decode = outer
 
 
+def decode_faces() -> bool:
+    """True inside ``mlir_faces(decode=True)``: the entry being traced has one token per row."""
+    return _SCOPE.mlir and _SCOPE.decode
+
+
 _TRITON_FACES = {"moe_top1": "moe_top1_triton", "cca": "cca_triton", "block_attention": "block_attention_triton",
                  "residual_rmsnorm": "residual_rmsnorm_triton"}  # the last has no custom op: Triton path only
 

@@ -105,8 +105,8 @@ def test_quantized_graphs_compute_their_dequantized_model(ckpt, tmp_path, quant,
 
 
 def test_quant_refusals(ckpt, tmp_path):
-    with pytest.raises(ExportError, match="MatMulNBits"):
-        export_artifact(ckpt, tmp_path / "a", quant="int4", formats=("onnx", "mlir"))
+    with pytest.raises(ExportError, match="--quant-head must be one of"):
+        export_artifact(ckpt, tmp_path / "a", quant="int4", quant_head="int2", formats=("onnx", "mlir"))
     with pytest.raises(ExportError, match="group-size"):
         export_artifact(ckpt, tmp_path / "b", quant="int4", group_size=24)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

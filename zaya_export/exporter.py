@@ -42,6 +42,7 @@ from zaya_export.models.checkpoint import DTYPES, load_checkpoint
 from zaya_export.models.commit_entry import COMMIT_SPECS, export_commit
 from zaya_export.models.packed import packed_layout
 from zaya_export.models.quantization import QuantError, QuantScheme
+from zaya_export.models.quantized_matrix import quantized_matrices
 from zaya_export.models.safetensors_header import read_header
 from zaya_export.models.entries import (AR_ENTRIES, PROBE, Entry, EntrySpec, base_entry_specs, default_levels,
                                         entry_specs, example_inputs, export_entry, greedy_inputs, op_histogram)
@@ -58,8 +59,8 @@ from zaya_export.runtime.manifest import (EntryPoint, Manifest, MlirModule, Pass
 from zaya_export.passes.onnx_quant import StoredMatrix
 
 from .kernel_aot import build_kernels, resolve_kernel_archs
-from .mlir_export import (MLIR_FILE, PARAM_SCOPE, Target, compile_target, externalize_weights, lower_module,
-                          resolve_targets, store_parameters)
+from .mlir_export import (MLIR_FILE, NARROW_PARAMETER_FLAGS, PARAM_SCOPE, QUANTIZED_FLAGS, Target, compile_target,
+                          externalize_weights, lower_module, resolve_targets, store_parameters)
 from .onnx_export import WEIGHTS_FILE, bind_external_weights, lower_entry, save_entry, write_weights
 from .quant_export import quantize_entry, write_quantized_weights
 from .weights_stream import STREAM_CHOICES, StreamedCheckpoint, fuse_streamed, open_streamed, write_streamed_weights
@@ -129,9 +130,6 @@ class ExportOptions:
             scheme = self.scheme()
         except QuantError as exc:
             raise ExportError(str(exc)) from None
-        if scheme is not None and formats != ("onnx",):
-            raise ExportError("--quant lowers the quantized matmuls to onnxruntime's MatMulNBits; the MLIR/IREE "
-                              "path has no quantized matmul yet: use --format onnx")
         if self.block_len is not None and not 1 <= self.block_len <= MAX_BLOCK_LEN:
             raise ExportError(f"--block-len must be in [1, {MAX_BLOCK_LEN}] (the packed step runs about "
                               f"(K+1)·levels tokens per forward), got {self.block_len}")
@@ -307,9 +305,12 @@ def _trace(run: ExportRun) -> Dumps:
         # names only until the ONNX graph gives shapes and dtypes: one form for every reader
         run.entries[name] = EntryPoint(tokens=spec.tokens, inputs=tuple(PortSig(name=n) for n in spec.inputs),
                                        outputs=tuple(PortSig(name=n) for n in spec.outputs), debug=spec.probe)
-        if mlir:  # the same fused model, each zaya.* op traced as its MLIR face
+        if mlir:  # the same fused model, each zaya.* op traced as its MLIR face (on quantized matrices: --quant)
             try:
-                with kernels.mlir_faces(decode=spec.tokens == 1):
+                with kernels.mlir_faces(decode=spec.tokens == 1), \
+                        quantized_matrices(run.model, run.options.scheme()) as swapped:
+                    if swapped:
+                        externalize_weights(run.model)
                     run.mlir_programs[name] = export_entry(run.model, spec)
             except Exception as exc:  # torch.export raises many types; name the entry and the first line
                 raise ExportError(f"{name}: tracing the MLIR faces failed: {type(exc).__name__}: "
@@ -371,7 +372,10 @@ def _lower_mlir(run: ExportRun) -> Dumps:
         static = {name for name, e in run.entries.items() if e.tokens is not None}
         ops = lower_module(run.mlir_programs, run.tmp / MLIR_FILE, static, run.status)
         stored = {name: info.dtype for name, info in read_header(run.tmp / "onnx" / WEIGHTS_FILE).items()}
-        narrow = store_parameters(run.tmp / MLIR_FILE, stored) > 0
+        int4 = [f"{name}.{part}" for name, m in run.quantized.items() if m.bits == 4 and len(m.shape) == 2
+                for part in ("qweight", "zero_points") if part in m.parts]  # plain matrices: see QuantizedMatrix
+        narrow = store_parameters(run.tmp / MLIR_FILE, stored, int4) > 0 or bool(run.quantized)
+        flags = (*(NARROW_PARAMETER_FLAGS if narrow else ()), *(QUANTIZED_FLAGS if run.quantized else ()))
     except Exception as exc:  # importer/decomposition failures come as many exception types
         raise ExportError(f"MLIR lowering failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     run.mlir_programs.clear()
@@ -384,7 +388,7 @@ def _lower_mlir(run: ExportRun) -> Dumps:
         run.status(f"iree-compile for {target.name}")
         try:
             run.iree[target.name] = compile_target(run.tmp / MLIR_FILE, target, run.tmp / "iree" / f"{target.name}.vmfb",
-                                                   narrow)
+                                                   flags)
         except RuntimeError as exc:
             raise ExportError(str(exc)) from None
     return {"module": lambda: (run.tmp / MLIR_FILE).read_text()}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import struct
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,25 +97,30 @@ def lower_module(programs: dict[str, torch.export.ExportedProgram], path: Path, 
     return _ops_per_function(path.read_text())
 
 
-# One external parameter and one read of it, as iree-turbine prints them (fp32: the traced model's dtype).
+# One external parameter and one read of it, as iree-turbine prints them (fp32 weights, or uint8 codes as i8).
 _GLOBAL = re.compile(r'^(?P<head>\s*util\.global private @(?P<sym>[\w.$-]+) = #flow\.parameter\.named<'
-                     r'"[^"]*"::"(?P<key>[^"]+)"> : )tensor<(?P<dims>(?:[0-9]+x)*)f32>$', re.M)
+                     r'"[^"]*"::"(?P<key>[^"]+)"> : )tensor<(?P<dims>(?:[0-9]+x)*)(?P<elem>f32|i8)>$', re.M)
 _LOAD = re.compile(r'^(?P<indent>\s*)(?P<var>%[\w.$-]+) = util\.global\.load @(?P<sym>[\w.$-]+) : '
-                   r'tensor<(?P<dims>(?:[0-9]+x)*)f32>$', re.M)
+                   r'tensor<(?P<dims>(?:[0-9]+x)*)(?P<elem>f32|i8)>$', re.M)
 _MLIR_FLOAT = {"BF16": "bf16", "F16": "f16"}  # safetensors dtype → MLIR element type
+_WIDEN = {"f32": "arith.extf", "i8": "arith.extui"}  # traced element type → the op that widens the stored one
 
 
-def store_parameters(path: Path, stored: Mapping[str, str]) -> int:
-    """Retype the module's external parameters to the dtype the weight file stores them in (``stored``:
-    safetensors key → safetensors dtype) and widen each read to fp32 (``arith.extf``) where it is loaded, so
-    IREE reads a bf16/fp16 weight file in place while the graphs compute in fp32, as the ONNX graphs do. The
-    widening sits next to its consumers, where IREE fuses it into their dispatches. Returns how many
-    parameters were retyped; RuntimeError if a retyped parameter is read in a form this rewrite does not know."""
+def store_parameters(path: Path, stored: Mapping[str, str], int4: Collection[str] = ()) -> int:
+    """Retype the module's external parameters to what the weight file stores (``stored``: safetensors key →
+    safetensors dtype; ``int4``: keys of uint8-traced codes the file packs two per byte) and widen each read
+    where it is loaded (``arith.extf`` to fp32, ``arith.extui`` to i8), so IREE reads a bf16/fp16 or int4 weight
+    file in place while the graphs compute as traced, as the ONNX graphs do. The widening sits next to its
+    consumers, where IREE fuses it into their dispatches. Returns how many parameters were retyped;
+    RuntimeError if a retyped parameter is read in a form this rewrite does not know."""
     text = path.read_text()
-    retyped: dict[str, str] = {}  # symbol → element type
+    retyped: dict[str, str] = {}  # symbol → stored element type
 
     def on_global(m: re.Match[str]) -> str:
-        elem = _MLIR_FLOAT.get(stored.get(m["key"], "F32"))
+        if m["elem"] == "i8":
+            elem = "i4" if m["key"] in int4 else None
+        else:
+            elem = _MLIR_FLOAT.get(stored.get(m["key"], "F32"))
         if elem is None:
             return m[0]
         retyped[m["sym"]] = elem
@@ -125,14 +130,17 @@ def store_parameters(path: Path, stored: Mapping[str, str]) -> int:
         elem = retyped.get(m["sym"])
         if elem is None:
             return m[0]
-        wide, narrow = f"tensor<{m['dims']}f32>", f"tensor<{m['dims']}{elem}>"
+        wide, narrow = f"tensor<{m['dims']}{m['elem']}>", f"tensor<{m['dims']}{elem}>"
         return (f"{m['indent']}{m['var']}.stored = util.global.load @{m['sym']} : {narrow}\n"
-                f"{m['indent']}{m['var']} = arith.extf {m['var']}.stored : {narrow} to {wide}")
+                f"{m['indent']}{m['var']} = {_WIDEN[m['elem']]} {m['var']}.stored : {narrow} to {wide}")
 
     text = _LOAD.sub(on_load, _GLOBAL.sub(on_global, text))
-    left = [sym for sym in retyped if re.search(rf"@{re.escape(sym)}\b(?!\s*=)[^\n]*f32>", text)]
+    left = [sym for sym in retyped if re.search(rf"@{re.escape(sym)}\b(?!\s*=)[^\n]*(f32|i8)>", text)]
+    missing = sorted(set(int4) - set(re.findall(r'::"([^"]+)"> : tensor<(?:[0-9]+x)*i4>$', text, re.M)))
+    if missing:
+        raise RuntimeError(f"int4 codes {missing[0]} are not an i8 parameter of the module")
     if left:
-        raise RuntimeError(f"parameter {left[0]} is read as fp32 in a form store_parameters does not rewrite")
+        raise RuntimeError(f"parameter {left[0]} is read in a form store_parameters does not rewrite")
     path.write_text(text)
     return len(retyped)
 
@@ -152,16 +160,22 @@ def _ops_per_function(text: str) -> dict[str, int]:
 # With parameters stored narrower than fp32, IREE's constant-expression hoisting would turn each widened weight
 # (every expert slice, in practice) into an fp32 global made at load: a second, wider copy of the weights.
 NARROW_PARAMETER_FLAGS = ("--iree-opt-const-expr-hoisting=false",)
+# Quantized matrices (models/quantized_matrix.py): on CPU, IREE keeps a matmul's producers out of its dispatch
+# unless told otherwise, so the dequantization would write a float copy of every weight it reads per call; O3 CPU
+# codegen vectorizes the fused dequantize-and-reduce (one int4 4096×2048 matvec, 1 thread: 4.2 ms at the default
+# level, 1.15 ms at O3; an fp32 matvec of the same matrix 1.3 ms). The global --iree-opt-level=O3 is not usable:
+# it breaks the dynamic-length softmax dispatch ("exceeded stack allocation limit").
+QUANTIZED_FLAGS = ("--iree-dispatch-creation-block-matmul-producer-fusion=false", "--iree-llvmcpu-mlir-opt-level=O3")
 
 
-def compile_target(mlir: Path, target: Target, out: Path, narrow_parameters: bool = False) -> IreeModule:
-    """``iree-compile`` the module for one target (``narrow_parameters``: :func:`store_parameters` retyped
-    some); returns what the manifest records."""
+def compile_target(mlir: Path, target: Target, out: Path, extra_flags: tuple[str, ...] = ()) -> IreeModule:
+    """``iree-compile`` the module for one target (``extra_flags``: :data:`NARROW_PARAMETER_FLAGS`,
+    :data:`QUANTIZED_FLAGS` as the module needs them); returns what the manifest records."""
     import iree.compiler as ireec
 
     start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
-    flags = [*target.flags, *(NARROW_PARAMETER_FLAGS if narrow_parameters else ())]
+    flags = [*target.flags, *extra_flags]
     try:
         ireec.compile_file(str(mlir), input_type="torch", target_backends=[], extra_args=flags, output_file=str(out))
     except ireec.CompilerToolError as exc:
