@@ -64,6 +64,10 @@ class _Parts:
     def _group_dims(self) -> int:
         return 3 if self.packed else 2  # [G, g/2, 2] or [G, g]
 
+    @property
+    def _group_axes(self) -> tuple[int, ...]:
+        return tuple(range(-self._group_dims, 0))
+
     def dequantized(self) -> Tensor:
         """fp32 ``[..., N, G, g]`` (packed: ``[..., N, G, g/2, 2]``): (code - zero point) · scale, elementwise
         (the form IREE fuses into the matmul that reads it)."""
@@ -87,25 +91,45 @@ class _Parts:
 
     def linear(self, x: Tensor) -> Tensor:
         """``x [..., K] @ W.T`` for a plain matrix ``W [N, K]``."""
-        reduce = tuple(range(-1, -self._group_dims - 1, -1))
         if decode_faces():  # one token per row: one reduction over the group axes, dequantization inside
-            return (self._grouped(x).unsqueeze(-self._group_dims - 1) * self.dequantized()).sum(reduce)  # [..., N]
+            return (self._grouped(x).unsqueeze(-self._group_dims - 1) * self.dequantized()).sum(self._group_axes)
         w = self.dequantized().flatten(-self._group_dims)[..., : self.k]  # [N, K]
         return F.linear(x, w)
 
     def rowwise(self, x: Tensor) -> Tensor:
         """Gathered rows ``W [n, out, in]`` applied to ``x [n, in]`` → ``[n, out]``."""
-        reduce = tuple(range(-1, -self._group_dims - 1, -1))
-        return (self._grouped(x)[:, None] * self.dequantized()).sum(reduce)
+        return (self._grouped(x)[:, None] * self.dequantized()).sum(self._group_axes)
 
 
 def _unpack(packed: Tensor) -> Tensor:
-    """Bytes ``[..., m]`` → int4 codes ``[..., m, 2]`` (the even code in the low nibble), elementwise."""
+    """Bytes ``[..., m]`` → int4 codes ``[..., m, 2]`` (the even code in the low nibble) by a broadcast shift:
+    elementwise, so IREE fuses it with the dequantization (``quantization._unpack`` stacks the two nibbles,
+    a concatenation, and trims padding)."""
     shifts = torch.tensor([0, 4], dtype=torch.uint8, device=packed.device)
     return torch.bitwise_and(torch.bitwise_right_shift(packed[..., None], shifts), 15)
 
 
-class QuantizedMatrix(nn.Module):
+class _Operand:
+    """What the model code and the faces read of a weight: its shape, ``w.T`` for ``x @ w.T``, and the torch
+    functions :func:`_dispatch` answers. Subclasses give :meth:`parts`."""
+
+    def parts(self) -> _Parts:
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.parts().shape
+
+    @property
+    def T(self) -> _Transposed:  # noqa: N802 - mirrors Tensor.T for ``x @ w.T``
+        return _Transposed(self.parts())
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:  # noqa: ANN401
+        return _dispatch(func, args, kwargs or {})
+
+
+class QuantizedMatrix(_Operand, nn.Module):
     """A quantized weight in place of a float one; buffers named as the weight file names its parts."""
 
     def __init__(self, float_shape: tuple[int, ...], bits: int, group_size: int, symmetric: bool) -> None:
@@ -131,20 +155,12 @@ class QuantizedMatrix(nn.Module):
         return _Parts(self.qweight, self.scales, self.zero_points, self.bits, self.k, self.packed)
 
     @property
-    def shape(self) -> torch.Size:
-        return self.parts().shape
-
-    @property
     def device(self) -> torch.device:
         return self.scales.device
 
     @property
     def dtype(self) -> torch.dtype:
         return torch.float32  # what it computes in
-
-    @property
-    def T(self) -> _Transposed:  # noqa: N802 - mirrors Tensor.T for ``x @ w.T``
-        return _Transposed(self.parts())
 
     def __getitem__(self, index: int) -> _Rows:
         return _Rows(self.parts().select(index))
@@ -154,31 +170,15 @@ class QuantizedMatrix(nn.Module):
             raise NotImplementedError("a quantized matrix stack is gathered along its first axis only")
         return _Rows(self.parts().select(index))
 
-    @classmethod
-    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:  # noqa: ANN401
-        return _dispatch(func, args, kwargs or {})
 
-
-class _Rows:
+class _Rows(_Operand):
     """``stack[e]`` (a matrix) or ``stack.index_select(0, rows)`` (a matrix per row) of a quantized stack."""
 
     def __init__(self, parts: _Parts) -> None:
-        self.parts_ = parts
+        self._parts = parts
 
     def parts(self) -> _Parts:
-        return self.parts_
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.parts_.shape
-
-    @property
-    def T(self) -> _Transposed:  # noqa: N802
-        return _Transposed(self.parts_)
-
-    @classmethod
-    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:  # noqa: ANN401
-        return _dispatch(func, args, kwargs or {})
+        return self._parts
 
 
 class _Transposed(_Rows):
@@ -186,7 +186,7 @@ class _Transposed(_Rows):
 
 
 def _dispatch(func: Any, args: tuple, kwargs: dict) -> Tensor:  # noqa: ANN401
-    if func is F.linear or func is torch._C._nn.linear:
+    if func is F.linear:
         x, w, *rest = args
         bias = rest[0] if rest else kwargs.get("bias")
         y = w.parts().linear(x)
