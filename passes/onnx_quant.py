@@ -22,13 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from zaya_export.models.quantization import QuantScheme
 
 from .base import Pass, PassError
+from .moe_unroll import expand_moe, replace_value
 
 MS_DOMAIN = "com.microsoft"
 _IR = {"qweight": ir.DataType.UINT8, "zero_points": ir.DataType.UINT8, "scales": ir.DataType.FLOAT}
@@ -113,50 +113,19 @@ class QuantizeWeights(Pass[ir.Model]):
             tape = ir.tape.Tape()
             out = self._matmul(tape, model, use.node.inputs[0], w.name)
             model.graph.insert_before(use.node, tape.nodes)
-            _replace(use.node.outputs[0], out)
+            replace_value(use.node.outputs[0], out)
             model.graph.remove(use.node, safe=True)
         model.graph.remove(node, safe=True)
         return len(uses)
 
     def _expand_moe(self, model: ir.Model, node: ir.Node) -> int:
         """MoETop1 → router + one branch per expert on its own rows (module docstring, step 1)."""
-        x, prev, *router, gate_up, down = node.inputs
-        if gate_up.name not in self.matrices or down.name not in self.matrices:
-            raise PassError(f"{node.name}: the experts {gate_up.name}, {down.name} are not quantized")
-        eps = node.attributes["eps"].value
-        experts, inter = node.attributes["num_experts"].value, node.attributes["intermediate"].value
-        tape = ir.tape.Tape()
+        stacks = {"gate_up": node.inputs[-2].name, "down": node.inputs[-1].name}
+        if any(name not in self.matrices for name in stacks.values()):
+            raise PassError(f"{node.name}: the experts {sorted(stacks.values())} are not quantized")
 
-        def const(value: object, dtype: type = np.int64) -> ir.Value:
-            return tape.op("Constant", [], {"value": ir.tensor(np.array(value, dtype=dtype))})
+        def matmul(tape: ir.tape.Tape, rows: ir.Value, which: str, e: int) -> ir.Value:
+            return self._matmul(tape, model, rows, stacks[which], e)
 
-        choice, prob, r = tape.op_multi_out("MoERouter", [x, prev, *router], {"eps": eps}, num_outputs=3,
-                                            domain="zaya")
-        flat, weight = tape.op("Reshape", [choice, const([-1])]), tape.op("Reshape", [prob, const([-1])])  # [N]
-        out = tape.op("Expand", [const(0.0, np.float32), tape.op("Shape", [x])])  # zeros [N, H]
-        first, second, axis = const([0]), const([inter]), const([1])
-        for e in range(experts):
-            idx = tape.op("Reshape", [tape.op("NonZero", [tape.op("Equal", [flat, const(e)])]), const([-1])])  # [n]
-            h = self._matmul(tape, model, tape.op("Gather", [x, idx], {"axis": 0}), gate_up.name, e)  # [n, 2I]
-            g = tape.op("Slice", [h, first, second, axis])
-            u = tape.op("Slice", [h, second, const([2 * inter]), axis])
-            act = tape.op("Mul", [tape.op("Mul", [g, tape.op("Sigmoid", [g])]), u])  # SiLU(g)·u [n, I]
-            y = tape.op("Mul", [self._matmul(tape, model, act, down.name, e),
-                                tape.op("Unsqueeze", [tape.op("Gather", [weight, idx], {"axis": 0}), axis])])
-            out = tape.op("ScatterND", [out, tape.op("Unsqueeze", [idx, axis]), y])  # rows disjoint across experts
-        model.graph.insert_before(node, tape.nodes)
-        _replace(node.outputs[0], out)
-        _replace(node.outputs[1], r)
-        model.graph.remove(node, safe=True)
-        return 2 * experts
-
-
-def _replace(old: ir.Value, new: ir.Value) -> None:
-    """Every use of ``old`` (a graph output too, which keeps its name) now reads ``new``, which takes over its
-    type and shape (the nodes made here carry none)."""
-    new.type = new.type or old.type
-    new.shape = new.shape or old.shape
-    if old.is_graph_output():
-        name, old.name = old.name, f"{old.name}.replaced"
-        new.name = name
-    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+        expand_moe(model, node, matmul)
+        return 2 * node.attributes["num_experts"].value

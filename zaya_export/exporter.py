@@ -61,7 +61,7 @@ from zaya_export.passes.onnx_quant import StoredMatrix
 from .kernel_aot import build_kernels, resolve_kernel_archs
 from .mlir_export import (MLIR_FILE, NARROW_PARAMETER_FLAGS, PARAM_SCOPE, QUANTIZED_FLAGS, Target, compile_target,
                           externalize_weights, lower_module, resolve_targets, store_parameters)
-from .onnx_export import WEIGHTS_FILE, bind_external_weights, lower_entry, save_entry, write_weights
+from .onnx_export import WEIGHTS_FILE, bind_external_weights, lower_entry, save_entry, unroll_entry, write_weights
 from .quant_export import quantize_entry, write_quantized_weights
 from .weights_stream import STREAM_CHOICES, StreamedCheckpoint, fuse_streamed, open_streamed, write_streamed_weights
 
@@ -356,6 +356,8 @@ def _lower_onnx(run: ExportRun) -> Dumps:
         if run.quantized:  # before binding: the quantized matrices' float initializers are gone by then
             log = [*log, *quantize_entry(onnx_model, run.options.scheme(), run.quantized, run.tmp / "onnx")]
         bind_external_weights(onnx_model, run.offsets, run.tmp / "onnx")
+        if not run.quantized:  # (a quantized entry's experts were expanded onto their codes above)
+            log = [*log, *unroll_entry(onnx_model)]
         save_entry(onnx_model, run.tmp / "onnx" / f"{name}.onnx")
         run.entries[name] = dataclasses.replace(run.entries[name], onnx=f"onnx/{name}.onnx",
                                                 inputs=_signature(onnx_model.graph.inputs),

@@ -20,6 +20,7 @@ import torch
 
 import zaya_export.kernels as kernels
 from zaya_export.passes.base import PassManager, PassRecord
+from zaya_export.passes.moe_unroll import UnrollExperts
 from zaya_export.passes.onnx_cleanup import onnx_pipeline
 
 from zaya_export.models.checkpoint import save_tensors
@@ -142,6 +143,13 @@ def _only_gathered(value: ir.Value) -> bool:
     return bool(uses) and all(u.node.op_type == "Gather" and u.idx == 0 and u.node.domain == ""
                               and (u.node.attributes.get("axis") is None or u.node.attributes["axis"].value == 0)
                               for u in uses)
+
+
+def unroll_entry(model: ir.Model) -> list[PassRecord]:
+    """Run ``unroll_experts`` on one lowered, weight-bound float entry (one with MoE nodes); returns its log."""
+    if not any(n.domain == "zaya" and n.op_type == "MoETop1" for n in model.graph):
+        return []
+    return PassManager([UnrollExperts()]).run(model)
 
 
 def save_entry(model: ir.Model, path: Path) -> None:

@@ -1,0 +1,160 @@
+"""``unroll_experts``: every ``zaya.MoETop1`` node becomes its router and one branch per expert, each expert's
+weights a constant initializer of its own.
+
+Why: the op's ONNX body groups tokens by expert in a ``Loop`` over the experts, under an ``If`` on the token
+count. Both are subgraphs onnxruntime runs through its generic control-flow kernels, and inside the ``Loop`` the
+expert index is a run-time value, so ``Gather(gate_up, e)`` copies that expert's weights on every call (the
+whole stack once per multi-token forward: 12 MB per ``verify`` of the demo checkpoint). Unrolled, the branches are
+plain nodes and each ``Gemm`` reads a constant slice of the weight file in place, which is what makes a
+17-token ``verify`` cost little more than a one-token ``decode`` (issue 15). The same expansion serves the
+quantized artifacts (``onnx_quant``), whose expert matmuls are ``MatMulNBits`` on each expert's own codes.
+
+Runs after the weights are bound (``onnx_export.bind_external_weights``): an expert's initializer is a view of
+the stacked tensor's bytes (offset + e × stride), so nothing is copied; a stack stored narrower than the compute
+dtype gets one ``Cast`` per expert, as the stack had one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from .base import Pass, PassError
+
+# (tape, rows [n, K], "gate_up" | "down", expert) → rows @ W_e.T [n, N]
+ExpertMatmul = Callable[[ir.tape.Tape, ir.Value, str, int], ir.Value]
+
+
+def expand_moe(model: ir.Model, node: ir.Node, matmul: ExpertMatmul) -> None:
+    """Replace one ``MoETop1`` node by ``MoERouter`` and one branch per expert: the rows routed to expert e are
+    gathered, run through ``matmul`` (gate/up, SiLU·up, down), scaled by their router probability and scattered
+    back (rows of the skip class reach no expert, so they stay zero)."""
+    x, prev, *router, _, _ = node.inputs
+    eps = node.attributes["eps"].value
+    experts, inter = node.attributes["num_experts"].value, node.attributes["intermediate"].value
+    tape = ir.tape.Tape()
+
+    def const(value: object, dtype: type = np.int64) -> ir.Value:
+        return tape.op("Constant", [], {"value": ir.tensor(np.array(value, dtype=dtype))})
+
+    choice, prob, r = tape.op_multi_out("MoERouter", [x, prev, *router], {"eps": eps}, num_outputs=3, domain="zaya")
+    flat, weight = tape.op("Reshape", [choice, const([-1])]), tape.op("Reshape", [prob, const([-1])])  # [N]
+    out = tape.op("Expand", [tape.op("CastLike", [const(0.0, np.float32), x]), tape.op("Shape", [x])])  # zeros [N, H]
+    first, second, axis = const([0]), const([inter]), const([1])
+    for e in range(experts):
+        idx = tape.op("Reshape", [tape.op("NonZero", [tape.op("Equal", [flat, const(e)])]), const([-1])])  # [n]
+        h = matmul(tape, tape.op("Gather", [x, idx], {"axis": 0}), "gate_up", e)  # [n, 2I]
+        g = tape.op("Slice", [h, first, second, axis])
+        u = tape.op("Slice", [h, second, const([2 * inter]), axis])
+        act = tape.op("Mul", [tape.op("Mul", [g, tape.op("Sigmoid", [g])]), u])  # SiLU(g)·u [n, I]
+        y = tape.op("Mul", [matmul(tape, act, "down", e),
+                            tape.op("Unsqueeze", [tape.op("Gather", [weight, idx], {"axis": 0}), axis])])
+        out = tape.op("ScatterND", [out, tape.op("Unsqueeze", [idx, axis]), y])  # rows disjoint across experts
+    model.graph.insert_before(node, tape.nodes)
+    replace_value(node.outputs[0], out)
+    replace_value(node.outputs[1], r)
+    model.graph.remove(node, safe=True)
+
+
+def replace_value(old: ir.Value, new: ir.Value) -> None:
+    """Every use of ``old`` (a graph output too, which keeps its name) now reads ``new``, which takes over its
+    type and shape (the nodes made here carry none)."""
+    new.type = new.type or old.type
+    new.shape = new.shape or old.shape
+    if old.is_graph_output():
+        name, old.name = old.name, f"{old.name}.replaced"
+        new.name = name
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+
+
+class UnrollExperts(Pass[ir.Model]):
+    """Float experts: ``MoETop1`` → router + per-expert ``Gemm`` branches on constant expert slices. Counts two
+    rewrites per expert (its two matmuls)."""
+
+    name = "unroll_experts"
+
+    def requires(self, model: ir.Model) -> None:
+        for node in _moe_nodes(model):
+            for stack in node.inputs[-2:]:
+                _stored_stack(stack)  # raises on a stack that is not a bound weight
+
+    def run(self, model: ir.Model) -> int:
+        rewrites = 0
+        cache: dict[tuple[str, int], ir.Value] = {}
+        first = next(iter(model.graph))
+        moe = _moe_nodes(model)
+        stacks = list({v.name: v for n in moe for v in n.inputs[-2:]}.values())
+        for node in moe:
+            pair = {"gate_up": node.inputs[-2], "down": node.inputs[-1]}
+
+            def matmul(tape: ir.tape.Tape, rows: ir.Value, which: str, e: int, pair: dict = pair) -> ir.Value:
+                weight = _expert_slice(model, pair[which], e, cache, first)
+                return tape.op("Gemm", [rows, weight], {"transB": 1})  # W_e as stored [N, K]: no transpose copy
+
+            expand_moe(model, node, matmul)
+            rewrites += 2 * node.attributes["num_experts"].value
+        _drop_unused(model, stacks)
+        common.RemoveUnusedFunctionsPass()(model)
+        return rewrites
+
+    def ensures(self, model: ir.Model, rewrites: int) -> None:
+        left = [n.name for n in model.graph.all_nodes() if n.op_type in ("Loop", "If") or n.op_type == "MoETop1"]
+        if left:
+            raise PassError(f"control flow or MoETop1 left after unrolling: {left}")
+
+
+def _moe_nodes(model: ir.Model) -> list[ir.Node]:
+    return [n for n in model.graph if n.domain == "zaya" and n.op_type == "MoETop1"]
+
+
+def _stored_stack(stack: ir.Value) -> tuple[ir.Value, ir.Node | None]:
+    """The initializer holding an expert stack's bytes, and the ``Cast`` that widens it (None if stored in the
+    compute dtype)."""
+    if stack.is_initializer() and isinstance(stack.const_value, ir.ExternalTensor):
+        return stack, None
+    cast = stack.producer()
+    if (cast is not None and cast.op_type == "Cast" and cast.inputs[0] is not None
+            and cast.inputs[0].is_initializer() and isinstance(cast.inputs[0].const_value, ir.ExternalTensor)):
+        return cast.inputs[0], cast
+    raise PassError(f"expert stack {stack.name} is not a weight bound to the weight file")
+
+
+def _expert_slice(model: ir.Model, stack: ir.Value, e: int, cache: dict, first: ir.Node) -> ir.Value:
+    """Expert ``e`` of ``stack`` as an initializer over the same bytes (plus its widening ``Cast``)."""
+    key = (stack.name, e)
+    if key in cache:
+        return cache[key]
+    stored, cast = _stored_stack(stack)
+    tensor = stored.const_value
+    shape = list(tensor.shape)
+    stride = tensor.length // shape[0]
+    name = f"{stored.name}.{e}"
+    part = ir.ExternalTensor(tensor.location, tensor.offset + e * stride, stride, tensor.dtype,
+                             shape=ir.Shape(shape[1:]), name=name, base_dir=tensor.base_dir)
+    value = ir.Value(name=name, shape=ir.Shape(shape[1:]), type=ir.TensorType(tensor.dtype), const_value=part)
+    model.graph.register_initializer(value)
+    if cast is not None:
+        widen = ir.node("Cast", [value], attributes={"to": cast.attributes["to"].value})
+        widen.outputs[0].name = f"{stack.name}.{e}.widened"
+        widen.outputs[0].type = stack.type
+        widen.outputs[0].shape = ir.Shape(shape[1:])
+        model.graph.insert_before(first, widen)
+        value = widen.outputs[0]
+    cache[key] = value
+    return value
+
+
+def _drop_unused(model: ir.Model, stacks: list[ir.Value]) -> None:
+    """Remove the stacked expert weights (and their widening ``Cast``) that nothing reads any more: each expert
+    reads its own slice now."""
+    for stack in stacks:
+        if list(stack.uses()) or stack.is_graph_output():
+            continue
+        stored, cast = _stored_stack(stack)
+        if cast is not None:
+            model.graph.remove(cast, safe=True)
+        if not list(stored.uses()):
+            model.graph.initializers.pop(stored.name, None)
