@@ -162,6 +162,15 @@ def _split(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def _parse_levels(text: str | None) -> tuple[int, ...] | str | None:
+    if text is None or text.strip() == "auto":
+        return None if text is None else "auto"
+    try:
+        return tuple(int(t) for t in text.replace(" ", "").split(",") if t)
+    except ValueError:
+        raise InputError(f"--levels must be comma-separated integers or auto, got {text!r}") from None
+
+
 def _parse_ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.replace(" ", "").split(",") if t]
@@ -325,7 +334,8 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
 @click.option("--block-len", type=click.IntRange(min=1), default=None,
               help="TiDAR drafts per step K (default: the config's diffusion_block_len).")
 @click.option("--levels", default=None, help="Acceptance levels of the packed TiDAR step, e.g. 0,6,16 "
-              "(must start at 0; default 0,6,16 scaled to K).")
+              "(must start at 0; default 0,6,16 scaled to K), or auto: 0 and the most frequent acceptance "
+              "lengths of the calibration's fused run (as many levels as the default).")
 @click.option("--tidar", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="TiDAR entry points (verify, draft, packed step): auto = only for a diffusion checkpoint (its "
               "config names a mask token or a block length); an AR checkpoint gets prefill and decode.")
@@ -356,7 +366,7 @@ def export(checkpoint: Path, out: Path, formats: str, targets: str | None, kerne
     with console.status("exporting") as status:
         manifest = export_artifact(
             checkpoint, out, dtype=dtype, force=force, dump_after=dump_after, block_len=block_len,
-            levels=tuple(_parse_ids(levels)) if levels else None, formats=tuple(_split(formats)),
+            levels=_parse_levels(levels), formats=tuple(_split(formats)),
             targets=None if targets is None else tuple(_split(targets)), tidar=tidar, calibrate=calibrate,
             stream=stream, kernels=kernels, quant=quant, group_size=int(group_size), quant_head=quant_head,
             status=lambda msg: status.update(msg))

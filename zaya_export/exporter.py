@@ -10,10 +10,13 @@
 5. ``trace``: every entry point through ``torch.export``, checked for one fused op per layer; for MLIR also with
    each ``zaya.*`` op as its MLIR face, plus the in-place state commits (``commit_entry``);
 6. ``weights``: the shared weights, stored once (safetensors layout) in the stored dtype;
-7. ``lower-onnx``: each entry to ONNX (function bodies attached), the ONNX cleanup passes, weights bound;
-8. ``lower-mlir``: every entry into one MLIR module whose weights are external parameters read from the same
-   file, ``iree-compile``\\ d for each target;
-9. ``write``: config, tokenizer, manifest (pass log, op counts, versions, compiler flags, hashes); the artifact
+7. ``lower-mlir``: every entry into one MLIR module whose weights are external parameters read from the same
+   file; ``iree-compile`` for each target starts in a child process and runs while the next phase works;
+8. ``lower-onnx``: each entry to ONNX (function bodies attached), the ONNX cleanup passes, weights bound, the
+   MoE unrolled per expert (float) or onto its codes (quantized);
+9. ``iree-compile``: waits for the compilers (a failure ends the export like any other phase);
+10. ``kernels``: AOT Triton code objects for the GPU archs asked for;
+11. ``write``: config, tokenizer, manifest (pass log, op counts, versions, compiler flags, hashes); the artifact
    directory appears only when every phase succeeded.
 
 ``--dump-after`` takes a phase (what it produced: the prefill graph after prepare/fuse, the packed step after
@@ -59,7 +62,7 @@ from zaya_export.runtime.manifest import (EntryPoint, Manifest, MlirModule, Pass
 from zaya_export.passes.onnx_quant import StoredMatrix
 
 from .kernel_aot import build_kernels, resolve_kernel_archs
-from .mlir_export import (MLIR_FILE, NARROW_PARAMETER_FLAGS, PARAM_SCOPE, QUANTIZED_FLAGS, Target, compile_target,
+from .mlir_export import (MLIR_FILE, NARROW_PARAMETER_FLAGS, PARAM_SCOPE, QUANTIZED_FLAGS, CompileJob, Target,
                           externalize_weights, lower_module, resolve_targets, store_parameters)
 from .onnx_export import WEIGHTS_FILE, bind_external_weights, lower_entry, save_entry, unroll_entry, write_weights
 from .quant_export import quantize_entry, write_quantized_weights
@@ -88,7 +91,7 @@ class ExportOptions:
     targets: tuple[Target | str, ...] | None = None  # IREE targets; None: cpu when mlir is exported
     tidar: str = "auto"  # auto: the TiDAR entries when the config names a mask token or a block length
     block_len: int | None = None  # draft count K (default: the config's diffusion_block_len)
-    levels: tuple[int, ...] | None = None  # acceptance levels of the packed step
+    levels: tuple[int, ...] | str | None = None  # acceptance levels of the packed step; "auto": calibrated
     calibrate: int = 4  # prompts for the acceptance histograms of run --mode auto (0: skip)
     force: bool = False
     dump_after: tuple[str, ...] = ()  # phases or fusion passes
@@ -133,6 +136,8 @@ class ExportOptions:
         if self.block_len is not None and not 1 <= self.block_len <= MAX_BLOCK_LEN:
             raise ExportError(f"--block-len must be in [1, {MAX_BLOCK_LEN}] (the packed step runs about "
                               f"(K+1)·levels tokens per forward), got {self.block_len}")
+        if isinstance(self.levels, str) and self.levels != "auto":
+            raise ExportError(f"--levels must be comma-separated integers or auto, got {self.levels!r}")
         dumpable = [name for name, _ in PHASES] + [p.name for p in fusion_pipeline()]
         unknown = sorted(set(self.dump_after) - set(dumpable))
         if unknown:
@@ -167,6 +172,7 @@ class ExportRun:
     onnx_logs: dict[str, list[PassRecord]] = field(default_factory=dict)
     mlir: MlirModule | None = None
     iree: dict[str, Any] = field(default_factory=dict)
+    compiling: dict[str, CompileJob] = field(default_factory=dict)  # target → iree-compile running meanwhile
     kernels: dict[str, list[dict]] = field(default_factory=dict)  # AOT Triton kernels by arch (kernel_aot)
     manifest: Manifest | None = None
     source: StreamedCheckpoint | None = None  # a streamed export reads its weights from here (weights_stream)
@@ -216,7 +222,8 @@ def _prepare(run: ExportRun) -> Dumps:
     run.block_len = opts.block_len or model.config.diffusion_block_len
     if not 1 <= run.block_len <= MAX_BLOCK_LEN:
         raise ExportError(f"the config's diffusion_block_len must be in [1, {MAX_BLOCK_LEN}], got {run.block_len}")
-    run.levels = tuple(opts.levels or default_levels(run.block_len))
+    auto = opts.levels in (None, "auto")  # "auto" replaces these after the calibration (``_calibrate``)
+    run.levels = default_levels(run.block_len) if auto else tuple(opts.levels)
     if run.with_tidar:
         try:  # refused here, before the calibration runs TiDAR with them
             packed_layout(run.block_len, run.levels, model.config.conv_history)
@@ -232,13 +239,23 @@ def _calibrate(run: ExportRun) -> Dumps:
     """Acceptance histograms on held-out code (``calibrate``), for the cost model of ``run --mode auto``."""
     params = sum(p.numel() for p in run.model.parameters())
     if not run.with_tidar or not run.options.calibrate or params > CALIBRATE_MAX_PARAMS or run.source is not None:
+        if run.with_tidar and run.options.levels == "auto":
+            run.status(f"--levels auto: no calibration to choose from, keeping {','.join(map(str, run.levels))}")
         return {}  # (a streamed export has no eager model to generate with)
-    from .calibrate import measure_acceptance
+    from .calibrate import levels_from_histogram, measure_acceptance
 
     run.status(f"calibrating: TiDAR acceptance on {run.options.calibrate} held-out prompts")
     tok_path = run.checkpoint / "tokenizer.json"
     tokenizer = load_tokenizer(tok_path) if tok_path.is_file() else None
     calibration = measure_acceptance(run.model, tokenizer, run.block_len, run.levels, run.options.calibrate)
+    if run.options.levels == "auto":
+        chosen = levels_from_histogram(calibration.acceptance["tidar-fused"], len(run.levels), run.levels)
+        run.status(f"--levels auto: {','.join(map(str, chosen))} from the fused acceptance histogram "
+                   f"{calibration.acceptance['tidar-fused']}")
+        if chosen != run.levels:  # measured again, so calibration.json describes the step that is exported
+            run.levels = chosen
+            calibration = measure_acceptance(run.model, tokenizer, run.block_len, run.levels,
+                                             run.options.calibrate)
     text = json.dumps(calibration.to_json()) + "\n"
     (run.tmp / CALIBRATION_FILE).write_text(text)
     return {"calibration": lambda: text}
@@ -386,14 +403,23 @@ def _lower_mlir(run: ExportRun) -> Dumps:
         parameter_file=f"onnx/{WEIGHTS_FILE}",
         state_entries={name: StateEntry(inputs=tuple(PortSig(name=n) for n in spec.inputs),
                                         mutates=tuple(spec.mutates)) for name, spec in COMMIT_SPECS.items()})
-    for target in run.options.targets:
-        run.status(f"iree-compile for {target.name}")
+    for target in run.options.targets:  # in child processes, while the ONNX lowering runs (``_iree_compile``)
+        run.status(f"iree-compile for {target.name} (in the background)")
+        job = CompileJob(run.tmp / MLIR_FILE, target, run.tmp / "iree" / f"{target.name}.vmfb", flags)
+        run.scope.callback(job.kill)  # a failed or interrupted export leaves no compiler running
+        run.compiling[target.name] = job
+    return {"module": lambda: (run.tmp / MLIR_FILE).read_text()}
+
+
+def _iree_compile(run: ExportRun) -> Dumps:
+    for name, job in run.compiling.items():
+        run.status(f"waiting for iree-compile ({name})")
         try:
-            run.iree[target.name] = compile_target(run.tmp / MLIR_FILE, target, run.tmp / "iree" / f"{target.name}.vmfb",
-                                                   flags)
+            run.iree[name] = job.wait()
         except RuntimeError as exc:
             raise ExportError(str(exc)) from None
-    return {"module": lambda: (run.tmp / MLIR_FILE).read_text()}
+    run.compiling.clear()
+    return {}
 
 
 def _kernels(run: ExportRun) -> Dumps:
@@ -429,8 +455,9 @@ PHASES: tuple[tuple[str, Callable[[ExportRun], Dumps]], ...] = (
     ("pack", _pack),
     ("trace", _trace),
     ("weights", _weights),
-    ("lower-onnx", _lower_onnx),
     ("lower-mlir", _lower_mlir),
+    ("lower-onnx", _lower_onnx),
+    ("iree-compile", _iree_compile),
     ("kernels", _kernels),
     ("write", _write),
 )

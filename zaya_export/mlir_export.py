@@ -168,25 +168,56 @@ NARROW_PARAMETER_FLAGS = ("--iree-opt-const-expr-hoisting=false",)
 QUANTIZED_FLAGS = ("--iree-dispatch-creation-block-matmul-producer-fusion=false", "--iree-llvmcpu-mlir-opt-level=O3")
 
 
-def compile_target(mlir: Path, target: Target, out: Path, extra_flags: tuple[str, ...] = ()) -> IreeModule:
-    """``iree-compile`` the module for one target (``extra_flags``: :data:`NARROW_PARAMETER_FLAGS`,
-    :data:`QUANTIZED_FLAGS` as the module needs them); returns what the manifest records."""
-    import iree.compiler as ireec
+class CompileJob:
+    """``iree-compile`` of the module for one target, running in a child process from the moment it is made, so
+    the export goes on (the ONNX lowering, the other targets) while it runs; :meth:`wait` collects it.
 
-    start = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    flags = [*target.flags, *extra_flags]
-    try:
-        ireec.compile_file(str(mlir), input_type="torch", target_backends=[], extra_args=flags, output_file=str(out))
-    except ireec.CompilerToolError as exc:
-        lines = str(exc).splitlines()
-        first = next((ln for ln in lines if "error:" in ln), next((ln for ln in lines if "ERROR" in ln), lines[0]))
-        raise RuntimeError(f"iree-compile failed for {target.name}: {first.strip()}") from None
-    archs = amd_archs_in(out)
-    if target.arch is not None and set(archs) != {target.arch}:
-        raise RuntimeError(f"{out.name}: expected AMD code objects for {target.arch}, found {archs or 'none'}")
-    return IreeModule(vmfb=f"iree/{out.name}", flags=("--iree-input-type=torch", *flags), driver=target.driver,
-                      bytes=out.stat().st_size, amd_archs=tuple(archs), seconds=round(time.perf_counter() - start, 1))
+    ``extra_flags``: :data:`NARROW_PARAMETER_FLAGS`, :data:`QUANTIZED_FLAGS` as the module needs them. The
+    compiler's messages go to a log file beside the output (a pipe nobody reads while the export works could
+    fill and stall the compiler); the log is removed once the compile succeeds."""
+
+    def __init__(self, mlir: Path, target: Target, out: Path, extra_flags: tuple[str, ...] = ()) -> None:
+        import subprocess
+
+        from iree.compiler.tools.core import CompilerOptions, TempFileSaver, build_compile_command_line
+
+        self.target, self.out, self.flags = target, out, [*target.flags, *extra_flags]
+        self.start = time.perf_counter()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        options = CompilerOptions(input_type="torch", target_backends=[], extra_args=self.flags,
+                                  output_file=str(out))
+        with TempFileSaver.implicit() as tfs:
+            command = build_compile_command_line(str(mlir), tfs, options)
+        self.log = out.with_suffix(".log")
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+
+    def wait(self) -> IreeModule:
+        """Wait for the compiler; returns what the manifest records, or raises ``RuntimeError`` with the
+        compiler's first error line."""
+        if self.process.wait() != 0:
+            lines = self.log.read_text(errors="replace").splitlines() or [f"exit status {self.process.returncode}"]
+            first = next((ln for ln in lines if "error:" in ln), next((ln for ln in lines if "ERROR" in ln), lines[0]))
+            raise RuntimeError(f"iree-compile failed for {self.target.name}: {first.strip()}")
+        self.log.unlink(missing_ok=True)
+        archs = amd_archs_in(self.out)
+        if self.target.arch is not None and set(archs) != {self.target.arch}:
+            raise RuntimeError(f"{self.out.name}: expected AMD code objects for {self.target.arch}, "
+                               f"found {archs or 'none'}")
+        return IreeModule(vmfb=f"iree/{self.out.name}", flags=("--iree-input-type=torch", *self.flags),
+                          driver=self.target.driver, bytes=self.out.stat().st_size, amd_archs=tuple(archs),
+                          seconds=round(time.perf_counter() - self.start, 1))
+
+    def kill(self) -> None:
+        """Stop the compiler if it still runs (the export failed or was interrupted)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def compile_target(mlir: Path, target: Target, out: Path, extra_flags: tuple[str, ...] = ()) -> IreeModule:
+    """``iree-compile`` the module for one target and wait for it (:class:`CompileJob`)."""
+    return CompileJob(mlir, target, out, extra_flags).wait()
 
 
 # e_flags low byte of an AMDGPU ELF (EF_AMDGPU_MACH_*) → architecture.
