@@ -90,6 +90,7 @@ def test_model_card_shows_both_stages_and_the_histograms(tmp_path):
     shutil.copy(demo / "train_log.json", tmp_path / "train_log.json")
     log = json.loads((tmp_path / "train_log.json").read_text())
     log.pop("distill", None)
+    log.pop("distill_passes", None)
     row = lambda tf, ff, ppl: {"heldout_ar_ppl": ppl, "equals_ar": "10/10",  # noqa: E731
                                "foreign": {"tidar": {"tokens_per_forward": tf}, "tidar-fused": {"tokens_per_forward": ff}}}
     log["distill"] = {"settings": settings_dict(DistillSettings(rounds=2)), "stage1": row(1.1, 1.38, 21.3),
@@ -101,11 +102,22 @@ def test_model_card_shows_both_stages_and_the_histograms(tmp_path):
     runs = ("tidar (lossless)", "tidar-fused (lossless)", "tidar (mix w=0.5)", "tidar-fused (mix w=0.5)")
     figures = {"prompts": 8, "new_tokens": 96, "modes": {r: mode(1.5) for r in runs},
                "foreign": {r: mode(1.6) for r in runs}, "greedy_tidar_equals_ar": "26/26",
-               "sample_prompt": "def f():", "sample_output": "    return 1"}
+               "sample_prompt": "def f():", "sample_output": "    return 1", "heldout_ar_ppl": 24.0}
     card = write_card(tmp_path, figures).read_text()
     assert "--stage distill --distill-rounds 2" in card
     assert "| round 1 | 1.55 | 1.84 | 22.2 | 10/10 |" in card and "| stage 1 | 1.1 | 1.38 | 21.3 | 10/10 |" in card
     assert "AR perplexity after stage 2 (4 held-out batches) | 22.2 (stage 1 on the same batches: 21.3)" in card
     assert "foreign code" in card and "| tidar-fused (lossless) | 1.6 |" in card
+    stage1 = log["metrics"]["heldout_ar_ppl"]
+    assert f"| AR perplexity of these weights (the same 8 batches) | 24.0 ({100 * (24.0 / stage1 - 1):+.1f}% vs stage 1) |" in card
     assert (tmp_path / "acceptance.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "figures.json").read_text())["foreign"]["tidar (lossless)"]["acceptance"] == hist
+    # a further pass on the distilled checkpoint keeps the first pass's record and table rows
+    log["distill_passes"] = [log["distill"]]
+    log["distill"] = {"settings": settings_dict(DistillSettings(rounds=1)), "stage1": row(1.6, 1.9, 22.5),
+                      "rounds": [{"round": 0, "seconds": 60.0, **row(1.85, 2.2, 23.2)}]}
+    (tmp_path / "train_log.json").write_text(json.dumps(log))
+    card = write_card(tmp_path, figures).read_text()
+    assert "| pass 1, round 1 | 1.55 | 1.84 | 22.2 | 10/10 |" in card and "| pass 2, round 0 | 1.85 | 2.2 | 23.2 |" in card
+    assert "--distill-rounds 2" in card and "1 further pass(es)" in card and "`--distill-rounds 1`" in card
+    assert "| 23.2 (stage 1 on the same batches: 21.3)" in card  # against the first pass's starting model

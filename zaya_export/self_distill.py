@@ -208,7 +208,9 @@ def round_evaluator(tokenizer, held_ids: np.ndarray, settings: DistillSettings  
 def distill_checkpoint(checkpoint: Path, settings: DistillSettings, log: Callable[[str], None] = print) -> dict:
     """Stage 2 of ``train-demo`` on a trained ``checkpoint``, resumable per round.
 
-    ``checkpoint/distill/stage1`` keeps the stage-1 model (the teacher, and what a rerun starts from);
+    ``checkpoint/distill/stage1`` keeps the model it started from (the teacher, and what a rerun starts from:
+    the stage-1 model on a first pass, the distilled one on a further pass, whose record ``train_log.json`` keeps
+    in ``distill_passes`` beside the earlier ones);
     ``distill/round-N`` is the model after round N, ``distill/log.json`` the settings and per-round figures. A
     rerun with the same settings continues after the last finished round. At the end the last round's weights
     replace ``checkpoint``'s (same config, same file layout) and the stage-2 record goes into ``train_log.json``.
@@ -262,6 +264,8 @@ def distill_checkpoint(checkpoint: Path, settings: DistillSettings, log: Callabl
     shutil.copyfile(last, tmp)
     os.replace(tmp, checkpoint / "model.safetensors")
     train_log = json.loads((checkpoint / "train_log.json").read_text())
+    if "distill" in train_log:  # a further pass on an already distilled checkpoint: keep the earlier record
+        train_log.setdefault("distill_passes", []).append(train_log["distill"])
     train_log["distill"] = record
     (checkpoint / "train_log.json").write_text(json.dumps(train_log) + "\n")
     return record
