@@ -246,6 +246,17 @@ def test_export_refuses_bad_input(ckpt, tmp_path):
     assert result.exit_code == 2 and "unknown passes" in result.stderr
 
 
+def test_other_levels_validate_against_their_own_step(ckpt, tmp_path):
+    """An artifact exported with non-default --levels is checked against an eager step of the same layout (the
+    eager reference used to build the default step, so every such artifact failed validation)."""
+    out = tmp_path / "levels"
+    manifest = export_artifact(ckpt, out, levels=(0, 2, 5), calibrate=0)
+    assert manifest.tidar.levels == (0, 2, 5)
+    report = validate_artifact(open_artifact(out))
+    assert report["ok"], [c for c in report["entries"] if not c["ok"]]
+    assert {c["entry"] for c in report["entries"]} >= {"step", "step_greedy", "step_sample"}
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_narrow_weight_storage(ckpt, artifact, tmp_path, dtype):
     """--dtype bf16/fp16 stores the weights once at half the size; the graphs cast them and compute in fp32."""

@@ -32,9 +32,12 @@ def _key(inputs: dict[str, np.ndarray]) -> tuple:
 class EagerReference:
     """Memoized eager runs of ``model`` (the reference every backend is compared with)."""
 
-    def __init__(self, model: Any) -> None:  # ZayaForCausalLM
-        self.model = model
-        self.backend = TorchBackend(model)
+    def __init__(self, model: Any, block_len: int | None = None,  # ZayaForCausalLM
+                 levels: tuple[int, ...] | None = None) -> None:
+        """``block_len``/``levels``: the packed step of the artifact being checked (an export with ``--levels``
+        has other proposal segments than the default step; default: the model's own)."""
+        self.model, self.levels = model, levels
+        self.backend = TorchBackend(model, block_len, levels)
         self._sessions: dict[int, Session] = {}
         self._runs: dict[tuple, dict[str, np.ndarray]] = {}
         self._greedy: dict[tuple, list[int]] = {}
@@ -60,7 +63,7 @@ class EagerReference:
         key = (block_len, tuple(prompt), max_new_tokens, tuple(stop or ()), sampler, fused)
         if key not in self._tidar:
             if block_len not in self._sessions:
-                self._sessions[block_len] = Session.from_model(self.model, block_len)
+                self._sessions[block_len] = Session.from_model(self.model, block_len, self.levels)
             self._tidar[key] = generate_tidar(self._sessions[block_len], [prompt], max_new_tokens, stop, sampler,
                                               fused=fused)
         return self._tidar[key]

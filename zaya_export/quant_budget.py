@@ -97,7 +97,7 @@ def error_budget(session: Session, source: Any, scheme: QuantScheme, tokenizer_p
     """The artifact (``session``) against the unquantized ``source`` model: metrics, budget and verdict."""
     length = min(length, source.config.max_position_embeddings)
     ids, origin = heldout_windows(source, tokenizer_path, windows, length)
-    ref = EagerReference(source)
+    ref = EagerReference(source, session.block_len, session.levels or None)
     with torch.no_grad():
         want = _layers_logits(ref.run, source, ids)  # [B, T, V]
     metrics = distribution_metrics(_layers_logits(session.run, source, ids), want, ids, BUDGETS[scheme.bits])

@@ -158,7 +158,9 @@ def _accept_inputs(artifact: Artifact, info: EntryPoint, B: int, seed: int) -> d
 def eager_reference(artifact: Artifact, checkpoint: Path | None = None) -> EagerReference:
     """The eager side of ``validate`` for ``artifact`` (on ``checkpoint``'s weights when given; a quantized
     artifact's always on its own), to share between the backends checked in one run."""
-    return EagerReference(_reference_model(artifact, None if artifact.manifest.scheme else checkpoint))
+    tidar = artifact.manifest.tidar
+    return EagerReference(_reference_model(artifact, None if artifact.manifest.scheme else checkpoint),
+                          tidar.block_len if tidar else None, tidar.levels if tidar else None)
 
 
 def _reference_model(artifact: Artifact, checkpoint: Path | None):  # noqa: ANN202
