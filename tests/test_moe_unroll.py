@@ -114,13 +114,18 @@ def test_unrolled_moe_matches_the_reference(tmp_path_factory, N, E, route, store
         assert (got[0] == 0).all()
 
 
+def _random_case(E: int, N: int) -> tuple[_MoE, list[torch.Tensor]]:
+    """An op with E random experts and the inputs of N tokens, free routing."""
+    module = _MoE(torch.randn(E, 2 * I, H), torch.randn(E, H, I))
+    return module, [torch.randn(N, H), torch.randn(N, R), torch.randn(R, H), torch.randn(R), torch.randn(R),
+                    torch.ones(R), torch.randn(R, R), torch.randn(R), torch.randn(R, R), torch.randn(R),
+                    torch.randn(E + 1, R), torch.zeros(E + 1)]
+
+
 def test_expert_slices_are_the_stack_bytes(tmp_path):
     """Expert e's initializer is the stack's external data at offset + e × (bytes per expert)."""
     E = 3
-    module = _MoE(torch.randn(E, 2 * I, H), torch.randn(E, H, I))
-    inputs = [torch.randn(4, H), torch.randn(4, R), torch.randn(R, H), torch.randn(R), torch.randn(R),
-              torch.ones(R), torch.randn(R, R), torch.randn(R), torch.randn(R, R), torch.randn(R),
-              torch.randn(E + 1, R), torch.zeros(E + 1)]
+    module, inputs = _random_case(E, 4)
     model = _lowered(module, inputs, tmp_path, torch.float32)
     stacks = {n: model.graph.initializers[n].const_value for n in ("gate_up", "down")}
     PassManager([UnrollExperts()]).run(model)
@@ -134,11 +139,7 @@ def test_expert_slices_are_the_stack_bytes(tmp_path):
 
 def test_unbound_stacks_are_refused(tmp_path):
     """The pass reads expert slices from the weight file; a stack held in memory is a pipeline-order bug."""
-    E = 2
-    module = _MoE(torch.randn(E, 2 * I, H), torch.randn(E, H, I))
-    inputs = [torch.randn(3, H), torch.randn(3, R), torch.randn(R, H), torch.randn(R), torch.randn(R),
-              torch.ones(R), torch.randn(R, R), torch.randn(R), torch.randn(R, R), torch.randn(R),
-              torch.randn(E + 1, R), torch.zeros(E + 1)]
+    module, inputs = _random_case(2, 3)
     model = _lowered(module, inputs, tmp_path, torch.float32)
     model.graph.initializers["gate_up"].const_value = ir.tensor(module.gate_up.detach().numpy())
     with pytest.raises(PassError, match="not a weight bound to the weight file"):
