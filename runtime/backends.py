@@ -77,7 +77,8 @@ class OrtBackend(Backend):
             options.intra_op_num_threads = self.entry_threads(entry)
             # Each session has its own thread pool, whose workers spin after every op by default. TiDAR
             # alternates sessions (verify, draft), so one session's spinning workers take the cores the next
-            # one runs on: greedy two-forward TiDAR on the demo checkpoint went 432 -> 532 tok/s without it (in-process A/B).
+            # one runs on: greedy two-forward TiDAR on the demo checkpoint went 432 -> 532 tok/s without it
+            # (in-process A/B).
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             try:
