@@ -79,7 +79,7 @@ class UnrollExperts(Pass[ir.Model]):
     name = "unroll_experts"
 
     def requires(self, model: ir.Model) -> None:
-        for node in _moe_nodes(model):
+        for node in moe_nodes(model):
             for stack in node.inputs[-2:]:
                 _stored_stack(stack)  # raises on a stack that is not a bound weight
 
@@ -87,7 +87,7 @@ class UnrollExperts(Pass[ir.Model]):
         rewrites = 0
         cache: dict[tuple[str, int], ir.Value] = {}
         first = next(iter(model.graph))
-        moe = _moe_nodes(model)
+        moe = moe_nodes(model)
         stacks = list({v.name: v for n in moe for v in n.inputs[-2:]}.values())
         for node in moe:
             pair = {"gate_up": node.inputs[-2], "down": node.inputs[-1]}
@@ -103,12 +103,13 @@ class UnrollExperts(Pass[ir.Model]):
         return rewrites
 
     def ensures(self, model: ir.Model, rewrites: int) -> None:
-        left = [n.name for n in _moe_nodes(model)]
+        left = [n.name for n in moe_nodes(model)]
         if left or (DOMAIN, "MoETop1", "") in model.functions:
             raise PassError(f"MoETop1 nodes (or its Loop/If body) left after unrolling: {left}")
 
 
-def _moe_nodes(model: ir.Model) -> list[ir.Node]:
+def moe_nodes(model: ir.Model) -> list[ir.Node]:
+    """The graph's ``zaya.MoETop1`` nodes."""
     return [n for n in model.graph if n.domain == DOMAIN and n.op_type == "MoETop1"]
 
 

@@ -165,18 +165,19 @@ def _split(text: str) -> list[str]:
 def _parse_levels(text: str | None) -> tuple[int, ...] | str | None:
     if text is None or text.strip() == "auto":
         return None if text is None else "auto"
-    try:
-        return tuple(int(t) for t in text.replace(" ", "").split(",") if t)
-    except ValueError:
-        raise InputError(f"--levels must be comma-separated integers or auto, got {text!r}") from None
+    return tuple(_parse_ints(text, "--levels must be comma-separated integers or auto"))
 
 
 def _parse_ids(text: str) -> list[int]:
+    return _parse_ints(text, "--prompt-ids must be comma-separated integers")
+
+
+def _parse_ints(text: str, refusal: str) -> list[int]:
+    """A comma-separated list of integers (spaces and empty items ignored); InputError(``refusal``) otherwise."""
     try:
-        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise InputError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
-    return ids
+        raise InputError(f"{refusal}, got {text!r}") from None
 
 
 @main.command()

@@ -139,6 +139,11 @@ def plot_acceptance(figures: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _passes(train_log: dict) -> list[dict]:
+    """Every stage-2 pass's record, first to last (``self_distill.distill_checkpoint`` keeps the earlier ones)."""
+    return [*train_log.get("distill_passes", []), train_log["distill"]]
+
+
 def _distill_section(train_log: dict) -> str:
     """Stage 2's command, settings and per-round figures, from ``train_log.json``'s ``distill`` record."""
     record = train_log.get("distill")
@@ -151,7 +156,7 @@ def _distill_section(train_log: dict) -> str:
         return (f"| {name} | {f['tidar']['tokens_per_forward']} | {f['tidar-fused']['tokens_per_forward']} | "
                 f"{r['heldout_ar_ppl']:.1f} | {r.get('equals_ar', '')} |")
 
-    passes = [*train_log.get("distill_passes", []), record]
+    passes = _passes(train_log)
     lines = [row("stage 1", passes[0]["stage1"])]
     for n, done in enumerate(passes, 1):
         prefix = f"pass {n}, " if len(passes) > 1 else ""
@@ -214,7 +219,7 @@ def _after_distill(train_log: dict) -> str:
     record = train_log.get("distill")
     if not record or not record.get("rounds"):
         return ""
-    last, first = record["rounds"][-1], [*train_log.get("distill_passes", []), record][0]["stage1"]
+    last, first = record["rounds"][-1], _passes(train_log)[0]["stage1"]
     return (f"\n| AR perplexity after stage 2 (4 held-out batches) | {last['heldout_ar_ppl']:.1f} "
             f"(stage 1 on the same batches: {first['heldout_ar_ppl']:.1f}) |")
 

@@ -215,11 +215,6 @@ class CompileJob:
             self.process.wait()
 
 
-def compile_target(mlir: Path, target: Target, out: Path, extra_flags: tuple[str, ...] = ()) -> IreeModule:
-    """``iree-compile`` the module for one target and wait for it (:class:`CompileJob`)."""
-    return CompileJob(mlir, target, out, extra_flags).wait()
-
-
 # e_flags low byte of an AMDGPU ELF (EF_AMDGPU_MACH_*) → architecture.
 _EF_AMDGPU_MACH = {0x3F: "gfx90a", 0x4C: "gfx942", 0x4F: "gfx950", 0x41: "gfx1100", 0x4E: "gfx1201"}
 _EM_AMDGPU = 224

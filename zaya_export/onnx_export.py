@@ -20,7 +20,7 @@ import torch
 
 import zaya_export.kernels as kernels
 from zaya_export.passes.base import PassManager, PassRecord
-from zaya_export.passes.moe_unroll import UnrollExperts
+from zaya_export.passes.moe_unroll import UnrollExperts, moe_nodes
 from zaya_export.passes.onnx_cleanup import onnx_pipeline
 
 from zaya_export.models.checkpoint import save_tensors
@@ -147,7 +147,7 @@ def _only_gathered(value: ir.Value) -> bool:
 
 def unroll_entry(model: ir.Model) -> list[PassRecord]:
     """Run ``unroll_experts`` on one lowered, weight-bound float entry (one with MoE nodes); returns its log."""
-    if not any(n.domain == "zaya" and n.op_type == "MoETop1" for n in model.graph):
+    if not moe_nodes(model):
         return []
     return PassManager([UnrollExperts()]).run(model)
 

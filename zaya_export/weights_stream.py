@@ -10,7 +10,8 @@ weights from the model. For ZAYA1-8B that is 37 GB of fp32 on a 24 GB machine. A
    embedding and head (the fusion passes touch neither; the full tied 8B table would be 2.1 GB). The probe
    compares, as for a whole model, the prefill (and, for TiDAR, draft) outputs before and after each pass on
    the two probe inputs, logits and every state output of those layers (``passes/probe_check.py``); the
-   manifest's pass log records how many layers it ran on (``probe_layers``). The other layers run the same fused code on other values;
+   manifest's pass log records how many layers it ran on (``probe_layers``). The other layers run the same
+   fused code on other values;
 3. writes ``onnx/weights.safetensors`` tensor by tensor from the checkpoint, each converted to the stored dtype
    on the way (:func:`write_streamed_weights`), with bytes written, rate and ETA in the status line.
 
