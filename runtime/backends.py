@@ -24,6 +24,38 @@ class Backend:
 SHARE_ABOVE_BYTES = 2**30
 
 
+_POOL_THREADS: int | None = None
+
+
+def shared_pool(ort, threads: int | None = None) -> int:  # noqa: ANN001 - the onnxruntime module
+    """Size of the one intra-op thread pool every onnxruntime session of this process runs on, created on
+    first use with ``threads`` (default: every core); later requests get the pool that exists.
+
+    Per-session pools were measured worse on every count (demo checkpoint, 2 cores, in-process A/B): a
+    session's own workers spin after each op and take the core the next session needs when TiDAR alternates
+    verify and draft (verify+draft 8.4 ms with spinning per-session pools, 7.3 ms with one non-spinning
+    thread, 5.6 ms with one shared spinning pool), and a spinning shared pool of two threads beats one thread
+    even on the demo's 1-token decode (1.44 vs 1.58 ms) and on the 68-token packed step (7.7 vs 9.5 ms)."""
+    global _POOL_THREADS
+    if _POOL_THREADS is None:
+        _POOL_THREADS = int(threads or os.cpu_count() or 1)
+        ort.set_global_thread_pool_sizes(_POOL_THREADS, 1)
+    return _POOL_THREADS
+
+
+def ort_session(model: str | bytes, providers: list[str] | None = None, threads: int | None = None):  # noqa: ANN201
+    """An onnxruntime session on the shared pool (:func:`shared_pool`), all graph optimizations on. Every
+    session of a process that uses the pool must be made here (onnxruntime refuses a session with its own
+    pool once a shared one exists)."""
+    import onnxruntime as ort
+
+    shared_pool(ort, threads)
+    options = ort.SessionOptions()
+    options.use_per_session_threads = False
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
+
+
 class OrtBackend(Backend):
     """onnxruntime on the CPU (or an execution provider given explicitly, asserted to be in use).
 
@@ -40,17 +72,8 @@ class OrtBackend(Backend):
         self.sessions: dict = {}
 
     def entry_threads(self, entry: str) -> int:
-        """Intra-op threads for ``entry``: the ``threads`` given, else by what bounds the call. A small model's
-        one-token forward is per-op overhead, where thread hand-offs cost more than they give (one thread
-        decodes the demo checkpoint ~2x faster than two); a forward over many tokens (prefill, verify, the
-        packed step) has matmuls worth splitting, and so has every forward of a large model."""
-        if self.threads:
-            return self.threads
-        cores = os.cpu_count() or 1
-        small = self.artifact.weights.stat().st_size < 64 * 2**20
-        point = self.artifact.entry_points.get(entry)
-        one_token = point is not None and point.tokens == 1
-        return 1 if small and one_token else cores
+        """Intra-op threads ``entry`` runs with: every session runs on the one process-wide pool."""
+        return shared_pool(self.ort, self.threads)
 
     def shared_with(self, entry: str) -> str | None:
         """The entry whose session serves ``entry`` too. A quantized artifact's ``decode`` graph is its
@@ -73,16 +96,8 @@ class OrtBackend(Backend):
             if point is None or point.onnx is None:
                 raise KeyError(f"the artifact has no ONNX graph for the {entry!r} entry point")
             path = self.artifact.path(point.onnx)
-            options = self.ort.SessionOptions()
-            options.intra_op_num_threads = self.entry_threads(entry)
-            # Each session has its own thread pool, whose workers spin after every op by default. TiDAR
-            # alternates sessions (verify, draft), so one session's spinning workers take the cores the next
-            # one runs on: greedy two-forward TiDAR on the demo checkpoint went 432 -> 532 tok/s without it
-            # (in-process A/B).
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             try:
-                session = self.ort.InferenceSession(str(path), options, providers=self.providers)
+                session = ort_session(str(path), self.providers, self.threads)
             except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
                 raise BackendLoadError(f"{path}: onnxruntime refused the graph ({_first_line(exc)})") from None
             check_signature(path, point, [(a.name, a.shape) for a in session.get_inputs()],

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
+from zaya_export.runtime.backends import ort_session
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -41,7 +41,7 @@ def run_onnx_op(torch_op, args: list, n_out: int) -> list[np.ndarray]:
     proto = ir.serde.serialize_model(model)
     assert any(n.domain == DOMAIN for n in proto.graph.node)
     onnx.checker.check_model(proto, full_check=True)
-    session = ort.InferenceSession(proto.SerializeToString())
+    session = ort_session(proto.SerializeToString())
     names = [i.name for i in session.get_inputs()]
     return session.run(None, {n: t.numpy() for n, t in zip(names, tensors)})
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
+from zaya_export.runtime.backends import ort_session
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -70,7 +70,7 @@ def _run(model: ir.Model, folder: Path, inputs: list[torch.Tensor]) -> list[np.n
     path = folder / "moe.onnx"
     onnx.save_model(ir.serde.serialize_model(model), str(path))
     onnx.checker.check_model(str(path), full_check=True)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort_session(str(path))
     names = [i.name for i in session.get_inputs()]
     return session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})
 

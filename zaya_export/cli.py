@@ -168,6 +168,15 @@ def _parse_levels(text: str | None) -> tuple[int, ...] | str | None:
     return tuple(_parse_ints(text, "--levels must be comma-separated integers or auto"))
 
 
+def _parse_block_len(text: str | None) -> int | str | None:
+    if text is None or text.strip() == "auto":
+        return None if text is None else "auto"
+    values = _parse_ints(text, "--block-len must be an integer or auto")
+    if len(values) != 1:
+        raise InputError("--block-len must be one integer or auto")
+    return values[0]
+
+
 def _parse_ids(text: str) -> list[int]:
     return _parse_ints(text, "--prompt-ids must be comma-separated integers")
 
@@ -330,10 +339,13 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
 @click.option("--dump-after", multiple=True,
-              help="Dump what a phase (prepare, fuse, pack, trace, weights, lower-onnx, lower-mlir, write) or a "
-                   "fusion pass (fuse_cca, fuse_attention, fuse_moe) produced, into OUT.dump/ (repeatable).")
-@click.option("--block-len", type=click.IntRange(min=1), default=None,
-              help="TiDAR drafts per step K (default: the config's diffusion_block_len).")
+              help="Dump what a phase (prepare, calibrate, fuse, block, pack, trace, weights, lower-onnx, lower-mlir, "
+                   "write) or a fusion pass (fuse_cca, fuse_attention, fuse_moe) produced, into OUT.dump/ "
+                   "(repeatable).")
+@click.option("--block-len", default=None,
+              help="TiDAR drafts per step K (default: the config's diffusion_block_len), or auto: the K up to that "
+              "which the cost model predicts fastest on this machine, from the calibration's acceptance and "
+              "onnxruntime's measured cost of a forward per token count.")
 @click.option("--levels", default=None, help="Acceptance levels of the packed TiDAR step, e.g. 0,6,16 "
               "(must start at 0; default 0,6,16 scaled to K), or auto: 0 and the most frequent acceptance "
               "lengths of the calibration's fused run (as many levels as the default).")
@@ -354,7 +366,7 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
               help="The LM head under --quant int4: kept at int8, or the same bits as the rest.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
 def export(checkpoint: Path, out: Path, formats: str, targets: str | None, kernels: str, dtype: str, force: bool,
-           dump_after: tuple[str, ...], block_len: int | None, levels: str | None, tidar: str, calibrate: int,
+           dump_after: tuple[str, ...], block_len: str | None, levels: str | None, tidar: str, calibrate: int,
            stream: str, quant: str | None, group_size: str, quant_head: str, as_json: bool) -> None:
     """Export CHECKPOINT to an artifact: fused, traced entry points lowered to ONNX and/or MLIR (compiled by
     IREE), weights stored once."""
@@ -366,7 +378,7 @@ def export(checkpoint: Path, out: Path, formats: str, targets: str | None, kerne
     console = _stderr()
     with console.status("exporting") as status:
         manifest = export_artifact(
-            checkpoint, out, dtype=dtype, force=force, dump_after=dump_after, block_len=block_len,
+            checkpoint, out, dtype=dtype, force=force, dump_after=dump_after, block_len=_parse_block_len(block_len),
             levels=_parse_levels(levels), formats=tuple(_split(formats)),
             targets=None if targets is None else tuple(_split(targets)), tidar=tidar, calibrate=calibrate,
             stream=stream, kernels=kernels, quant=quant, group_size=int(group_size), quant_head=quant_head,

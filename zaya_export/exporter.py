@@ -55,7 +55,7 @@ from zaya_export.passes.probe_check import tolerance_for
 from zaya_export.passes.tidar_packing import ExportPlan, PackTidarStep
 from zaya_export.output_dir import writing
 from zaya_export.runtime.artifact import tool_versions, write_manifest
-from zaya_export.runtime.calibration import CALIBRATION_FILE
+from zaya_export.runtime.calibration import CALIBRATION_FILE, Calibration
 from zaya_export.runtime.tokenizer import load_tokenizer
 from zaya_export.runtime.manifest import (EntryPoint, Manifest, MlirModule, PassLog, PortSig, StateEntry,
                                           TidarInfo)
@@ -90,7 +90,7 @@ class ExportOptions:
     formats: tuple[str, ...] = ("onnx",)
     targets: tuple[Target | str, ...] | None = None  # IREE targets; None: cpu when mlir is exported
     tidar: str = "auto"  # auto: the TiDAR entries when the config names a mask token or a block length
-    block_len: int | None = None  # draft count K (default: the config's diffusion_block_len)
+    block_len: int | str | None = None  # draft count K (default: the config's diffusion_block_len), or "auto"
     levels: tuple[int, ...] | str | None = None  # acceptance levels of the packed step; "auto": calibrated
     calibrate: int = 4  # prompts for the acceptance histograms of run --mode auto (0: skip)
     force: bool = False
@@ -133,7 +133,9 @@ class ExportOptions:
             scheme = self.scheme()
         except QuantError as exc:
             raise ExportError(str(exc)) from None
-        if self.block_len is not None and not 1 <= self.block_len <= MAX_BLOCK_LEN:
+        if isinstance(self.block_len, str) and self.block_len != "auto":
+            raise ExportError(f"--block-len must be an integer or auto, got {self.block_len!r}")
+        if isinstance(self.block_len, int) and not 1 <= self.block_len <= MAX_BLOCK_LEN:
             raise ExportError(f"--block-len must be in [1, {MAX_BLOCK_LEN}] (the packed step runs about "
                               f"(K+1)·levels tokens per forward), got {self.block_len}")
         if isinstance(self.levels, str) and self.levels != "auto":
@@ -178,6 +180,8 @@ class ExportRun:
     source: StreamedCheckpoint | None = None  # a streamed export reads its weights from here (weights_stream)
     packed: tuple[dict[str, EntrySpec], list[PassRecord]] | None = None  # streamed: specs and log of the pack
     quantized: dict[str, StoredMatrix] = field(default_factory=dict)  # --quant: where each matrix's codes lie
+    calibration: Calibration | None = None  # acceptance histograms at block_len (``_calibrate``)
+    block_choice: dict[str, Any] | None = None  # --block-len auto: the timed forwards and the candidates
 
 
 def _check_companions(checkpoint: Path, vocab_size: int) -> None:
@@ -219,7 +223,7 @@ def _prepare(run: ExportRun) -> Dumps:
         why = "an AR checkpoint (its config names no mask token)" if opts.tidar == "auto" else "--tidar off"
         raise ExportError(f"--block-len/--levels shape the TiDAR entry points, which {why} does not get: "
                           "add --tidar on to export them")
-    run.block_len = opts.block_len or model.config.diffusion_block_len
+    run.block_len = opts.block_len if isinstance(opts.block_len, int) else model.config.diffusion_block_len
     if not 1 <= run.block_len <= MAX_BLOCK_LEN:
         raise ExportError(f"the config's diffusion_block_len must be in [1, {MAX_BLOCK_LEN}], got {run.block_len}")
     auto = opts.levels in (None, "auto")  # "auto" replaces these after the calibration (``_calibrate``)
@@ -239,26 +243,70 @@ def _calibrate(run: ExportRun) -> Dumps:
     """Acceptance histograms on held-out code (``calibrate``), for the cost model of ``run --mode auto``."""
     params = sum(p.numel() for p in run.model.parameters())
     if not run.with_tidar or not run.options.calibrate or params > CALIBRATE_MAX_PARAMS or run.source is not None:
-        if run.with_tidar and run.options.levels == "auto":
-            run.status(f"--levels auto: no calibration to choose from, keeping {','.join(map(str, run.levels))}")
+        for flag, value in (("--block-len", run.options.block_len), ("--levels", run.options.levels)):
+            if run.with_tidar and value == "auto":
+                run.status(f"{flag} auto: no calibration to choose from, keeping "
+                           f"{run.block_len if flag == '--block-len' else ','.join(map(str, run.levels))}")
         return {}  # (a streamed export has no eager model to generate with)
-    from .calibrate import levels_from_histogram, measure_acceptance
+    run.calibration = _measure(run)
+    if run.options.block_len != "auto":  # else the block phase settles K first, then the levels
+        run.calibration = _settle_levels(run, run.calibration)
+    return {"calibration": lambda: json.dumps(run.calibration.to_json())}
 
-    run.status(f"calibrating: TiDAR acceptance on {run.options.calibrate} held-out prompts")
+
+def _measure(run: ExportRun) -> Calibration:
+    """Greedy acceptance histograms at ``run.block_len`` and ``run.levels`` (``calibrate``)."""
+    from .calibrate import measure_acceptance
+
+    run.status(f"calibrating: TiDAR acceptance at K = {run.block_len} on {run.options.calibrate} held-out prompts")
     tok_path = run.checkpoint / "tokenizer.json"
     tokenizer = load_tokenizer(tok_path) if tok_path.is_file() else None
-    calibration = measure_acceptance(run.model, tokenizer, run.block_len, run.levels, run.options.calibrate)
+    return measure_acceptance(run.model, tokenizer, run.block_len, run.levels, run.options.calibrate)
+
+
+def _settle_levels(run: ExportRun, calibration: Calibration) -> Calibration:
+    """``--levels auto``: the packed step's levels from ``calibration``'s fused histogram, measured again with
+    them, so ``calibration.json`` (written here) describes the step that is exported."""
     if run.options.levels == "auto":
+        from .calibrate import levels_from_histogram
+
         chosen = levels_from_histogram(calibration.acceptance["tidar-fused"], len(run.levels), run.levels)
         run.status(f"--levels auto: {','.join(map(str, chosen))} from the fused acceptance histogram "
                    f"{calibration.acceptance['tidar-fused']}")
-        if chosen != run.levels:  # measured again, so calibration.json describes the step that is exported
+        if chosen != run.levels:
             run.levels = chosen
-            calibration = measure_acceptance(run.model, tokenizer, run.block_len, run.levels,
-                                             run.options.calibrate)
-    text = json.dumps(calibration.to_json()) + "\n"
-    (run.tmp / CALIBRATION_FILE).write_text(text)
-    return {"calibration": lambda: text}
+            calibration = _measure(run)
+    (run.tmp / CALIBRATION_FILE).write_text(json.dumps(calibration.to_json()) + "\n")
+    return calibration
+
+
+def _choose_block(run: ExportRun) -> Dumps:
+    """``--block-len auto``: the draft length the cost model predicts fastest here (``block_choice``), then the
+    calibration at that length and its levels."""
+    if run.options.block_len != "auto" or run.calibration is None:
+        return {}
+    from .block_choice import forward_cost
+    from zaya_export.runtime.costmodel import block_candidates, choose_block
+
+    K = run.block_len
+    if run.options.levels not in (None, "auto"):  # fixed levels must fit every candidate: only K itself does
+        run.status(f"--block-len auto with fixed --levels: keeping K = {K}")
+        run.calibration = _settle_levels(run, run.calibration)
+        return {}
+    run.status(f"--block-len auto: timing one forward over 2..{K + 1} tokens on onnxruntime")
+    cost, times = forward_cost(run.model, dict(run.expected), run.tmp / "cost_probe", list(range(2, K + 2)),
+                               DTYPES[run.options.dtype])  # the verify and the draft of every candidate
+    candidates = block_candidates(cost, run.calibration.acceptance["tidar"], K)
+    best = choose_block(candidates)
+    run.status(f"--block-len auto: K = {best.block_len} (two-forward TiDAR {best.tok_per_s:.0f} tok/s predicted; "
+               f"K = {K}: {candidates[-1].tok_per_s:.0f})")
+    run.block_choice = {"forward_ms": {t: round(ms, 4) for t, ms in times.items()},
+                        "candidates": [c.to_json() for c in candidates], "chosen": best.block_len}
+    if best.block_len != K:
+        run.block_len, run.levels = best.block_len, default_levels(best.block_len)
+        run.calibration = _measure(run)
+    run.calibration = _settle_levels(run, run.calibration)
+    return {"block_choice": lambda: json.dumps(run.block_choice, indent=1)}
 
 
 def _fuse(run: ExportRun) -> Dumps:
@@ -452,6 +500,7 @@ PHASES: tuple[tuple[str, Callable[[ExportRun], Dumps]], ...] = (
     ("prepare", _prepare),
     ("calibrate", _calibrate),
     ("fuse", _fuse),
+    ("block", _choose_block),
     ("pack", _pack),
     ("trace", _trace),
     ("weights", _weights),
