@@ -64,14 +64,16 @@ def token_counts(largest: int) -> list[int]:
     return sorted(set(counts + [largest]))
 
 
-def _median_ms(call, repeats: int) -> float:  # noqa: ANN001
-    call()  # warm-up: allocators, lazily created sessions, kernels
+def _median_ms(call, repeats: int, before=tuple) -> float:  # noqa: ANN001
+    """Median ms of ``call`` over ``repeats`` calls after one warm-up (allocators, lazily created sessions,
+    kernels). Each call is ``call(*before())``; only ``call`` is timed."""
     times = []
-    for _ in range(repeats):
+    for _ in range(repeats + 1):
+        args = before()
         start = time.perf_counter()
-        call()
+        call(*args)
         times.append(time.perf_counter() - start)
-    return round(float(np.median(times)) * 1e3, 4)
+    return round(float(np.median(times[1:])) * 1e3, 4)
 
 
 def entry_inputs(session: Session, cache, entry: str, tokens: int) -> dict:  # noqa: ANN001
@@ -93,14 +95,13 @@ def _commit_ms(session: Session, cache, entry: str, tokens: int, count: int, rep
     """Median time to commit ``count`` tokens of a fresh ``entry`` output, as a decode loop does: each commit
     follows its forward, whose work has just gone through the caches (committing one output over and over
     measured 0.08 ms on the demo checkpoint where the loop pays ~0.25 ms). Lengths are restored after each."""
-    inputs, lengths, times = entry_inputs(session, cache, entry, tokens), cache.lengths.copy(), []
-    for _ in range(repeats + 1):
-        fresh = session.run(entry, inputs)
-        start = time.perf_counter()
+    inputs, lengths = entry_inputs(session, cache, entry, tokens), cache.lengths.copy()
+
+    def commit(fresh: dict) -> None:
         cache.commit(fresh, counts=np.full(len(lengths), count))
-        times.append(time.perf_counter() - start)
         cache.lengths = lengths.copy()
-    return round(float(np.median(times[1:])) * 1e3, 4)
+
+    return _median_ms(commit, repeats, before=lambda: (session.run(entry, inputs),))
 
 
 def measure(session: Session, context: int = 64, repeats: int = 10, prefill_counts: Sequence[int] | None = None,

@@ -5,18 +5,20 @@
    (``calibration.json``, read by the cost model of ``run --mode auto``);
 3. ``fuse``: the model-level fusion passes (``fuse_cca``, ``fuse_attention``, ``fuse_moe``), each verified on a
    probe input, inside a scope that unfuses the model again on every way out;
-4. ``pack``: ``pack_tidar_step`` adds the packed single-forward TiDAR entries (verified against verify/draft);
+4. ``block``: ``--block-len auto`` picks the draft length by the cost model (``block_choice``) and settles the
+   calibration (and ``--levels auto``) at it;
+5. ``pack``: ``pack_tidar_step`` adds the packed single-forward TiDAR entries (verified against verify/draft);
    an AR export keeps prefill and decode only;
-5. ``trace``: every entry point through ``torch.export``, checked for one fused op per layer; for MLIR also with
+6. ``trace``: every entry point through ``torch.export``, checked for one fused op per layer; for MLIR also with
    each ``zaya.*`` op as its MLIR face, plus the in-place state commits (``commit_entry``);
-6. ``weights``: the shared weights, stored once (safetensors layout) in the stored dtype;
-7. ``lower-mlir``: every entry into one MLIR module whose weights are external parameters read from the same
+7. ``weights``: the shared weights, stored once (safetensors layout) in the stored dtype;
+8. ``lower-mlir``: every entry into one MLIR module whose weights are external parameters read from the same
    file; ``iree-compile`` for each target starts in a child process and runs while the next phase works;
-8. ``lower-onnx``: each entry to ONNX (function bodies attached), the ONNX cleanup passes, weights bound, the
+9. ``lower-onnx``: each entry to ONNX (function bodies attached), the ONNX cleanup passes, weights bound, the
    MoE unrolled per expert (float) or onto its codes (quantized);
-9. ``iree-compile``: waits for the compilers (a failure ends the export like any other phase);
-10. ``kernels``: AOT Triton code objects for the GPU archs asked for;
-11. ``write``: config, tokenizer, manifest (pass log, op counts, versions, compiler flags, hashes); the artifact
+10. ``iree-compile``: waits for the compilers (a failure ends the export like any other phase);
+11. ``kernels``: AOT Triton code objects for the GPU archs asked for;
+12. ``write``: config, tokenizer, manifest (pass log, op counts, versions, compiler flags, hashes); the artifact
    directory appears only when every phase succeeded.
 
 ``--dump-after`` takes a phase (what it produced: the prefill graph after prepare/fuse, the packed step after
@@ -243,10 +245,10 @@ def _calibrate(run: ExportRun) -> Dumps:
     """Acceptance histograms on held-out code (``calibrate``), for the cost model of ``run --mode auto``."""
     params = sum(p.numel() for p in run.model.parameters())
     if not run.with_tidar or not run.options.calibrate or params > CALIBRATE_MAX_PARAMS or run.source is not None:
-        for flag, value in (("--block-len", run.options.block_len), ("--levels", run.options.levels)):
+        for flag, value, kept in (("--block-len", run.options.block_len, str(run.block_len)),
+                                  ("--levels", run.options.levels, ",".join(map(str, run.levels)))):
             if run.with_tidar and value == "auto":
-                run.status(f"{flag} auto: no calibration to choose from, keeping "
-                           f"{run.block_len if flag == '--block-len' else ','.join(map(str, run.levels))}")
+                run.status(f"{flag} auto: no calibration to choose from, keeping {kept}")
         return {}  # (a streamed export has no eager model to generate with)
     run.calibration = _measure(run)
     if run.options.block_len != "auto":  # else the block phase settles K first, then the levels
@@ -285,7 +287,7 @@ def _choose_block(run: ExportRun) -> Dumps:
     calibration at that length and its levels."""
     if run.options.block_len != "auto" or run.calibration is None:
         return {}
-    from .block_choice import forward_cost
+    from .block_choice import COST_PROBE, forward_cost
     from zaya_export.runtime.costmodel import block_candidates, choose_block
 
     K = run.block_len
@@ -294,8 +296,8 @@ def _choose_block(run: ExportRun) -> Dumps:
         run.calibration = _settle_levels(run, run.calibration)
         return {}
     run.status(f"--block-len auto: timing one forward over 2..{K + 1} tokens on onnxruntime")
-    cost, times = forward_cost(run.model, dict(run.expected), run.tmp / "cost_probe", list(range(2, K + 2)),
-                               DTYPES[run.options.dtype])  # the verify and the draft of every candidate
+    cost, times = forward_cost(run.model, _wanted_ops(run, COST_PROBE), run.tmp / "cost_probe",
+                               list(range(2, K + 2)), DTYPES[run.options.dtype])  # every candidate's verify/draft
     candidates = block_candidates(cost, run.calibration.acceptance["tidar"], K)
     best = choose_block(candidates)
     run.status(f"--block-len auto: K = {best.block_len} (two-forward TiDAR {best.tok_per_s:.0f} tok/s predicted; "
