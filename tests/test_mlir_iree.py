@@ -21,7 +21,7 @@ from zaya_export.cli import main
 from zaya_export.errors import InputError
 from zaya_export.exporter import ExportError, export_artifact
 from zaya_export.kernels.moe_top1 import moe_top1_gathered, moe_top1_static
-from zaya_export.kernels.registry import _conv1d
+from zaya_export.kernels.registry import _conv1d, _softmax, _softmax_internal
 from zaya_export.mlir_export import NARROW_PARAMETER_FLAGS, TARGETS, amd_archs_in, store_parameters
 from zaya_export.runtime.generate import generate, generate_greedy
 from zaya_export.runtime.device_cache import DeviceKVCache
@@ -59,6 +59,26 @@ def test_conv1d_decomposition_equals_conv1d(N, groups, k, W, bias):
     x, w = torch.randn(N, C, W, generator=g), torch.randn(C, C // groups, k, generator=g)
     b = torch.randn(C, generator=g) if bias else None
     torch.testing.assert_close(_conv1d(x, w, b, groups=groups), F.conv1d(x, w, b, groups=groups), atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=st.sampled_from([(1, 1), (3, 7), (2, 2, 5, 33)]), scale=st.sampled_from([1.0, 100.0]),
+       masked=st.booleans(), half=st.booleans())
+def test_softmax_decomposition_equals_softmax(shape, scale, masked, half):
+    """The MLIR path's softmax (ops apart, so IREE does not raise it to its slow fused softmax): the same values
+    to rounding, at logit scale ~100, on rows masked with the dtype's minimum (all-masked rows uniform) and on
+    fp16 input widened to fp32 as attention does."""
+    g = torch.Generator().manual_seed(len(shape) * 10 + int(scale))
+    x = torch.randn(shape, generator=g) * scale
+    if masked:
+        x[..., : shape[-1] // 2 + 1] = torch.finfo(x.dtype).min  # a row whose every key is masked when width 1
+        x.view(-1, shape[-1])[0] = torch.finfo(x.dtype).min
+    if half:
+        x = x.clamp(-6e4, 6e4).half()
+        torch.testing.assert_close(_softmax(x, -1, torch.float32), torch.softmax(x, -1, dtype=torch.float32))
+        torch.testing.assert_close(_softmax_internal(x, -1, True), torch.softmax(x.float(), -1))
+    else:
+        torch.testing.assert_close(_softmax(x, -1), torch.softmax(x, -1))
 
 
 def test_static_moe_equals_sparse_moe(model):
@@ -100,6 +120,7 @@ def test_module_has_every_entry_and_external_weights(artifact):
     assert '#flow.parameter.named<"model"::"model.embed_tokens.weight">' in text
     assert (artifact / m.mlir.module).stat().st_size < (artifact / m.weights).stat().st_size * 3
     assert "dense_resource<torch_tensor_1024_128" not in text
+    assert "torch.aten.softmax" not in text and "torch.aten._softmax" not in text  # ops apart (registry._softmax)
     for target in ("cpu", *GPU_TARGETS):
         assert m.iree[target].flags[0] == "--iree-input-type=torch"
     assert m.versions["iree-base-compiler"] and m.versions["iree-turbine"]

@@ -58,3 +58,20 @@ def test_distill_loss_weighs_greedy_tokens_only_and_kl_is_zero_against_itself():
         logits = training_logits(model, layout, x)
     ce = torch.nn.functional.cross_entropy(logits[0, N + 3].float()[None], x[0, 3][None])
     assert abs(single["draft"] - float(ce)) < 1e-4 * max(1.0, float(ce))
+
+
+def test_teacher_must_share_the_students_config(tmp_path):
+    """A pass may hold the AR rows to an earlier model (``--teacher``), but only one of the same shapes."""
+    import pytest
+
+    from zaya_export.models.checkpoint import save_checkpoint
+    from zaya_export.self_distill import load_teacher
+
+    student = save_checkpoint(_model(), tmp_path / "student")
+    same = save_checkpoint(random_model(_model().config, seed=9), tmp_path / "same")
+    other_cfg = small_config(num_hidden_layers=2, layer_types=["hybrid", "hybrid_sliding"], sliding_window=32)
+    other = save_checkpoint(random_model(other_cfg, seed=3), tmp_path / "other")
+    teacher = load_teacher(same, student)
+    assert not torch.equal(next(teacher.parameters()), next(_model().parameters()))
+    with pytest.raises(ValueError, match="sliding_window"):
+        load_teacher(other, student)

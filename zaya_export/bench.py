@@ -162,7 +162,7 @@ def plot_entries(result: dict[str, Any], path: Path) -> None:
                 ax.annotate(r["entry"], (r["tokens"], r["ms"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tokens in the call")
-    ax.set_ylabel("ms per call (median)")
+    ax.set_ylabel("ms per call (mean)")
     ax.set_title("Entry cost on this machine (batch 1)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

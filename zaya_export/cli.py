@@ -122,8 +122,13 @@ def init(preset_name: str, seed: int, dtype: str, force: bool, as_json: bool, ou
                    "(self-distilled drafter, resumable per round); card: only re-measure OUT and rewrite its card.")
 @click.option("--distill-rounds", type=click.IntRange(min=1), default=None,
               help="On-policy self-distillation rounds of stage 2 (default: the recipe's, in self_distill.py).")
+@click.option("--teacher", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Stage 2: hold the AR rows to this checkpoint (e.g. the stage-1 model) instead of the model the "
+                   "pass starts from.")
+@click.option("--kl-weight", type=Finite(min=0), default=None,
+              help="Stage 2: weight of the AR rows' KL to the teacher (default: the recipe's).")
 def train_demo(out: Path, steps: int, seed: int, max_minutes: float, stop_after: int, stage: str,
-               distill_rounds: int) -> None:
+               distill_rounds: int | None, teacher: Path | None, kl_weight: float | None) -> None:
     """Train the demo checkpoint (small ZAYA1, stdlib source, CPU) into OUT: stage 1 from scratch with the TiDAR
     objective, stage 2 self-distills its drafter on its own generations; then measure it on held-out files and
     code from outside the corpus, and write its model card."""
@@ -142,6 +147,10 @@ def train_demo(out: Path, steps: int, seed: int, max_minutes: float, stop_after:
             settings = DistillSettings(seed=seed)
             if distill_rounds is not None:
                 settings = dataclasses.replace(settings, rounds=distill_rounds)
+            if teacher is not None:
+                settings = dataclasses.replace(settings, teacher=str(teacher.resolve()))
+            if kl_weight is not None:
+                settings = dataclasses.replace(settings, kl_weight=kl_weight)
             distill_checkpoint(out, settings, log=console.print)
         except ValueError as exc:
             raise InputError(str(exc)) from None

@@ -58,6 +58,7 @@ class DistillSettings:
     gen_batch: int = 64
     eval_prompts: int = 5  # foreign-code prompts measured after every round
     eval_tokens: int = 64
+    teacher: str | None = None  # checkpoint the AR rows are held to (None: the model the pass starts from)
 
 
 @torch.no_grad()
@@ -233,7 +234,7 @@ def distill_checkpoint(checkpoint: Path, settings: DistillSettings, log: Callabl
     if record["settings"] != settings_dict(settings):
         raise ValueError(f"{log_path}: written with other settings; remove {work} to start over")
     record.setdefault("rounds", [])
-    teacher = load_checkpoint(stage1, dtype="fp32")
+    teacher = load_teacher(Path(settings.teacher) if settings.teacher else stage1, stage1)
     corpus = stdlib_corpus()
     eos = teacher.config.eos_token_ids[0]
     train_ids = encode_files(tokenizer, corpus.train, eos)
@@ -269,6 +270,23 @@ def distill_checkpoint(checkpoint: Path, settings: DistillSettings, log: Callabl
     train_log["distill"] = record
     (checkpoint / "train_log.json").write_text(json.dumps(train_log) + "\n")
     return record
+
+
+def load_teacher(path: Path, start: Path) -> ZayaForCausalLM:
+    """The frozen model the AR rows are held to: by default the model a pass starts from; a further pass may
+    name an earlier one (e.g. the stage-1 model), so AR drift does not compound pass after pass. It must have
+    the starting model's config (same tokenizer, same shapes)."""
+    from zaya_export.models.checkpoint import load_checkpoint
+
+    teacher = load_checkpoint(path, dtype="fp32")
+    if path != start:
+        ours = json.loads((start / "config.json").read_text())
+        theirs = json.loads((path / "config.json").read_text())
+        differ = sorted(k for k in set(ours) | set(theirs) if k != "dtype" and ours.get(k) != theirs.get(k))
+        if differ:
+            raise ValueError(f"teacher {path}: its config differs from the model being distilled in "
+                             f"{', '.join(differ)}")
+    return teacher
 
 
 def settings_dict(settings: DistillSettings) -> dict:
