@@ -122,6 +122,12 @@ def mlir_faces(decode: bool = False) -> Iterator[None]:
         _SCOPE.mlir, _SCOPE.decode = outer
 
 
+def mlir_active() -> bool:
+    """True inside ``mlir_faces()``: asked by model code whose IREE form differs from its reference (the
+    sampler's sort-free top-k/top-p, ``models.ingraph_step.warp``)."""
+    return _SCOPE.mlir
+
+
 def decode_faces() -> bool:
     """True inside ``mlir_faces(decode=True)``: the entry being traced has one token per row."""
     return _SCOPE.mlir and _SCOPE.decode

@@ -40,12 +40,10 @@ def warp(logits: np.ndarray, cfg: SamplerConfig) -> np.ndarray:
     p = np.exp(z - z.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     if cfg.top_p < 1.0:
-        order = np.argsort(-p, axis=-1, kind="stable")
-        sorted_p = np.take_along_axis(p, order, -1)
-        keep_sorted = np.cumsum(sorted_p, -1) - sorted_p < cfg.top_p  # keep until the mass reaches top_p
-        keep = np.zeros_like(keep_sorted)
-        np.put_along_axis(keep, order, keep_sorted, -1)
-        p = np.where(keep, p, 0.0)
+        sorted_p = -np.sort(-p, axis=-1)
+        kept = (np.cumsum(sorted_p, -1) - sorted_p < cfg.top_p).sum(-1, keepdims=True)  # until the mass reaches top_p
+        cutoff = np.take_along_axis(sorted_p, kept - 1, -1)  # the last kept probability: ties with it stay too
+        p = np.where(p >= cutoff, p, 0.0)
         p /= p.sum(-1, keepdims=True)
     return p
 

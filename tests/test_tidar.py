@@ -200,3 +200,28 @@ def test_in_graph_sampling_step_equals_host_acceptance(stats_model, monkeypatch,
     host = tidar.generate_tidar(session, prompts, 12, sampler=cfg, w=w, fused=True)
     assert (in_graph.tokens, in_graph.acceptance) == (host.tokens, host.acceptance)
     assert 0 < in_graph.mean_accepted  # the test exercises accepted drafts, not only rejections
+
+
+@pytest.mark.parametrize("scale", [1.0, 100.0], ids=["unit", "logits~100"])
+@pytest.mark.parametrize("top_k,top_p,temperature", [(0, 1.0, 1.0), (5, 1.0, 0.7), (0, 0.9, 1.0), (7, 0.5, 1.3),
+                                                     (1, 0.3, 1.0), (3000, 0.99, 0.5), (0, 1e-6, 1.0)])
+def test_in_graph_warp_equals_host_warp_with_and_without_a_sort(scale, top_k, top_p, temperature):
+    """The in-graph sampler cuts (the sort form for ONNX, the bisection form for IREE) give the host's
+    probabilities, on rows with ties at a cut (kept, as the host keeps them) and at logit scale ~100."""
+    from zaya_export.models.ingraph_step import warp, warp_by_bisection
+    from zaya_export.runtime.sampling import warp as host_warp
+
+    g = torch.Generator().manual_seed(int(scale) + top_k)
+    z = torch.randn(4, 3, 257, generator=g) * scale
+    z[0, 0, :4] = z[0, 0].max() + 1.0  # a 4-way tie for the largest value
+    z[1, 1, 10:20] = 0.25 * scale  # a wide tie in the middle
+    cfg = SamplerConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    want = host_warp(z.reshape(-1, 257).double().numpy(), cfg).reshape(z.shape)
+    args = (torch.tensor(temperature), torch.tensor(float(top_k)), torch.tensor(top_p))
+    for form in (warp, warp_by_bisection):
+        got = form(z, *args).double().numpy()
+        # the same tokens survive every cut (fp32 underflows what float64 keeps at ~1e-160: those may be 0)
+        assert not got[want == 0].any() and (got[want > 1e-30] > 0).all(), form.__name__
+        # fp32 against float64: exp amplifies the rounding of z / temperature by |z / temperature|
+        rtol = 8 * 2.0**-24 * max(1.0, float(z.abs().max()) / temperature)
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-7, err_msg=form.__name__)
