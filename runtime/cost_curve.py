@@ -24,8 +24,8 @@ DECODING_ENTRIES = ("decode", "verify", "draft", "step", "step_greedy", "step_sa
 
 @dataclass
 class CostCurve:
-    """Milliseconds per call (mean of the timed calls, :func:`_mean_ms`) on one backend: ``prefill`` by token count, the fixed
-    entries by name (``tokens`` holds their token counts), ``commit`` by committed token count."""
+    """Milliseconds per call (mean of the timed calls, :func:`_mean_ms`) on one backend: ``prefill`` by token
+    count, the fixed entries by name (``tokens`` holds their token counts), ``commit`` by committed token count."""
 
     backend: str
     threads: dict[str, int]
