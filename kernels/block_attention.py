@@ -17,19 +17,33 @@ from onnx.defs import OpSchema
 from onnxscript import opset20 as op
 from torch import Tensor
 
+from .masking import LOWEST, MASK_DEPTH, mask_scores
 from .registry import ZAYA, OnnxFace, register_mlir, register_onnx, register_schema
 
 NO_WINDOW = 2**62
 
 
+def attend_apart(q: Tensor, past_k: Tensor, past_v: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
+    """Softmax attention of q [B, n_q, T, d] over [cache ; new] keys where ``allowed`` [B, T, S+T] → [B, T, n_q·d].
+
+    The cache and the new keys are read apart, never concatenated (that is a copy of the whole cache per layer
+    and call, O(S) in a decode step that is otherwise O(S) reads): the scores of the two parts are placed side
+    by side ([T, S+T] per head), and the output is the sum of the two parts' products. GQA by broadcasting: q
+    as [B, n_kv, G, T, d] against keys [B, n_kv, 1, S, d], so no KV head is copied G times either."""
+    B, n_q, T, d = q.shape
+    n_kv, S = k.shape[1], past_k.shape[2]
+    q5 = q.view(B, n_kv, n_q // n_kv, T, d)  # q head h reads KV head h // G
+    scores = torch.cat([q5 @ past_k[:, :, None].transpose(-1, -2), q5 @ k[:, :, None].transpose(-1, -2)], -1)
+    scores = mask_scores(scores * d**-0.5, allowed[:, None, None])  # [B, n_kv, G, T, S+T] fp32
+    probs = torch.softmax(scores, -1).to(q.dtype)
+    out = probs[..., :S] @ past_v[:, :, None] + probs[..., S:] @ v[:, :, None]  # [B, n_kv, G, T, d]
+    return out.view(B, n_q, T, d).transpose(1, 2).reshape(B, T, n_q * d)
+
+
 def block_attention_reference(q: Tensor, past_k: Tensor, past_v: Tensor, k: Tensor, v: Tensor,
                               past_valid: Tensor, new_valid: Tensor, window: int, causal: bool = True) -> Tensor:
     """Eager reference (plain torch)."""
-    B, n_q, T, d = q.shape
-    n_kv = k.shape[1]
-    S, G = past_k.shape[2], n_q // n_kv
-    keys = torch.cat([past_k, k], 2)[:, :, None]  # [B, n_kv, 1, S+T, d], shared by the G q heads of a group
-    values = torch.cat([past_v, v], 2)[:, :, None]
+    B, T, S = q.shape[0], q.shape[2], past_k.shape[2]
     valid = torch.cat([past_valid, new_valid], 1)  # [B, S+T]
     pos = valid.long().cumsum(-1) - 1
     slot = torch.arange(S + T, device=q.device)
@@ -38,10 +52,7 @@ def block_attention_reference(q: Tensor, past_k: Tensor, past_v: Tensor, k: Tens
     allowed = torch.logical_and(order[None], valid[:, None]) if causal else valid[:, None].expand(B, T, S + T)
     if window > 0:
         allowed = torch.logical_and(allowed, (pos[:, S:, None] - pos[:, None, :]) < window)
-    scores = (q.view(B, n_kv, G, T, d) @ keys.transpose(-1, -2)) * d**-0.5  # [B, n_kv, G, T, S+T]
-    scores = scores.masked_fill(torch.logical_not(allowed[:, None, None]), torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype)
-    return (probs @ values).view(B, n_q, T, d).transpose(1, 2).reshape(B, T, n_q * d)
+    return attend_apart(q, past_k, past_v, k, v, allowed)
 
 
 block_attention = torch.library.custom_op("zaya::block_attention", mutates_args=())(block_attention_reference)
@@ -60,25 +71,27 @@ register_schema(
             ("new_valid", "B")],
     outputs=[("out", "T")],
     attributes={"groups": OpSchema.AttrType.INT, "window": OpSchema.AttrType.INT, "causal": OpSchema.AttrType.INT,
-                "scale": OpSchema.AttrType.FLOAT, "fill": OpSchema.AttrType.FLOAT},
+                "scale": OpSchema.AttrType.FLOAT},
 )
 
 
 @onnxscript.script(ZAYA, default_opset=op)
 def BlockAttention(q, past_k, past_v, k, v, past_valid, new_valid, groups: int, window: int, causal: int,
-                   scale: float, fill: float):
+                   scale: float):
     zero = op.Constant(value_ints=[0])
     one = op.Constant(value_ints=[1])
     neg1 = op.Constant(value_ints=[-1])
     G = op.Reshape(op.Constant(value_int=groups), neg1)
-    # GQA by broadcasting: q as [B, n_kv, G, T, d] against keys/values as [B, n_kv, 1, S+T, d], so the cache is
-    # never copied G times (an Expand of the whole cache per layer and call)
-    keys = op.Unsqueeze(op.Concat(past_k, k, axis=2), op.Constant(value_ints=[2]))  # [B, n_kv, 1, S+T, d]
-    values = op.Unsqueeze(op.Concat(past_v, v, axis=2), op.Constant(value_ints=[2]))
+    # GQA by broadcasting: q as [B, n_kv, G, T, d] against keys/values as [B, n_kv, 1, S, d], so the cache is
+    # never copied G times (an Expand of the whole cache per layer and call); and the cache is never concatenated
+    # with the new keys/values either (a copy of it per layer and call): the scores of the two parts are
+    # concatenated instead ([T, S+T] per head, not [S, d]), and the output is the sum of the two products.
+    axis2 = op.Constant(value_ints=[2])
     b, nq, t, d = op.Split(op.Shape(q), num_outputs=4)
     q5 = op.Reshape(q, op.Concat(b, op.Div(nq, G), G, t, d, axis=0))  # [B, n_kv, G, T, d]
-    scores = op.Mul(op.MatMul(q5, op.Transpose(keys, perm=[0, 1, 2, 4, 3])),
-                    op.CastLike(op.Constant(value_float=scale), q))  # [B, n_kv, G, T, S+T]
+    scores = op.Concat(op.MatMul(q5, op.Transpose(op.Unsqueeze(past_k, axis2), perm=[0, 1, 2, 4, 3])),
+                       op.MatMul(q5, op.Transpose(op.Unsqueeze(k, axis2), perm=[0, 1, 2, 4, 3])), axis=-1)
+    scores = op.Mul(scores, op.CastLike(op.Constant(value_float=scale), q))  # [B, n_kv, G, T, S+T]
     valid = op.Concat(past_valid, new_valid, axis=1)  # [B, S+T]
     pos = op.Sub(op.CumSum(op.Cast(valid, to=7), op.Constant(value_int=1)), op.Constant(value_int=1))
     S = op.Shape(past_k, start=2, end=3)
@@ -92,19 +105,26 @@ def BlockAttention(q, past_k, past_v, k, v, past_valid, new_valid, groups: int, 
     q_pos = op.Slice(pos, S, n, one)  # [B, T]
     distance = op.Sub(op.Unsqueeze(q_pos, op.Constant(value_ints=[2])), op.Unsqueeze(pos, one))
     allowed = op.And(allowed, op.Less(distance, op.Constant(value_int=window)))
-    scores = op.Where(op.Unsqueeze(allowed, op.Constant(value_ints=[1, 2])), scores,
-                      op.CastLike(op.Constant(value_float=fill), scores))
-    probs = op.CastLike(op.Softmax(op.Cast(scores, to=1), axis=-1), q)
-    out = op.Reshape(op.MatMul(probs, values), op.Shape(q))  # [B, n_q, T, d]
+    # kernels.masking: an fp32 additive mask (a Where on the mask alone, not broadcast over the heads), then the
+    # scores floored MASK_DEPTH below the row's best
+    bias = op.Where(op.Unsqueeze(allowed, op.Constant(value_ints=[1, 2])), op.Constant(value_float=0.0),
+                    op.Constant(value_float=LOWEST))
+    scores = op.Add(op.Cast(scores, to=1), bias)
+    best = op.ReduceMax(scores, op.Constant(value_ints=[-1]), keepdims=1)
+    scores = op.Max(scores, op.Sub(best, op.Constant(value_float=MASK_DEPTH)))
+    probs = op.CastLike(op.Softmax(scores, axis=-1), q)
+    last = op.Constant(value_ints=[-1])
+    out = op.Add(op.MatMul(op.Slice(probs, zero, S, last), op.Unsqueeze(past_v, axis2)),
+                 op.MatMul(op.Slice(probs, S, op.Constant(value_ints=[2**62]), last), op.Unsqueeze(v, axis2)))
+    out = op.Reshape(out, op.Shape(q))  # [B, n_q, T, d]
     out = op.Transpose(out, perm=[0, 2, 1, 3])
     return op.Reshape(out, op.Concat(zero, zero, neg1, axis=0))
 
 
 def _translate(q, past_k, past_v, k, v, past_valid, new_valid, window: int, causal: bool = True):
-    fill = float(torch.finfo({1: torch.float32, 10: torch.float16, 16: torch.bfloat16}[int(q.dtype)]).min)
     return ZAYA.BlockAttention(q, past_k, past_v, k, v, past_valid, new_valid, groups=q.shape[1] // k.shape[1],
                                window=window if window > 0 else NO_WINDOW, causal=int(causal),
-                               scale=q.shape[3] ** -0.5, fill=fill)
+                               scale=q.shape[3] ** -0.5)
 
 
 register_onnx("BlockAttention", OnnxFace(torch.ops.zaya.block_attention.default, _translate, BlockAttention))

@@ -135,3 +135,24 @@ def test_reference_ops_equal_the_model_regions():
     assert [(r.name, r.rewrites) for r in log] == [("fuse_cca", 2), ("fuse_attention", 2), ("fuse_moe", 2)]
     assert log[0].max_abs_diff == 0.0  # same arithmetic, different summation order only in attention
     assert all(r.max_rel_diff <= 1e-5 and r.routing_flips == 0 for r in log)
+
+
+@SETTINGS
+@given(scale=st.sampled_from([1.0, 100.0]), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       density=st.sampled_from([0.0, 0.1, 0.5, 1.0]), seed=st.integers(0, 99))
+def test_mask_scores_is_the_exact_mask_without_denormals(scale, dtype, density, seed):
+    """kernels.masking against the dtype-minimum fill it replaces: the same probabilities to fp32 rounding at
+    logit scale 1 and ~100 (rows spread far past MASK_DEPTH), fully masked rows uniform, and no denormal
+    probability (each one cost a microcode assist in onnxruntime's softmax)."""
+    from zaya_export.kernels.masking import mask_scores
+
+    g = torch.Generator().manual_seed(seed)
+    scores = (torch.randn(2, 3, 5, 40, generator=g) * scale).to(dtype)
+    allowed = torch.rand(2, 1, 5, 40, generator=g) < density
+    allowed[0, 0, 1] = False  # a fully masked row (left padding)
+    exact = torch.softmax(scores.masked_fill(~allowed, torch.finfo(dtype).min), -1, dtype=torch.float32)
+    probs = torch.softmax(mask_scores(scores, allowed), -1)
+    assert probs.dtype == torch.float32 and torch.isfinite(probs).all()
+    assert (probs - exact).abs().max() <= 1e-6
+    assert torch.allclose(probs[0, :, 1], torch.full_like(probs[0, :, 1], 1 / 40))
+    assert ((probs == 0) | (probs >= torch.finfo(torch.float32).tiny)).all()
