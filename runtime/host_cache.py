@@ -8,11 +8,9 @@ the same buffers on the device is ``device_cache.DeviceKVCache``.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from zaya_export.models import ZayaConfig
 from zaya_export.models.io_table import Name, state_buffers
-from zaya_export.models.state import committed_window, write_rows
 
 
 class KVCache:
@@ -53,26 +51,31 @@ class KVCache:
 
     def commit(self, out: dict[str, np.ndarray], counts: np.ndarray | None = None,
                mask: np.ndarray | None = None) -> None:
-        """Keep the first ``counts[b]`` new tokens of row b (all T by default); ``mask`` marks left padding."""
+        """Keep the first ``counts[b]`` new tokens of row b (all T by default); ``mask`` marks left padding.
+
+        The commit rule of ``models.state`` (``write_rows``, ``committed_window``: the one every device path and
+        the in-graph commits apply), written with numpy slices: each row's slots are contiguous, so the rule is
+        a copy per buffer and row. Through torch's scatter/gather it cost 0.3–0.4 ms per decode step, a quarter of
+        the demo's onnxruntime decode; the tests hold the two to the same state."""
         T = out[Name.NEW_K].shape[3]
         counts = np.full(len(self.lengths), T) if counts is None else np.asarray(counts)
         if (self.lengths + counts).max() > self.capacity:
             raise ValueError(f"cache full: committing {counts.max()} more tokens exceeds capacity {self.capacity}")
-        # The one commit rule (models.state), applied in place to the numpy buffers through torch views. Row by
-        # row: each row's T new rows must fit behind its own length, which holds for its n, not always for T.
-        t = torch.from_numpy
         valid = np.ones((len(counts), T), bool) if mask is None else np.asarray(mask, bool)
+        new_k, new_v = out[Name.NEW_K], out[Name.NEW_V]  # [L, B, n_kv, T, d]
         accepted = Name.CONV_STATE_OUT in out  # the window was committed in-graph (step_greedy, step_sample)
+        kappa = self.conv.shape[-1]
         for b, n in enumerate(counts.tolist()):
-            rows = slice(b, b + 1)
-            lengths, count = torch.tensor([int(self.lengths[b])]), torch.tensor([n])
-            write_rows(t(self.k[:, rows]), t(self.v[:, rows]), t(self.valid[rows]), lengths, count,
-                       t(valid[rows, :n]), t(out[Name.NEW_K][:, rows, :, :n]), t(out[Name.NEW_V][:, rows, :, :n]))
+            start = int(self.lengths[b])
+            slots = slice(start, start + n)  # the row's next n slots; only its n kept rows are written
+            self.k[:, b, :, slots] = new_k[:, b, :, :n]
+            self.v[:, b, :, slots] = new_v[:, b, :, :n]
+            self.valid[b, slots] = valid[b, :n]
             if accepted:
                 if n > 0:
                     self.conv[:, b], self.rho[:, b] = out[Name.CONV_STATE_OUT][:, b], out[Name.RHO_STATE_OUT][:, b]
-            else:
-                conv, rho = committed_window(t(out[Name.CONV_ROWS][:, rows]), t(out[Name.OMEGA][:, rows]), count,
-                                             t(self.rho[:, rows]))
-                self.conv[:, rows], self.rho[:, rows] = conv.numpy(), rho.numpy()
+            else:  # conv window = pre-conv rows n..n+κ−1 of [history ; new]; ρ = ω_{n−1}, kept at n = 0
+                self.conv[:, b] = out[Name.CONV_ROWS][:, b, :, n:n + kappa]
+                if n > 0:
+                    self.rho[:, b] = out[Name.OMEGA][:, b, n - 1]
             self.lengths[b] += n

@@ -266,7 +266,9 @@ def validate_artifact(artifact: Artifact, backend: str = "ort", checkpoint: Path
         want = ref.greedy(p, max_new_tokens, stop)
         same = sum(1 for a, b in zip(got, want) if a == b) if len(got) == len(want) else 0
         tie = None if got == want else _near_tie_divergence(ref_model, p, got, want, tol)
-        ok = (got == want or tie is not None) if tol.greedy_exact else same / max(len(want), 1) >= tol.top1
+        # a divergence at a near tie is a correct greedy decode on every path; a lossy one (quantized, fp16) may
+        # also differ at a few positions without one
+        ok = got == want or tie is not None or (not tol.greedy_exact and same / max(len(want), 1) >= tol.top1)
         greedy.append({"prompt_len": len(p), "tokens": got, "reference": want, "equal": got == want,
                        "near_tie": tie, "ok": bool(ok)})
     tidar = _tidar_checks(session, ref, prompts, max_new_tokens, tol) if session.has("verify") else []
