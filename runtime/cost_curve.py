@@ -17,9 +17,12 @@ import numpy as np
 
 from zaya_export.models.io_table import Name
 
+from .loop_cost import host_ms_per_step
 from .session import Session
 
 DECODING_ENTRIES = ("decode", "verify", "draft", "step", "step_greedy", "step_sample")
+MODES = ("ar", "tidar", "tidar-fused")
+MODE_ENTRIES = {"ar": ("decode",), "tidar": ("verify", "draft"), "tidar-fused": ("draft", "step")}
 
 
 @dataclass
@@ -33,6 +36,7 @@ class CostCurve:
     entries: dict[str, float] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
     commit: dict[int, float] = field(default_factory=dict)
+    host: dict[str, float] = field(default_factory=dict)  # mode: ms per step outside its forwards (loop_cost)
 
     def ms(self, entry: str) -> float:
         return self.entries[entry]
@@ -52,8 +56,14 @@ class CostCurve:
             row["vs_decode"] = round(row["ms"] / base, 3) if base else None
         return out
 
+    def step_overhead_ms(self, mode: str, count: float) -> float:
+        """What a step of ``mode`` committing ``count`` tokens pays outside its forwards: the loop's measured
+        host time per step where it was measured (it includes the commit), else the commit alone."""
+        return self.host[mode] if mode in self.host else self.commit_ms(count)
+
     def to_json(self) -> dict:
-        return {"backend": self.backend, "threads": self.threads, "rows": self.rows()}
+        return {"backend": self.backend, "threads": self.threads, "rows": self.rows(),
+                "host_ms_per_step": {m: round(ms, 4) for m, ms in self.host.items()}}
 
 
 def token_counts(largest: int) -> list[int]:
@@ -115,9 +125,10 @@ def _commit_ms(session: Session, cache, entry: str, tokens: int, count: int, rep
 
 
 def measure(session: Session, context: int = 64, repeats: int = 10, prefill_counts: Sequence[int] | None = None,
-            entries: tuple[str, ...] = DECODING_ENTRIES) -> CostCurve:
+            entries: tuple[str, ...] = DECODING_ENTRIES, modes: tuple[str, ...] = MODES) -> CostCurve:
     """Time ``session``'s entries (batch 1) with ``context`` tokens already in the cache; ``prefill`` at
-    ``prefill_counts`` tokens (default: 1, 2, 4, … up to the largest entry's; empty: not at all).
+    ``prefill_counts`` tokens (default: 1, 2, 4, … up to the largest entry's; empty: not at all); and the host
+    loop's time per step of each of ``modes`` whose entries the session has (``loop_cost``).
 
     The cache is sized as a generation of ``context`` prompt tokens would size it, so attention reads what it
     reads in use. Nothing timed is committed, except the commit timings themselves, which are undone (lengths
@@ -145,4 +156,8 @@ def measure(session: Session, context: int = 64, repeats: int = 10, prefill_coun
     for entry, count in (("decode", 1), ("verify", K // 2 + 1), ("verify", K + 1)):
         if entry in wanted:
             curve.commit[count] = _commit_ms(session, cache, entry, sizes[entry], count, repeats)
+    prompt = np.random.default_rng(2).integers(5, session.config.vocab_size, context).tolist()
+    for mode in modes:
+        if all(session.has(e) for e in MODE_ENTRIES[mode]):
+            curve.host[mode] = host_ms_per_step(session, mode, prompt)
     return curve

@@ -16,7 +16,6 @@ import numpy as np
 
 from .cost_curve import CostCurve
 
-MODES = ("ar", "tidar", "tidar-fused")
 
 
 @dataclass(frozen=True)
@@ -63,15 +62,16 @@ def predict(curve: CostCurve, acceptance: dict[str, list[int]], prompt_len: int,
     entries were measured and its histogram is given)."""
     prefill = _prefill_ms(curve, prompt_len)
     steps: dict[str, tuple[float, float, int, float]] = {  # mode: (step ms, tokens/step, forwards/step, setup ms)
-        "ar": (curve.ms("decode") + curve.commit_ms(1), 1.0, 1, 0.0)}
+        "ar": (curve.ms("decode") + curve.step_overhead_ms("ar", 1), 1.0, 1, 0.0)}
     if "tidar" in acceptance and {"verify", "draft"} <= set(curve.entries):
         ell = mean_accepted(acceptance["tidar"])
-        steps["tidar"] = (curve.ms("verify") + curve.ms("draft") + curve.commit_ms(ell + 1), ell + 1, 2,
-                          curve.ms("draft"))
+        forwards_ms = curve.ms("verify") + curve.ms("draft")
+        steps["tidar"] = (forwards_ms + curve.step_overhead_ms("tidar", ell + 1), ell + 1, 2, curve.ms("draft"))
     if "tidar-fused" in acceptance and "step" in curve.entries and "draft" in curve.entries:
         ell = mean_accepted(acceptance["tidar-fused"])
         entry = step_entry(curve, greedy, w)
-        steps["tidar-fused"] = (curve.ms(entry) + curve.commit_ms(ell + 1), ell + 1, 1, curve.ms("draft"))
+        steps["tidar-fused"] = (curve.ms(entry) + curve.step_overhead_ms("tidar-fused", ell + 1), ell + 1, 1,
+                                curve.ms("draft"))
     out = {}
     for mode, (step_ms, per_step, forwards, setup) in steps.items():
         n_steps = max(new_tokens - 1, 0) / per_step

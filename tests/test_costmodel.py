@@ -179,3 +179,32 @@ def test_bench_modes_prints_predictions(artifact):
     for mode, row in res["modes"].items():
         assert row["predicted_tok_per_s"] > 0 and np.isfinite(row["prediction_error"])
     assert res["auto"]["chosen"] == "ar"
+
+
+def test_host_time_per_step_leaves_the_forwards_out(artifact):
+    """loop_cost: the loop's own time per step, measured in a real generation, must not grow when every forward
+    takes 20 ms longer (each forward is timed where it runs and taken out); the cost model then adds it to a
+    step's forwards in place of the commit."""
+    import time
+
+    from zaya_export.runtime.loop_cost import host_ms_per_step
+
+    session = Session.from_artifact(open_artifact(artifact), "ort")
+    prompt = list(range(5, 21))
+    base = {m: host_ms_per_step(session, m, prompt, new_tokens=12) for m in ("ar", "tidar", "tidar-fused")}
+    run = session.backend.run
+
+    def slow(entry, inputs):
+        time.sleep(0.02)
+        return run(entry, inputs)
+
+    session.backend.run = slow
+    slowed = {m: host_ms_per_step(session, m, prompt, new_tokens=12) for m in ("ar", "tidar", "tidar-fused")}
+    for mode in base:
+        assert 0 < slowed[mode] < base[mode] + 10.0, (mode, base[mode], slowed[mode])
+    curve = _curve()
+    curve.host["tidar"] = 0.7
+    hist = [0] * K + [10]
+    p = predict(curve, {"tidar": hist}, prompt_len=8, new_tokens=33)
+    assert p["tidar"].step_ms == pytest.approx(3.0 + 3.0 + 0.7)  # host time replaces the 0.1 ms commit
+    assert p["ar"].step_ms == pytest.approx(2.0 + 0.1)  # not measured for AR: the commit
