@@ -7,7 +7,7 @@ each denormal result costs a microcode assist: onnxruntime's Softmax was 6–9×
 thread; the worker threads of onnxruntime's shared pool cannot be given flush-to-zero from Python). And
 onnxruntime's Where broadcasting the mask over the heads costs 60 µs on that shape where an Add costs 3.
 
-So the mask is an additive fp32 bias (0 or the fp32 minimum, which absorbs any finite score), and the scores
+So the mask is an additive fp32 bias (0 or the fp32 minimum, which absorbs any score under 1e31), and the scores
 are then floored at :data:`MASK_DEPTH` nats below the row's best: a hidden slot gets weight e^−64 ≈ 1.6e−28
 of the best key's, a normal float that the fp32 sum of exps (≥ 1) absorbs for any row shorter than 10^20
 keys, so probabilities and output are those of the exact mask to fp32 rounding. The floor also lifts the

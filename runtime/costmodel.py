@@ -17,7 +17,6 @@ import numpy as np
 from .cost_curve import CostCurve
 
 
-
 @dataclass(frozen=True)
 class Prediction:
     mode: str
