@@ -17,7 +17,7 @@ import numpy as np
 
 from zaya_export.models.io_table import Name
 
-from .loop_cost import host_ms_per_step
+from .loop_cost import HOST_TOKENS, host_ms_per_step
 from .session import Session
 
 DECODING_ENTRIES = ("decode", "verify", "draft", "step", "step_greedy", "step_sample")
@@ -125,10 +125,12 @@ def _commit_ms(session: Session, cache, entry: str, tokens: int, count: int, rep
 
 
 def measure(session: Session, context: int = 64, repeats: int = 10, prefill_counts: Sequence[int] | None = None,
-            entries: tuple[str, ...] = DECODING_ENTRIES, modes: tuple[str, ...] = MODES) -> CostCurve:
+            entries: tuple[str, ...] = DECODING_ENTRIES, modes: tuple[str, ...] = MODES,
+            host_tokens: int = HOST_TOKENS) -> CostCurve:
     """Time ``session``'s entries (batch 1) with ``context`` tokens already in the cache; ``prefill`` at
     ``prefill_counts`` tokens (default: 1, 2, 4, … up to the largest entry's; empty: not at all); and the host
-    loop's time per step of each of ``modes`` whose entries the session has (``loop_cost``).
+    loop's time per step of each of ``modes`` whose entries the session has (``loop_cost``, over a generation
+    of ``host_tokens``).
 
     The cache is sized as a generation of ``context`` prompt tokens would size it, so attention reads what it
     reads in use. Nothing timed is committed, except the commit timings themselves, which are undone (lengths
@@ -159,5 +161,5 @@ def measure(session: Session, context: int = 64, repeats: int = 10, prefill_coun
     prompt = np.random.default_rng(2).integers(5, session.config.vocab_size, context).tolist()
     for mode in modes:
         if all(session.has(e) for e in MODE_ENTRIES[mode]):
-            curve.host[mode] = host_ms_per_step(session, mode, prompt)
+            curve.host[mode] = host_ms_per_step(session, mode, prompt, host_tokens)
     return curve

@@ -16,6 +16,8 @@ import numpy as np
 
 from .cost_curve import CostCurve
 
+AUTO_HOST_TOKENS = 16  # run --mode auto: a shorter timed loop than bench's (it runs before every generation)
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -107,7 +109,8 @@ def auto_mode(session, calibration, prompt_len: int, new_tokens: int, greedy: bo
                else "no calibration (a checkpoint: export it to calibrate)")
         return ("tidar" if w < 1.0 else "ar"), {}, why
     if curve is None:
-        curve = measure(session, context=prompt_len, repeats=5, prefill_counts=(), entries=needed_entries(greedy, w))
+        curve = measure(session, context=prompt_len, repeats=5, prefill_counts=(), entries=needed_entries(greedy, w),
+                        host_tokens=AUTO_HOST_TOKENS)
     predictions = predict(curve, calibration.acceptance, prompt_len, new_tokens, greedy, w)
     if w < 1.0:
         predictions.pop("ar", None)
