@@ -156,16 +156,17 @@ def test_run_auto_reports_its_choice(artifact):
 
 
 def test_bench_entries_table_json_and_plot(artifact, tmp_path):
-    plot = tmp_path / "entries.png"
+    plot = tmp_path / "not-yet" / "entries.png"  # a folder that does not exist yet is made
     result = CliRunner().invoke(main, ["bench", str(artifact), "--entries", "--prompt-len", "8", "--repeats", "1",
                                        "--plot", str(plot)])
     assert result.exit_code == 0, result.output
-    assert "verify" in result.output and "x decode" in result.output
+    assert "verify" in result.output and "x decode" in result.output and "host/tidar" in result.output
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = CliRunner().invoke(main, ["bench", str(artifact), "--entries", "--prompt-len", "8", "--repeats", "1",
                                        "--json"])
     rows = json.loads(result.output)["ort"]["rows"]
     assert {r["entry"] for r in rows} >= {"prefill", "decode", "verify", "draft", "step", "commit"}
+    assert set(json.loads(result.output)["ort"]["host_ms_per_step"]) == {"ar", "tidar", "tidar-fused"}
     for args in (["--plot", str(plot)], ["--entries", "--modes", "ar"]):
         bad = CliRunner().invoke(main, ["bench", str(artifact), *args])
         assert bad.exit_code == 2 and "error:" in bad.output

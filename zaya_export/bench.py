@@ -167,6 +167,7 @@ def plot_entries(result: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)  # --plot may name a folder that does not exist yet
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
