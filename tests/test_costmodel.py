@@ -126,9 +126,13 @@ def test_cost_curve_times_every_entry(artifact):
 def test_auto_follows_the_calibration(artifact):
     art = open_artifact(artifact)
     session = Session.from_artifact(art, "ort")
-    # a random model's drafts are never accepted: TiDAR cannot pay
+    # timed on this machine, the choice is the fastest prediction (which one depends on the machine's load)
     mode, predicted, why = auto_mode(session, art.calibration, 8, 64, greedy=True)
-    assert mode == "ar" and why == "cost model" and set(predicted) == {"ar", "tidar", "tidar-fused"}
+    assert why == "cost model" and set(predicted) == {"ar", "tidar", "tidar-fused"}
+    assert mode == choose(predicted).mode
+    # a random model's drafts are almost never accepted: where a multi-token forward costs 1.5 decodes and
+    # more, as on any real model, TiDAR cannot pay
+    assert auto_mode(session, art.calibration, 8, 64, greedy=True, curve=_curve())[0] == "ar"
     # drafts always accepted, on a machine where a (K+1)-token forward costs 1.5 decodes: TiDAR pays. (The
     # measured curve is not used here: on a loaded machine one timing spike can flip any decision.)
     perfect = Calibration({"tidar": [0] * K + [10], "tidar-fused": [0] * K + [10]}, 1, 64, "test")
@@ -147,8 +151,12 @@ def test_run_auto_reports_its_choice(artifact):
                                        "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert report["mode"] == "ar" and report["auto"]["chosen"] == "ar" and report["forwards"] == 8
-    assert set(report["auto"]["predicted"]) == {"ar", "tidar", "tidar-fused"}
+    predicted = report["auto"]["predicted"]
+    assert set(predicted) == {"ar", "tidar", "tidar-fused"} and report["auto"]["reason"] == "cost model"
+    # which mode is fastest depends on this machine's load; the run follows the fastest prediction
+    chosen = report["auto"]["chosen"]
+    assert report["mode"] == chosen and predicted[chosen]["tok_per_s"] == max(p["tok_per_s"] for p in predicted.values())
+    assert len(report["tokens"]) == 8 and (report["forwards"] == 8 if chosen == "ar" else report["forwards"] <= 8)
     # a TiDAR mode asked for explicitly still runs
     result = CliRunner().invoke(main, ["run", str(artifact), "--prompt-ids", "5,6,7", "--max-new-tokens", "8",
                                        "--mode", "tidar", "--json"])
