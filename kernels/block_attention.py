@@ -26,18 +26,37 @@ NO_WINDOW = 2**62
 def attend_apart(q: Tensor, past_k: Tensor, past_v: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
     """Softmax attention of q [B, n_q, T, d] over [cache ; new] keys where ``allowed`` [B, T, S+T] → [B, T, n_q·d].
 
-    The cache and the new keys are read apart, never concatenated (that is a copy of the whole cache per layer
-    and call, O(S) in a decode step that is otherwise O(S) reads): the scores of the two parts are placed side
-    by side ([T, S+T] per head), and the output is the sum of the two parts' products. GQA by broadcasting: q
-    as [B, n_kv, G, T, d] against keys [B, n_kv, 1, S, d], so no KV head is copied G times either."""
+    For a fixed T (every entry but prefill) the cache and the new keys are read apart, never concatenated (that
+    is a copy of the whole cache per layer and call, O(S) in a decode step that is otherwise O(S) reads): the
+    scores of the two parts are placed side by side ([T, S+T] per head), and the output is the sum of the two
+    parts' products. GQA by grouping: the G q heads of a KV head are one [G·T, d] block of rows against that
+    head's keys, so no KV head is copied G times and every product is a plain batched matmul over (B, n_kv)
+    (IREE's data-tiled matmuls refuse a broadcast batch dim)."""
     B, n_q, T, d = q.shape
     n_kv, S = k.shape[1], past_k.shape[2]
-    q5 = q.view(B, n_kv, n_q // n_kv, T, d)  # q head h reads KV head h // G
-    scores = torch.cat([q5 @ past_k[:, :, None].transpose(-1, -2), q5 @ k[:, :, None].transpose(-1, -2)], -1)
-    scores = mask_scores(scores * d**-0.5, allowed[:, None, None])  # [B, n_kv, G, T, S+T] fp32
-    probs = torch.softmax(scores, -1).to(q.dtype)
-    out = probs[..., :S] @ past_v[:, :, None] + probs[..., S:] @ v[:, :, None]  # [B, n_kv, G, T, d]
+    G = n_q // n_kv
+    if not isinstance(T, int):
+        return _attend_joined(q, past_k, past_v, k, v, allowed)
+    qg = q.reshape(B, n_kv, G * T, d)  # row g·T + t: query t of q head g of its KV head
+    scores = torch.cat([qg @ past_k.transpose(-1, -2), qg @ k.transpose(-1, -2)], -1)  # [B, n_kv, G·T, S+T]
+    rows = allowed.repeat(1, G, 1)[:, None]  # [B, 1, G·T, S+T]
+    probs = torch.softmax(mask_scores(scores * d**-0.5, rows), -1).to(q.dtype)  # fp32 softmax
+    out = probs[..., :S] @ past_v + probs[..., S:] @ v  # [B, n_kv, G·T, d]
     return out.view(B, n_q, T, d).transpose(1, 2).reshape(B, T, n_q * d)
+
+
+def _attend_joined(q: Tensor, past_k: Tensor, past_v: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
+    """``attend_apart`` for a T that torch.export keeps symbolic (prefill): [cache ; new] keys joined once, the G
+    q heads of a KV head as one more row dimension of two einsums. torch.export cannot fold a symbolic T into
+    the rows, and IREE cannot data-tile a batched product over a slice of dynamic length (nor over a broadcast
+    operand); prefill pays the join once per prompt."""
+    B, n_q, T, d = q.shape
+    n_kv = k.shape[1]
+    keys, values = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)  # [B, n_kv, S+T, d]
+    scores = torch.einsum("bhgtd,bhsd->bhgts", q.view(B, n_kv, n_q // n_kv, T, d), keys)  # [B, n_kv, G, T, S+T]
+    probs = torch.softmax(mask_scores(scores * d**-0.5, allowed[:, None, None]), -1).to(q.dtype)
+    out = torch.einsum("bhgts,bhsd->bhgtd", probs, values)  # [B, n_kv, G, T, d]
+    return out.reshape(B, n_q, T, d).transpose(1, 2).reshape(B, T, n_q * d)
 
 
 def block_attention_reference(q: Tensor, past_k: Tensor, past_v: Tensor, k: Tensor, v: Tensor,

@@ -55,8 +55,9 @@ class _Parts:
         """The float matrix's shape ``[..., N, K]``."""
         return torch.Size((*self.codes.shape[:-2], self.k))
 
-    def select(self, index: Any) -> _Parts:  # noqa: ANN401 - an int or an index tensor
-        take = (lambda t: t[index]) if isinstance(index, int) else (lambda t: t.index_select(0, index))
+    def select(self, index: Any) -> _Parts:  # noqa: ANN401 - an int, a SymInt or an index tensor
+        scalar = isinstance(index, (int, torch.SymInt))  # a SymInt: the traced batch-1 MoE face's expert
+        take = (lambda t: t[index]) if scalar else (lambda t: t.index_select(0, index))
         zp = None if self.zero_points is None else take(self.zero_points)
         return _Parts(take(self.codes), take(self.scales), zp, self.bits, self.k, self.packed)
 
@@ -162,7 +163,7 @@ class QuantizedMatrix(_Operand, nn.Module):
     def dtype(self) -> torch.dtype:
         return torch.float32  # what it computes in
 
-    def __getitem__(self, index: int) -> _Rows:
+    def __getitem__(self, index: int | torch.SymInt) -> _Rows:
         return _Rows(self.parts().select(index))
 
     def index_select(self, dim: int, index: Tensor) -> _Rows:

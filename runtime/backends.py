@@ -182,6 +182,8 @@ class IreeBackend(Backend):
         self.rt = rt
         # model entries, then the in-place state commits (absent from artifacts exported before them)
         self.entries = {**artifact.entry_points, **artifact.manifest.mlir.state_entries}
+        # entries with a fixed-batch-1 twin (``entries.batch1_twin``; none in modules exported before them)
+        self.twins = {e for e in artifact.entry_points if vmfb.lookup_function(entries.batch1_twin(e)) is not None}
         self.target, self.device = target, device
 
     @property
@@ -199,6 +201,8 @@ class IreeBackend(Backend):
             raise KeyError(f"the artifact has no {entry!r} entry point")
         spec = self.entries[entry]
         args = [inputs[n] for n in spec.input_names]
+        if entry in self.twins and inputs[Name.INPUT_IDS].shape[0] == 1:
+            entry = entries.batch1_twin(entry)  # one sequence: the function traced at a fixed batch of 1
         try:
             outs = getattr(self.module, entry)(*[a if isinstance(a, self.rt.DeviceArray)
                                                  else np.ascontiguousarray(a) for a in args])

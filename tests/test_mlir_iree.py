@@ -17,12 +17,14 @@ from conftest import random_model, small_config
 from zaya_export.runtime.artifact import open_artifact
 from zaya_export.bisect import bisect, describe
 from zaya_export.models.checkpoint import save_checkpoint
+from zaya_export.models.entries import batch1_twin
 from zaya_export.cli import main
 from zaya_export.errors import InputError
 from zaya_export.exporter import ExportError, export_artifact
-from zaya_export.kernels.moe_top1 import moe_top1_gathered, moe_top1_static
+from zaya_export.kernels.moe_top1 import moe_top1_gathered, moe_top1_selected, moe_top1_static
 from zaya_export.kernels.registry import _conv1d, _softmax, _softmax_internal
 from zaya_export.mlir_export import NARROW_PARAMETER_FLAGS, TARGETS, amd_archs_in, store_parameters
+from zaya_export.runtime.cost_curve import entry_inputs
 from zaya_export.runtime.generate import generate, generate_greedy
 from zaya_export.runtime.device_cache import DeviceKVCache
 from zaya_export.runtime.sampling import SamplerConfig
@@ -95,10 +97,15 @@ def test_static_moe_equals_sparse_moe(model):
             got_out, got_state = face(*args)
             torch.testing.assert_close(got_out, out[0], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(got_state, state, atol=1e-5, rtol=1e-5)
+        for row in range(len(x)):  # one token: the selected expert read in place (the batch-1 decode face)
+            got_out, got_state = moe_top1_selected(x[row:row + 1], prev[row:row + 1], *args[2:])
+            torch.testing.assert_close(got_out[0], out[0, row], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got_state[0], state[row], atol=1e-5, rtol=1e-5)
         # the skip class (bias it to win everywhere) gives zero output in every face
         skip = args[:11] + (gate.balancing_biases + torch.eye(len(gate.balancing_biases))[-1] * 100,) + args[12:]
         for face in (moe_top1_static, moe_top1_gathered):
             assert face(*skip)[0].abs().max() == 0
+        assert moe_top1_selected(x[:1], prev[:1], *skip[2:])[0].abs().max() == 0
 
 
 def test_first_argmax_is_argmax_with_ties():
@@ -112,8 +119,9 @@ def test_module_has_every_entry_and_external_weights(artifact):
     art = open_artifact(artifact)
     m = art.manifest
     assert m.formats == ("onnx", "mlir")
-    assert set(m.mlir.ops_per_entry) == {"prefill", "decode", "verify", "draft", "step", "step_greedy",
-                                               "step_sample", "layers", "commit", "commit_accepted"}
+    fixed = {"decode", "verify", "draft", "step", "step_greedy", "step_sample"}
+    assert set(m.mlir.ops_per_entry) == {"prefill", "layers", "commit", "commit_accepted", *fixed,
+                                         *map(batch1_twin, fixed)}
     assert set(m.mlir.state_entries) == {"commit", "commit_accepted"}
     text = (artifact / m.mlir.module).read_text()
     # weights are named external parameters, not inlined constants: the module is small
@@ -147,6 +155,29 @@ def test_iree_cpu_matches_eager_and_ort(artifact):
     cross = cross_check(art, ["ort", "iree"])
     assert cross and all(c["ok"] for c in cross), cross
     assert all(c["max_abs"]["logits"] <= 1e-4 for c in cross if "logits" in c["max_abs"])
+
+
+def test_batch1_twins_compute_what_the_dynamic_entries_compute(artifact):
+    """One sequence runs each fixed-length entry's batch-1 twin; it must give the dynamic function's outputs."""
+    iree = open_session(artifact, backend="iree", state_on_device=False)
+    backend = iree.backend
+    assert backend.twins == {"decode", "verify", "draft", "step", "step_greedy", "step_sample"}
+    cache = iree.new_cache(1, 40)
+    cache.commit(iree.run("prefill", cache.inputs(np.array([[2, 17, 301, 44, 9, 12]]))))
+    for entry in sorted(backend.twins):
+        inputs = entry_inputs(iree, cache, entry, backend.entries[entry].tokens)
+        twin = backend.run(entry, inputs)  # batch 1: the twin
+        spec = backend.entries[entry]
+        dynamic = getattr(backend.module, entry)(*[np.ascontiguousarray(inputs[n]) for n in spec.input_names])
+        for name, want in zip(spec.output_names, dynamic if isinstance(dynamic, (list, tuple)) else [dynamic]):
+            want, got = np.asarray(want.to_host() if hasattr(want, "to_host") else want), twin[name]
+            assert got.shape == want.shape and got.dtype == want.dtype, (entry, name)
+            if np.issubdtype(want.dtype, np.floating):
+                scale = max(1.0, float(np.abs(want).max()))
+                assert np.abs(got - want).max() <= 1e-5 * scale, (entry, name)
+            else:
+                assert np.array_equal(got, want), (entry, name)
+    assert not hasattr(backend.module, batch1_twin("prefill"))  # a dynamic length keeps one function
 
 
 def test_iree_greedy_tokens_equal_eager_and_ort_ar_and_tidar(artifact, model):

@@ -47,11 +47,12 @@ def _fill(model: torch.nn.Module, floats: dict[str, torch.Tensor], scheme: Quant
 @pytest.mark.parametrize("quant,group,tied", [("int4-asym", 16, False), ("int4", 32, True), ("int8-asym", 16, True),
                                               ("int4-asym", 32, False)])
 def test_quantized_faces_compute_the_dequantized_model(quant, group, tied):
-    """Every entry kind (one-token decode faces: fused reductions and the gathered MoE; multi-token: dequantized
-    matmuls and the all-expert MoE; the packed TiDAR step) on QuantizedMatrix weights equals the float model on
-    the dequantized weights. The expert width 80 gives the down projection an odd group count at group 16 (the
+    """Every entry kind (one-token decode faces: fused reductions and the gathered MoE, or at batch 1 the selected
+    one; multi-token: dequantized matmuls and the all-expert MoE; the packed TiDAR step) on QuantizedMatrix
+    weights equals the float model on the dequantized weights. The expert width 80 gives the down projection an odd group count at group 16 (the
     int4 zero points padded to whole bytes) and a padded last group at group 32."""
     config = small_config(num_hidden_layers=2, tie_word_embeddings=tied, moe_intermediate_size=80)
+    spec_of = entry_specs(4).__getitem__
     model = perturbed(random_model(config, seed=3), noise=0.2)
     scheme = QuantScheme.parse(quant, group, "same")
     floats = {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)
@@ -69,10 +70,12 @@ def test_quantized_faces_compute_the_dequantized_model(quant, group, tied):
                 for name, w in dequantized.items():
                     owner, _, attr = name.rpartition(".")
                     getattr(reference.get_submodule(owner), attr).copy_(w)
-            for name, spec in entry_specs(4).items():
-                inputs = example_inputs(model, 2, spec.tokens or 5, 3, seed=4)
+            # decode once more at batch 1: the batch-1 twin's MoE face selects its expert by a scalar index
+            cases = [(name, spec, 2) for name, spec in entry_specs(4).items()] + [("decode", spec_of("decode"), 1)]
+            for name, spec, batch in cases:
+                inputs = example_inputs(model, batch, spec.tokens or 5, 3, seed=4)
                 if spec.accept:
-                    inputs = (*inputs, *accept_inputs(spec, 2, config.vocab_size))
+                    inputs = (*inputs, *accept_inputs(spec, batch, config.vocab_size))
                 with kernels.mlir_faces(decode=spec.tokens == 1), torch.no_grad():
                     got, want = Entry(model, spec)(*inputs), Entry(reference, spec)(*inputs)
                 for g, w in zip(got, want, strict=True):

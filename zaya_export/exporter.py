@@ -49,8 +49,9 @@ from zaya_export.models.packed import packed_layout
 from zaya_export.models.quantization import QuantError, QuantScheme
 from zaya_export.models.quantized_matrix import quantized_matrices
 from zaya_export.models.safetensors_header import read_header
-from zaya_export.models.entries import (AR_ENTRIES, PROBE, Entry, EntrySpec, base_entry_specs, default_levels,
-                                        entry_specs, example_inputs, export_entry, greedy_inputs, op_histogram)
+from zaya_export.models.entries import (AR_ENTRIES, PROBE, Entry, EntrySpec, base_entry_specs, batch1_twin,
+                                        default_levels, entry_specs, example_inputs, export_entry, greedy_inputs,
+                                        op_histogram)
 from zaya_export.passes.base import PassError, PassManager, PassRecord
 from zaya_export.passes.fusion import fused, fusion_pipeline
 from zaya_export.passes.probe_check import tolerance_for
@@ -379,6 +380,8 @@ def _trace(run: ExportRun) -> Dumps:
                     if swapped:
                         externalize_weights(run.model)
                     run.mlir_programs[name] = export_entry(run.model, spec)
+                    if spec.tokens is not None:  # fixed length: IREE also gets the fixed-batch twin
+                        run.mlir_programs[batch1_twin(name)] = export_entry(run.model, spec, batch=1)
             except Exception as exc:  # torch.export raises many types; name the entry and the first line
                 raise ExportError(f"{name}: tracing the MLIR faces failed: {type(exc).__name__}: "
                                   f"{str(exc).splitlines()[0]}") from None
@@ -438,7 +441,7 @@ def _lower_mlir(run: ExportRun) -> Dumps:
     if "mlir" not in run.options.formats:
         return {}
     try:
-        static = {name for name, e in run.entries.items() if e.tokens is not None}
+        static = {n for name, e in run.entries.items() if e.tokens is not None for n in (name, batch1_twin(name))}
         ops = lower_module(run.mlir_programs, run.tmp / MLIR_FILE, static, run.status)
         stored = {name: info.dtype for name, info in read_header(run.tmp / "onnx" / WEIGHTS_FILE).items()}
         int4 = [f"{name}.{part}" for name, m in run.quantized.items() if m.bits == 4 and len(m.shape) == 2
