@@ -139,16 +139,30 @@ class BackendLoadError(ZayaError):
     """A backend refused an artifact's graph or module (corrupt, truncated, or edited and re-hashed)."""
 
 
+SYNC_BELOW_BYTES = 64 * 2**20  # weights under which ``auto`` runs IREE on the calling thread (local-sync)
+
+
+def cpu_device(artifact) -> str:  # noqa: ANN001 - runtime.artifact.Artifact
+    """The IREE CPU driver for ``device="auto"``: ``local-sync`` (every dispatch on the calling thread) for a
+    model under :data:`SYNC_BELOW_BYTES` of weights, whose dispatches are too small to pay for handing them to a
+    thread pool, else ``local-task``. On the demo (21 MB, 2 cores) local-sync runs decode in 1.43 ms against
+    2.39 and AR generation at 399 tok/s against 288; the packed TiDAR step, the one entry big enough to split,
+    is slower on one thread (10.8 ms against 8.3)."""
+    return "local-sync" if artifact.weights.stat().st_size < SYNC_BELOW_BYTES else "local-task"
+
+
 class IreeBackend(Backend):
     """The artifact's IREE module (``iree/<target>.vmfb``) on an IREE driver: ``local-task`` (CPU thread pool),
-    ``local-sync`` (one thread) or ``hip`` (AMD GPU). Parameters are read in place from the artifact's
-    safetensors file through an IREE parameter index, so no second copy of the weights is made."""
+    ``local-sync`` (one thread), ``auto`` (one of these two by the model's size, :func:`cpu_device`) or ``hip``
+    (AMD GPU). Parameters are read in place from the artifact's safetensors file through an IREE parameter
+    index, so no second copy of the weights is made."""
 
     name = "iree"
 
-    def __init__(self, artifact, device: str = "local-task", target: str | None = None) -> None:  # noqa: ANN001
+    def __init__(self, artifact, device: str = "auto", target: str | None = None) -> None:  # noqa: ANN001
         import iree.runtime as rt
 
+        device = cpu_device(artifact) if device == "auto" else device
         modules = artifact.manifest.iree
         if not modules:
             raise InputError(f"{artifact.root}: no IREE module (export with --format onnx,mlir --target cpu)")

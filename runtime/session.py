@@ -36,7 +36,7 @@ class Session:
 
     @classmethod
     def from_artifact(cls, artifact: Artifact, backend: str = "ort", threads: int | None = None,
-                      dtype: str | None = None, device: str = "local-task", target: str | None = None,
+                      dtype: str | None = None, device: str = "auto", target: str | None = None,
                       state_on_device: bool = True) -> "Session":
         tidar = artifact.manifest.tidar
         tokenizer = load_tokenizer(artifact.tokenizer) if artifact.tokenizer is not None else None

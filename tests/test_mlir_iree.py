@@ -180,6 +180,15 @@ def test_batch1_twins_compute_what_the_dynamic_entries_compute(artifact):
     assert not hasattr(backend.module, batch1_twin("prefill"))  # a dynamic length keeps one function
 
 
+def test_auto_device_is_one_thread_for_a_small_model(artifact, monkeypatch):
+    from zaya_export.runtime import backends
+
+    assert open_session(artifact, backend="iree").backend.device == "local-sync"  # a few MB of weights
+    assert open_session(artifact, backend="iree", device="local-task").backend.device == "local-task"
+    monkeypatch.setattr(backends, "SYNC_BELOW_BYTES", 0)  # as if the weights were large
+    assert open_session(artifact, backend="iree").backend.device == "local-task"
+
+
 def test_iree_greedy_tokens_equal_eager_and_ort_ar_and_tidar(artifact, model):
     iree, ort = open_session(artifact, backend="iree"), open_session(artifact, backend="ort")
     prompts = [[2, 17, 301, 44, 9], [5], [2, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]

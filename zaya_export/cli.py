@@ -203,8 +203,9 @@ def _parse_ints(text: str, refusal: str) -> list[int]:
 @click.option("--prompt", help="Prompt text (needs tokenizer.json).")
 @click.option("--prompt-ids", help="Prompt as comma-separated token ids, e.g. 2,17,301.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--device", default="local-task", show_default=True,
-              help="IREE device for --backend iree: local-task (CPU threads), local-sync, hip (AMD GPU); for "
+@click.option("--device", default="auto", show_default=True,
+              help="IREE device for --backend iree: local-task (CPU threads), local-sync (the calling thread), "
+              "auto (local-sync for models under 64 MiB of weights, else local-task), hip (AMD GPU); for "
               "--backend torch: cuda or hip runs the Triton kernels on the GPU, one graph launch per decode step.")
 @click.option("--backend", type=click.Choice(["ort", "iree", "torch"]), default=None,
               help="ort (artifacts; the default for them) or torch (eager; the default for checkpoints).")
@@ -506,7 +507,8 @@ def _inspect_iree(art) -> dict:  # noqa: ANN001
               help="hf = upstream transformers' ZayaForCausalLM for fresh-sequence logits.")
 @click.option("--backend", "backends", default="ort", show_default=True,
               help="Backend(s) to check, comma-separated: ort, iree, torch. Several also compare each pair.")
-@click.option("--device", default="local-task", show_default=True, help="IREE device: local-task, local-sync, hip.")
+@click.option("--device", default="auto", show_default=True,
+              help="IREE device: local-task, local-sync, auto (by model size, as for run), hip.")
 @click.option("--bisect", "do_bisect", is_flag=True, help="Locate the first layer and fused op where the backends "
               "(and eager) diverge, using the artifact's `layers` debug entry.")
 @click.option("--json", "as_json", is_flag=True)

@@ -207,7 +207,7 @@ def _hf_logits(hf, ids: torch.Tensor, mask: torch.Tensor, all_rows: bool) -> np.
 
 def validate_artifact(artifact: Artifact, backend: str = "ort", checkpoint: Path | None = None,
                       reference: str = "eager", prompts: list[list[int]] | None = None,
-                      max_new_tokens: int = 16, device: str = "local-task",
+                      max_new_tokens: int = 16, device: str = "auto",
                       eager: EagerReference | None = None) -> dict[str, Any]:
     """One backend of ``artifact`` against the eager model. ``eager``: the reference runs to share with the
     other backends of the same ``validate`` (built from ``checkpoint`` when not given; pass one built by
@@ -445,7 +445,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cross_check(artifact: Artifact, backends: list[str], device: str = "local-task",
+def cross_check(artifact: Artifact, backends: list[str], device: str = "auto",
                 model: Any = None) -> list[dict[str, Any]]:
     """Backend ↔ backend (e.g. ORT ↔ IREE) on the same inputs: logits and state max abs per entry and shape.
     ``model`` only shapes the example inputs (its config and dtype): pass the one already loaded (e.g.
