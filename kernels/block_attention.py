@@ -33,10 +33,10 @@ def attend_apart(q: Tensor, past_k: Tensor, past_v: Tensor, k: Tensor, v: Tensor
     head's keys, so no KV head is copied G times and every product is a plain batched matmul over (B, n_kv)
     (IREE's data-tiled matmuls refuse a broadcast batch dim)."""
     B, n_q, T, d = q.shape
-    n_kv, S = k.shape[1], past_k.shape[2]
-    G = n_q // n_kv
     if not isinstance(T, int):
         return _attend_joined(q, past_k, past_v, k, v, allowed)
+    n_kv, S = k.shape[1], past_k.shape[2]
+    G = n_q // n_kv
     qg = q.reshape(B, n_kv, G * T, d)  # row g·T + t: query t of q head g of its KV head
     scores = torch.cat([qg @ past_k.transpose(-1, -2), qg @ k.transpose(-1, -2)], -1)  # [B, n_kv, G·T, S+T]
     rows = allowed.repeat(1, G, 1)[:, None]  # [B, 1, G·T, S+T]

@@ -58,6 +58,17 @@ def _route(x: Tensor, prev: Tensor, down_w: Tensor, down_b: Tensor, eda_scale: T
     return choice, weight, r
 
 
+def _route_to_expert(x: Tensor, prev: Tensor, down_w: Tensor, down_b: Tensor, eda_scale: Tensor, norm_w: Tensor,
+                     fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor, out_w: Tensor, balancing: Tensor,
+                     num_experts: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``_route`` for the faces that read one expert per token: → expert [N], weight [N], router state. The
+    skip class (choice E) reads expert 0 with weight 0, so every token has an expert to read."""
+    choice, weight, r = _route(x, prev, down_w, down_b, eda_scale, norm_w, fc1_w, fc1_b, fc2_w, fc2_b, out_w,
+                               balancing, eps)
+    skip = choice == num_experts
+    return torch.where(skip, torch.zeros_like(choice), choice), torch.where(skip, torch.zeros_like(weight), weight), r
+
+
 def moe_top1_static(x: Tensor, prev: Tensor, down_w: Tensor, down_b: Tensor, eda_scale: Tensor, norm_w: Tensor,
                     fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor, out_w: Tensor, balancing: Tensor,
                     gate_up: Tensor, down: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -80,11 +91,8 @@ def moe_top1_gathered(x: Tensor, prev: Tensor, down_w: Tensor, down_b: Tensor, e
     """The op with per-token gathered expert weights, for decode (one token per row, so N = B is small): each
     token reads only its chosen expert, the sparse cost, where the static form reads and runs all E. The skip
     class reads expert 0 with weight 0. For many tokens the static form is cheaper (it reads each expert once)."""
-    choice, weight, r = _route(x, prev, down_w, down_b, eda_scale, norm_w, fc1_w, fc1_b, fc2_w, fc2_b, out_w,
-                               balancing, eps)
-    skip = choice == gate_up.shape[0]
-    expert = torch.where(skip, torch.zeros_like(choice), choice)  # [N]
-    weight = torch.where(skip, torch.zeros_like(weight), weight)
+    expert, weight, r = _route_to_expert(x, prev, down_w, down_b, eda_scale, norm_w, fc1_w, fc1_b, fc2_w, fc2_b,
+                                         out_w, balancing, gate_up.shape[0], eps)
     g, u = torch.einsum("nih,nh->ni", gate_up.index_select(0, expert), x).chunk(2, -1)  # [N, I] each
     out = torch.einsum("nhi,ni->nh", down.index_select(0, expert), F.silu(g) * u)  # [N, H]
     return out * weight[:, None], r
@@ -97,12 +105,10 @@ def moe_top1_selected(x: Tensor, prev: Tensor, down_w: Tensor, down_b: Tensor, e
     are selected by a scalar index, a slice of the weights that IREE reads in place, where the gathered form
     copies them first (demo layer: 0.137 ms gathered, 0.042 ms selected). The skip class reads expert 0 with
     weight 0."""
-    choice, weight, r = _route(x, prev, down_w, down_b, eda_scale, norm_w, fc1_w, fc1_b, fc2_w, fc2_b, out_w,
-                               balancing, eps)
     E = gate_up.shape[0]
-    skip = choice == E
-    weight = torch.where(skip, torch.zeros_like(weight), weight)  # [1]
-    e = torch.where(skip, torch.zeros_like(choice), choice)[0].item()
+    expert, weight, r = _route_to_expert(x, prev, down_w, down_b, eda_scale, norm_w, fc1_w, fc1_b, fc2_w, fc2_b,
+                                         out_w, balancing, E, eps)
+    e = expert[0].item()
     torch._check(e >= 0)
     torch._check(e < E)
     g, u = F.linear(x, gate_up[e]).chunk(2, -1)  # [1, I] each
