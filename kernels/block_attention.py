@@ -17,7 +17,7 @@ from onnx.defs import OpSchema
 from onnxscript import opset20 as op
 from torch import Tensor
 
-from .masking import LOWEST, MASK_DEPTH, mask_scores
+from .masking import LOWEST, MASK_DEPTH, mask_bias, mask_scores
 from .registry import ZAYA, OnnxFace, register_mlir, register_onnx, register_schema
 
 NO_WINDOW = 2**62
@@ -27,9 +27,9 @@ def attend_apart(q: Tensor, past_k: Tensor, past_v: Tensor, k: Tensor, v: Tensor
     """Softmax attention of q [B, n_q, T, d] over [cache ; new] keys where ``allowed`` [B, T, S+T] → [B, T, n_q·d].
 
     For a fixed T (every entry but prefill) the cache and the new keys are read apart, never concatenated (that
-    is a copy of the whole cache per layer and call, O(S) in a decode step that is otherwise O(S) reads): the
-    scores of the two parts are placed side by side ([T, S+T] per head), and the output is the sum of the two
-    parts' products. GQA by grouping: the G q heads of a KV head are one [G·T, d] block of rows against that
+    is a copy of the whole cache per layer and call, O(S) in a decode step that is otherwise O(S) reads): each
+    part gets its own scores and exps under one row max taken over both, and the output is the sum of the two
+    parts' products over the shared denominator. GQA by grouping: the G q heads of a KV head are one [G·T, d] block of rows against that
     head's keys, so no KV head is copied G times and every product is a plain batched matmul over (B, n_kv)
     (IREE's data-tiled matmuls refuse a broadcast batch dim)."""
     B, n_q, T, d = q.shape
@@ -38,10 +38,17 @@ def attend_apart(q: Tensor, past_k: Tensor, past_v: Tensor, k: Tensor, v: Tensor
     n_kv, S = k.shape[1], past_k.shape[2]
     G = n_q // n_kv
     qg = q.reshape(B, n_kv, G * T, d)  # row g·T + t: query t of q head g of its KV head
-    scores = torch.cat([qg @ past_k.transpose(-1, -2), qg @ k.transpose(-1, -2)], -1)  # [B, n_kv, G·T, S+T]
     rows = allowed.repeat(1, G, 1)[:, None]  # [B, 1, G·T, S+T]
-    probs = torch.softmax(mask_scores(scores * d**-0.5, rows), -1).to(q.dtype)  # fp32 softmax
-    out = probs[..., :S] @ past_v + probs[..., S:] @ v  # [B, n_kv, G·T, d]
+    # kernels.masking's fp32 bias and floor, applied to each part: the probabilities of the cache part are never
+    # a slice of a joined softmax (IREE's data-tiled product cannot take a slice of dynamic length as operand)
+    past = mask_bias(qg @ past_k.transpose(-1, -2) * d**-0.5, rows[..., :S])  # [B, n_kv, G·T, S]
+    new = mask_bias(qg @ k.transpose(-1, -2) * d**-0.5, rows[..., S:])  # [B, n_kv, G·T, T]
+    best = torch.cat([past, new], -1).amax(-1, keepdim=True)  # over S+T ≥ 1 keys: defined for an empty cache
+    floor = best - MASK_DEPTH
+    past = torch.exp(torch.maximum(past, floor) - best)
+    new = torch.exp(torch.maximum(new, floor) - best)
+    total = past.sum(-1, keepdim=True) + new.sum(-1, keepdim=True)
+    out = (past / total).to(q.dtype) @ past_v + (new / total).to(q.dtype) @ v  # [B, n_kv, G·T, d]
     return out.view(B, n_q, T, d).transpose(1, 2).reshape(B, T, n_q * d)
 
 

@@ -27,5 +27,11 @@ LOWEST = float(torch.finfo(torch.float32).min)
 def mask_scores(scores: Tensor, allowed: Tensor) -> Tensor:
     """fp32 scores [..., S] for the softmax: hidden slots (``allowed`` [..., S] False, broadcast) and every score
     more than :data:`MASK_DEPTH` below the row's best allowed score sit at that floor."""
-    biased = scores.float() + torch.where(allowed, 0.0, LOWEST)
+    biased = mask_bias(scores, allowed)
     return torch.maximum(biased, biased.amax(-1, keepdim=True) - MASK_DEPTH)
+
+
+def mask_bias(scores: Tensor, allowed: Tensor) -> Tensor:
+    """fp32 ``scores`` with :data:`LOWEST` added where ``allowed`` is False (no floor: for a softmax whose row
+    max is taken over more than these scores, as ``block_attention.attend_apart`` does over two parts)."""
+    return scores.float() + torch.where(allowed, 0.0, LOWEST)

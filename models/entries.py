@@ -213,15 +213,20 @@ def batch1_twin(entry: str) -> str:
     return entry + BATCH1
 
 
-def export_entry(model: ZayaForCausalLM, spec: EntrySpec, batch: int | None = None) -> torch.export.ExportedProgram:
-    """Trace one entry point with its dynamic dims (examples avoid 0/1 so no dim gets specialised). ``batch``
-    fixes the batch size instead of leaving it dynamic (the IREE module's batch-1 twins)."""
+def entry_dims(spec: EntrySpec, batch: int | None = None) -> dict[str, torch.export.Dim]:
+    """The dynamic dims of ``spec``'s trace: S always, B unless ``batch`` fixes it, T unless the entry fixes it."""
     dims = {"S": torch.export.Dim("past", min=0, max=MAX_SEQ)}
     if batch is None:
         dims["B"] = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     if spec.tokens is None:
         dims["T"] = torch.export.Dim("seq", min=1, max=MAX_SEQ)
-    dynamic = tuple(dynamic_shape(name, dims) for name in spec.inputs)
+    return dims
+
+
+def export_entry(model: ZayaForCausalLM, spec: EntrySpec, batch: int | None = None) -> torch.export.ExportedProgram:
+    """Trace one entry point with its dynamic dims (examples avoid 0/1 so no dim gets specialised). ``batch``
+    fixes the batch size instead of leaving it dynamic (the IREE module's batch-1 twins)."""
+    dynamic = tuple(dynamic_shape(name, entry_dims(spec, batch)) for name in spec.inputs)
     inputs = example_inputs(model, batch or 2, spec.tokens or 7, 3)
     if spec.accept:
         inputs = (*inputs, *accept_inputs(spec, batch or 2, model.config.vocab_size))

@@ -10,8 +10,11 @@ import numpy as np
 
 from zaya_export.models import entries
 from zaya_export.models.commit_entry import UPDATE_OUTPUTS
+from zaya_export.models.folded_entry import FOLDED, folded_name
 from zaya_export.models.io_table import Name
 from zaya_export.errors import InputError, ZayaError
+
+from .device_cache import PENDING
 
 
 class Backend:
@@ -197,12 +200,17 @@ class IreeBackend(Backend):
         # model entries, then the in-place state commits (absent from artifacts exported before them)
         self.entries = {**artifact.entry_points, **artifact.manifest.mlir.state_entries}
         # entries with a fixed-batch-1 twin (``entries.batch1_twin``; none in modules exported before them)
-        self.twins = {e for e in artifact.entry_points if vmfb.lookup_function(entries.batch1_twin(e)) is not None}
+        self.twins = {e for e in self.entries if vmfb.lookup_function(entries.batch1_twin(e)) is not None}
         self.target, self.device = target, device
 
     @property
     def commits_on_device(self) -> bool:
         return "commit" in self.entries
+
+    def folds(self, commit: str) -> bool:
+        """Whether some forward of the module runs ``commit`` first (``models.folded_entry``; none in modules
+        exported before them): then a commit can wait for the next forward (``DeviceKVCache``)."""
+        return any(folded_name(commit, e) in self.entries for e in FOLDED.get(commit, ()))
 
     def to_device(self, array: np.ndarray):  # noqa: ANN201 - iree.runtime.DeviceArray
         return self.rt.asdevicearray(self.config.device, np.ascontiguousarray(array))
@@ -213,6 +221,15 @@ class IreeBackend(Backend):
         back as owned numpy arrays."""
         if entry not in self.entries:
             raise KeyError(f"the artifact has no {entry!r} entry point")
+        pending = inputs.get(PENDING)
+        if pending is not None:
+            inputs = {k: v for k, v in inputs.items() if k != PENDING}
+        if pending is not None and not pending.done:  # the previous forward's commit: in one call where it can
+            inputs, folded = {**inputs, **pending.args}, folded_name(pending.name, entry)
+            if folded not in self.entries:
+                self.run(pending.name, inputs)
+            pending.done = True
+            return self.run(folded if folded in self.entries else entry, inputs)
         spec = self.entries[entry]
         args = [inputs[n] for n in spec.input_names]
         if entry in self.twins and inputs[Name.INPUT_IDS].shape[0] == 1:

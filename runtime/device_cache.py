@@ -9,9 +9,17 @@ cross the host boundary.
 
 The buffers have ``slack`` slots past the capacity: a commit scatters all T new rows at the row's offset
 (only the first n become valid), so the largest forward must fit behind the longest row.
+
+Where the module has a forward with the commit folded in (``commit_then_decode``, ``commit_then_draft``:
+``models.folded_entry``), a commit is not run at once: it waits as a :class:`PendingCommit` in the next
+forward's inputs, and ``IreeBackend.run`` calls the folded function (or, for a forward without one, the commit
+and then the forward). A commit is idempotent (the same rows at the same offsets, the same window and ρ), so
+inputs run more than once (a timing loop) leave the same state.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,6 +30,18 @@ from zaya_export.models.io_table import Name, state_buffers
 from .host_cache import KVCache
 
 
+PENDING = "pending_commit"  # the inputs key of a commit that waits for the next forward
+
+
+@dataclass
+class PendingCommit:
+    """A commit entry's name and its inputs besides the state; ``done`` once it has been run."""
+
+    name: str
+    args: dict
+    done: bool = False
+
+
 class DeviceKVCache:
     """The decode state of B rows as device arrays of ``capacity + slack`` slots; same interface as KVCache."""
 
@@ -30,6 +50,7 @@ class DeviceKVCache:
         self.lengths = np.zeros(batch, np.int64)
         self.state = {name: backend.to_device(a)
                       for name, a in state_buffers(config, batch, self.slots, np.float32, np.zeros).items()}
+        self.pending: PendingCommit | None = None
 
     @property
     def length(self) -> int:
@@ -38,7 +59,8 @@ class DeviceKVCache:
     def inputs(self, ids: np.ndarray, mask: np.ndarray | None = None) -> dict:
         """Entry inputs for new tokens ``ids`` [B, T]: host ids and mask, the state as device arrays."""
         mask = np.ones(ids.shape, bool) if mask is None else mask.astype(bool)
-        return {Name.INPUT_IDS: ids.astype(np.int64), Name.INPUT_MASK: mask, **self.state}
+        waiting = {PENDING: self.pending} if self.pending is not None and not self.pending.done else {}
+        return {Name.INPUT_IDS: ids.astype(np.int64), Name.INPUT_MASK: mask, **self.state, **waiting}
 
     def commit(self, out: dict, counts: np.ndarray | None = None, mask: np.ndarray | None = None) -> None:
         """Keep the first ``counts[b]`` new tokens of row b (all T by default) of a forward's device-resident
@@ -53,12 +75,24 @@ class DeviceKVCache:
         new_valid = np.ones((len(counts), T), bool) if mask is None else np.ascontiguousarray(mask[:, :T], bool)
         # the in-graph steps (step_greedy, step_sample) already gathered the committed conv window and ρ
         spec = COMMIT_SPECS["commit_accepted" if Name.CONV_STATE_OUT in out else "commit"]
-        self.backend.run(spec.name, {**self.state, Name.LENGTHS: self.lengths, Name.COUNTS: counts,
-                                     Name.NEW_VALID: new_valid, **{name: out[name] for name in spec.update}})
+        self.flush()
+        pending = PendingCommit(spec.name, {Name.LENGTHS: self.lengths, Name.COUNTS: counts, Name.NEW_VALID: new_valid,
+                                            **{name: out[name] for name in spec.update}})
+        if self.backend.folds(spec.name):
+            self.pending = pending
+        else:
+            self.backend.run(spec.name, {**self.state, **pending.args})
         self.lengths = self.lengths + counts
+
+    def flush(self) -> None:
+        """Run a commit that still waits for a forward."""
+        if self.pending is not None and not self.pending.done:
+            self.backend.run(self.pending.name, {**self.state, **self.pending.args})
+        self.pending = None
 
     def to_host(self) -> KVCache:
         """A numpy copy (tests, debugging); the first ``capacity`` slots."""
+        self.flush()
         host = {name: np.array(a.to_host(), copy=True) for name, a in self.state.items()}
         slots = {Name.PAST_K: np.s_[..., : self.capacity, :], Name.PAST_V: np.s_[..., : self.capacity, :],
                  Name.PAST_VALID: np.s_[:, : self.capacity]}

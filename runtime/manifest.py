@@ -19,6 +19,7 @@ from typing import Any
 
 from zaya_export.errors import ZayaError
 from zaya_export.output_dir import ARTIFACT_FORMAT
+from zaya_export.models.commit_entry import COMMIT_SPECS
 from zaya_export.models.io_table import Name
 from zaya_export.models.quantization import QuantError, QuantScheme
 from zaya_export.passes.base import PassRecord
@@ -144,10 +145,13 @@ class EntryPoint:
 
 @dataclass(frozen=True, kw_only=True)
 class StateEntry:
-    """An in-place state commit of the MLIR module (inputs by name; it mutates ``mutates``)."""
+    """A function of the MLIR module that mutates the decode state in place (inputs by name; it mutates
+    ``mutates``): a commit entry (no outputs), or a commit folded into the next forward (``commit_then_*``,
+    ``models.folded_entry``), which returns that forward's outputs."""
 
     inputs: tuple[PortSig, ...]
     mutates: tuple[str, ...]
+    outputs: tuple[PortSig, ...] = ()
 
     @property
     def input_names(self) -> list[str]:
@@ -155,17 +159,20 @@ class StateEntry:
 
     @property
     def output_names(self) -> list[str]:
-        return []
+        return [p.name for p in self.outputs]
 
     def to_json(self) -> dict[str, Any]:
-        return {"inputs": [p.to_json() for p in self.inputs], "outputs": [], "mutates": list(self.mutates)}
+        return {"inputs": [p.to_json() for p in self.inputs], "outputs": [p.to_json() for p in self.outputs],
+                "mutates": list(self.mutates)}
 
     @classmethod
     def from_json(cls, d: Any, where: str) -> StateEntry:  # noqa: ANN401
         d = _only(d, {"inputs", "outputs", "mutates"}, where)
-        if _get(d, "outputs", list, where, []):
+        outputs = _ports(d, "outputs", where) if "outputs" in d else ()
+        if outputs and where.rsplit(".", 1)[-1] in COMMIT_SPECS:
             raise ManifestError(f"{where}.outputs: a state commit has no outputs")
-        return cls(inputs=_ports(d, "inputs", where), mutates=tuple(map(str, _get(d, "mutates", list, where))))
+        return cls(inputs=_ports(d, "inputs", where), outputs=outputs,
+                   mutates=tuple(map(str, _get(d, "mutates", list, where))))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -8,8 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import small_config
+from conftest import random_model, small_config
 from zaya_export.models.commit_entry import COMMIT_SPECS, commit_module, export_commit
+from zaya_export.models.entries import Entry, base_entry_specs, example_inputs
+from zaya_export.models.folded_entry import export_folded, folded_specs
 from zaya_export.runtime.session import KVCache
 
 CONFIG = small_config(num_hidden_layers=2, layer_types=["hybrid", "hybrid_sliding"], sliding_window=8)
@@ -63,3 +65,31 @@ def test_commit_programs_mutate_exactly_the_state():
         mutated = set(program.graph_signature.user_inputs_to_mutate.values())
         assert mutated == set(spec.mutates), (name, mutated)
         assert [s.arg.name for s in program.graph_signature.input_specs] == spec.inputs
+
+
+def test_folded_programs_commit_then_run_the_forward():
+    """``commit_then_<entry>`` (traced at a dynamic batch and at batch 1) mutates exactly the state and gives what
+    the commit entry followed by the forward entry give, for a pending update of another length than the one
+    it was traced with and a row that commits nothing."""
+    model = random_model(CONFIG).eval()
+    L, nkv, d = CONFIG.num_hidden_layers, CONFIG.num_key_value_heads, CONFIG.head_dim
+    for name, spec in folded_specs(base_entry_specs(4)).items():
+        for batch in (None, 1):
+            program = export_folded(model, spec, batch).run_decompositions({})
+            assert set(program.graph_signature.user_inputs_to_mutate.values()) == set(spec.mutates), name
+            B, T = batch or 3, 5
+            g = torch.Generator().manual_seed(B)
+            forward = list(example_inputs(model, B, spec.forward.tokens, 12, seed=4))
+            meta = [torch.arange(B) + 2, torch.tensor([5, 2, 0][:B]), torch.ones(B, T, dtype=torch.bool)]
+            update = [torch.randn(L, B, nkv, T, d, generator=g), torch.randn(L, B, nkv, T, d, generator=g),
+                      torch.randn(L, B, CONFIG.conv_channels, CONFIG.conv_history + T, generator=g),
+                      torch.randn(L, B, T, CONFIG.value_half, generator=g)]
+            got_state, want_state = [t.clone() for t in forward], [t.clone() for t in forward]
+            with torch.no_grad():
+                got = program.module()(*got_state, *meta, *update)
+                commit_module("commit")(*want_state[2:], *meta, *update)
+                want = Entry(model, spec.forward)(*want_state)
+            assert all(torch.equal(a, b) for a, b in zip(got_state, want_state)), name
+            assert len(got) == len(spec.outputs) == len(want)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, float(b.abs().max())), rtol=0)

@@ -23,7 +23,8 @@ from zaya_export.errors import InputError
 from zaya_export.exporter import ExportError, export_artifact
 from zaya_export.kernels.moe_top1 import moe_top1_gathered, moe_top1_selected, moe_top1_static
 from zaya_export.kernels.registry import _conv1d, _softmax, _softmax_internal
-from zaya_export.mlir_export import NARROW_PARAMETER_FLAGS, TARGETS, amd_archs_in, store_parameters
+from zaya_export.mlir_export import DATA_TILING_FLAGS, NARROW_PARAMETER_FLAGS, TARGETS, amd_archs_in, store_parameters
+from zaya_export.models.folded_entry import FOLDED, folded_name
 from zaya_export.runtime.cost_curve import entry_inputs
 from zaya_export.runtime.generate import generate, generate_greedy
 from zaya_export.runtime.device_cache import DeviceKVCache
@@ -41,6 +42,9 @@ GPU_TARGETS = ("gfx942", "gfx90a", "gfx1100")
 def model():
     return random_model(small_config(num_hidden_layers=2, layer_types=["hybrid", "hybrid_sliding"], sliding_window=8),
                         seed=5)
+
+
+FOLDED_FUNCTIONS = {folded_name(c, e) for c, forwards in FOLDED.items() for e in forwards}
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +123,12 @@ def test_module_has_every_entry_and_external_weights(artifact):
     art = open_artifact(artifact)
     m = art.manifest
     assert m.formats == ("onnx", "mlir")
-    fixed = {"decode", "verify", "draft", "step", "step_greedy", "step_sample"}
+    fixed = {"decode", "verify", "draft", "step", "step_greedy", "step_sample", *FOLDED_FUNCTIONS}
     assert set(m.mlir.ops_per_entry) == {"prefill", "layers", "commit", "commit_accepted", *fixed,
                                          *map(batch1_twin, fixed)}
-    assert set(m.mlir.state_entries) == {"commit", "commit_accepted"}
+    assert set(m.mlir.state_entries) == {"commit", "commit_accepted", *FOLDED_FUNCTIONS}
+    assert m.mlir.state_entries["commit_then_decode"].output_names == ["logits", "new_k", "new_v", "conv_rows", "omega"]
+    assert m.mlir.state_entries["commit_then_draft"].output_names == ["logits"]
     text = (artifact / m.mlir.module).read_text()
     # weights are named external parameters, not inlined constants: the module is small
     assert '#flow.parameter.named<"model"::"model.embed_tokens.weight">' in text
@@ -131,6 +137,8 @@ def test_module_has_every_entry_and_external_weights(artifact):
     assert "torch.aten.softmax" not in text and "torch.aten._softmax" not in text  # ops apart (registry._softmax)
     for target in ("cpu", *GPU_TARGETS):
         assert m.iree[target].flags[0] == "--iree-input-type=torch"
+        # data-tiled matmuls on the CPU only (fp32 parameters here: packed once, at load)
+        assert all(f in m.iree[target].flags for f in DATA_TILING_FLAGS) == (target == "cpu"), target
     assert m.versions["iree-base-compiler"] and m.versions["iree-turbine"]
 
 
@@ -161,10 +169,11 @@ def test_batch1_twins_compute_what_the_dynamic_entries_compute(artifact):
     """One sequence runs each fixed-length entry's batch-1 twin; it must give the dynamic function's outputs."""
     iree = open_session(artifact, backend="iree", state_on_device=False)
     backend = iree.backend
-    assert backend.twins == {"decode", "verify", "draft", "step", "step_greedy", "step_sample"}
+    forwards = {"decode", "verify", "draft", "step", "step_greedy", "step_sample"}
+    assert backend.twins == forwards | FOLDED_FUNCTIONS  # the folded ones: test_commits_wait_for_the_next_forward
     cache = iree.new_cache(1, 40)
     cache.commit(iree.run("prefill", cache.inputs(np.array([[2, 17, 301, 44, 9, 12]]))))
-    for entry in sorted(backend.twins):
+    for entry in sorted(forwards):
         inputs = entry_inputs(iree, cache, entry, backend.entries[entry].tokens)
         twin = backend.run(entry, inputs)  # batch 1: the twin
         spec = backend.entries[entry]
@@ -234,6 +243,37 @@ def test_state_stays_on_the_device_and_commits_like_the_host_cache(artifact, mod
     for fused in (False, True):
         assert (generate_tidar(iree, prompts, 16, sampler=sampler, fused=fused).tokens
                 == generate_tidar(host, prompts, 16, sampler=sampler, fused=fused).tokens)
+
+
+def test_commits_wait_for_the_next_forward(artifact, model):
+    """On the device, a commit runs inside the next forward where the module has that forward folded with it
+    (``commit_then_decode``, ``commit_then_draft``), else as its own call before it; either way every forward
+    sees the state the host cache gives it, and the state read back at the end is the host's."""
+    iree = open_session(artifact, backend="iree")
+    host = open_session(artifact, backend="iree", state_on_device=False)
+    called: list[str] = []
+    run = iree.backend.run
+    iree.backend.run = lambda entry, inputs: called.append(entry) or run(entry, inputs)
+    dev, ref = iree.new_cache(2, 40), host.new_cache(2, 40)
+    prompt, mask = np.array([[0, 0, 7, 9], [3, 4, 5, 6]]), np.array([[0, 0, 1, 1], [1, 1, 1, 1]], bool)
+    block = np.arange(2 * (model.config.diffusion_block_len + 1)).reshape(2, -1) + 11
+    calls = [("prefill", prompt, mask, None), ("decode", prompt[:, -1:], None, None),
+             ("decode", prompt[:, :1], None, None), ("verify", block, None, np.array([2, 0])),
+             ("draft", block, None, None), ("verify", block, None, np.array([1, 3])), ("decode", block[:, :1], None, None)]
+    for entry, ids, m, counts in calls:
+        out, want = iree.run(entry, dev.inputs(ids, m)), host.run(entry, ref.inputs(ids, m))
+        assert np.abs(out["logits"] - want["logits"]).max() <= 1e-5 * max(1.0, float(np.abs(want["logits"]).max()))
+        if "new_k" in want:
+            dev.commit(out, counts=counts, mask=m)
+            ref.commit(want, counts=counts, mask=m)
+    assert called == ["prefill", "decode", "commit_then_decode", "decode", "commit_then_decode", "verify",
+                      "commit", "verify", "draft", "commit_then_draft", "verify", "decode", "commit_then_decode"]
+    got = dev.to_host()
+    assert called[-1] == "commit"  # the last commit waited for a forward that never came: to_host ran it
+    assert np.array_equal(got.lengths, ref.lengths) and np.array_equal(got.valid, ref.valid)
+    for b, n in enumerate(ref.lengths.tolist()):
+        assert np.abs(got.k[:, b, :, :n] - ref.k[:, b, :, :n]).max() <= 1e-5
+    assert np.abs(got.conv - ref.conv).max() <= 1e-5 and np.abs(got.rho - ref.rho).max() <= 1e-5
 
 
 def test_bisect_names_the_first_divergent_layer_and_op(model, artifact):

@@ -33,7 +33,7 @@ import datetime as dt
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from zaya_export.errors import ZayaError
 from zaya_export.models import ZayaForCausalLM
 from zaya_export.models.checkpoint import DTYPES, load_checkpoint
 from zaya_export.models.commit_entry import COMMIT_SPECS, export_commit
+from zaya_export.models.folded_entry import export_folded, folded_specs
 from zaya_export.models.packed import packed_layout
 from zaya_export.models.quantization import QuantError, QuantScheme
 from zaya_export.models.quantized_matrix import quantized_matrices
@@ -65,8 +66,8 @@ from zaya_export.runtime.manifest import (EntryPoint, Manifest, MlirModule, Pass
 from zaya_export.passes.onnx_quant import StoredMatrix
 
 from .kernel_aot import build_kernels, resolve_kernel_archs
-from .mlir_export import (MLIR_FILE, NARROW_PARAMETER_FLAGS, PARAM_SCOPE, QUANTIZED_FLAGS, CompileJob, Target,
-                          externalize_weights, lower_module, resolve_targets, store_parameters)
+from .mlir_export import (DATA_TILING_FLAGS, MLIR_FILE, NARROW_PARAMETER_FLAGS, PARAM_SCOPE, QUANTIZED_FLAGS,
+                          CompileJob, Target, externalize_weights, lower_module, resolve_targets, store_parameters)
 from .onnx_export import WEIGHTS_FILE, bind_external_weights, lower_entry, save_entry, unroll_entry, write_weights
 from .quant_export import quantize_entry, write_quantized_weights
 from .weights_stream import STREAM_CHOICES, StreamedCheckpoint, fuse_streamed, open_streamed, write_streamed_weights
@@ -375,10 +376,7 @@ def _trace(run: ExportRun) -> Dumps:
                                        outputs=tuple(PortSig(name=n) for n in spec.outputs), debug=spec.probe)
         if mlir:  # the same fused model, each zaya.* op traced as its MLIR face (on quantized matrices: --quant)
             try:
-                with kernels.mlir_faces(decode=spec.tokens == 1), \
-                        quantized_matrices(run.model, run.options.scheme()) as swapped:
-                    if swapped:
-                        externalize_weights(run.model)
+                with _mlir_tracing(run, decode=spec.tokens == 1):
                     run.mlir_programs[name] = export_entry(run.model, spec)
                     if spec.tokens is not None:  # fixed length: IREE also gets the fixed-batch twin
                         run.mlir_programs[batch1_twin(name)] = export_entry(run.model, spec, batch=1)
@@ -389,7 +387,25 @@ def _trace(run: ExportRun) -> Dumps:
         run.status("tracing the in-place state commits")
         for name in COMMIT_SPECS:  # the IREE runtime keeps the state on the device and commits with these
             run.mlir_programs[name] = export_commit(run.model.config, name)
+        for name, folded in folded_specs(run.specs).items():  # a commit and the next forward in one call
+            run.status(f"tracing {name}")
+            try:
+                with _mlir_tracing(run, decode=folded.forward.tokens == 1):
+                    run.mlir_programs[name] = export_folded(run.model, folded)
+                    run.mlir_programs[batch1_twin(name)] = export_folded(run.model, folded, batch=1)
+            except Exception as exc:  # as for the entries above
+                raise ExportError(f"{name}: tracing failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     return {name: (lambda p=p: p.graph_module.print_readable(print_output=False)) for name, p in run.programs.items()}
+
+
+@contextlib.contextmanager
+def _mlir_tracing(run: ExportRun, decode: bool) -> Iterator[None]:
+    """Trace the fused model with every ``zaya.*`` op as its MLIR face (``decode``: one token per row), on the
+    quantized matrices when the export quantizes (their parameters externalized under the artifact's names)."""
+    with kernels.mlir_faces(decode=decode), quantized_matrices(run.model, run.options.scheme()) as swapped:
+        if swapped:
+            externalize_weights(run.model)
+        yield
 
 
 def _weights(run: ExportRun) -> Dumps:
@@ -441,13 +457,15 @@ def _lower_mlir(run: ExportRun) -> Dumps:
     if "mlir" not in run.options.formats:
         return {}
     try:
-        static = {n for name, e in run.entries.items() if e.tokens is not None for n in (name, batch1_twin(name))}
+        fixed = [name for name, e in run.entries.items() if e.tokens is not None] + list(folded_specs(run.specs))
+        static = {n for name in fixed for n in (name, batch1_twin(name))}
         ops = lower_module(run.mlir_programs, run.tmp / MLIR_FILE, static, run.status)
         stored = {name: info.dtype for name, info in read_header(run.tmp / "onnx" / WEIGHTS_FILE).items()}
         int4 = [f"{name}.{part}" for name, m in run.quantized.items() if m.bits == 4 and len(m.shape) == 2
                 for part in ("qweight", "zero_points") if part in m.parts]  # plain matrices: see QuantizedMatrix
         narrow = store_parameters(run.tmp / MLIR_FILE, stored, int4) > 0 or bool(run.quantized)
         flags = (*(NARROW_PARAMETER_FLAGS if narrow else ()), *(QUANTIZED_FLAGS if run.quantized else ()))
+        cpu_flags = DATA_TILING_FLAGS if not narrow else ()
     except Exception as exc:  # importer/decomposition failures come as many exception types
         raise ExportError(f"MLIR lowering failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     run.mlir_programs.clear()
@@ -455,10 +473,13 @@ def _lower_mlir(run: ExportRun) -> Dumps:
         module=MLIR_FILE, importer="iree-turbine FxPrograms", ops_per_entry=ops, parameter_scope=PARAM_SCOPE,
         parameter_file=f"onnx/{WEIGHTS_FILE}",
         state_entries={name: StateEntry(inputs=tuple(PortSig(name=n) for n in spec.inputs),
-                                        mutates=tuple(spec.mutates)) for name, spec in COMMIT_SPECS.items()})
+                                        outputs=tuple(PortSig(name=n) for n in getattr(spec, "outputs", ())),
+                                        mutates=tuple(spec.mutates))
+                       for name, spec in {**COMMIT_SPECS, **folded_specs(run.specs)}.items()})
     for target in run.options.targets:  # in child processes, while the ONNX lowering runs (``_iree_compile``)
         run.status(f"iree-compile for {target.name} (in the background)")
-        job = CompileJob(run.tmp / MLIR_FILE, target, run.tmp / "iree" / f"{target.name}.vmfb", flags)
+        job = CompileJob(run.tmp / MLIR_FILE, target, run.tmp / "iree" / f"{target.name}.vmfb",
+                         (*flags, *(cpu_flags if target.driver == "local-task" else ())))
         run.scope.callback(job.kill)  # a failed or interrupted export leaves no compiler running
         run.compiling[target.name] = job
     return {"module": lambda: (run.tmp / MLIR_FILE).read_text()}
