@@ -29,9 +29,9 @@ def attend_apart(q: Tensor, past_k: Tensor, past_v: Tensor, k: Tensor, v: Tensor
     For a fixed T (every entry but prefill) the cache and the new keys are read apart, never concatenated (that
     is a copy of the whole cache per layer and call, O(S) in a decode step that is otherwise O(S) reads): each
     part gets its own scores and exps under one row max taken over both, and the output is the sum of the two
-    parts' products over the shared denominator. GQA by grouping: the G q heads of a KV head are one [G·T, d] block of rows against that
-    head's keys, so no KV head is copied G times and every product is a plain batched matmul over (B, n_kv)
-    (IREE's data-tiled matmuls refuse a broadcast batch dim)."""
+    parts' products over the shared denominator. GQA by grouping: the G q heads of a KV head are one [G·T, d]
+    block of rows against that head's keys, so no KV head is copied G times and every product is a plain
+    batched matmul over (B, n_kv) (IREE's data-tiled matmuls refuse a broadcast batch dim)."""
     B, n_q, T, d = q.shape
     if not isinstance(T, int):
         return _attend_joined(q, past_k, past_v, k, v, allowed)

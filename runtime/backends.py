@@ -23,6 +23,10 @@ class Backend:
     def run(self, entry: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def folds(self, commit: str) -> bool:
+        """Whether a ``commit`` may wait for the next forward (only IREE modules run commits themselves)."""
+        return False
+
 
 SHARE_ABOVE_BYTES = 2**30
 

@@ -3,8 +3,9 @@
 What decides whether TiDAR pays is how a forward's cost grows with its token count (a 17-token ``verify``
 against a 1-token ``decode``), and that is a property of the machine, the backend and the model, not something
 to assume. :func:`measure` times every entry of a session at the state size of a real run: ``prefill`` at
-1, 2, 4, … tokens (the curve of one graph over token counts) and each fixed-size entry at its own count, plus
-the host-side state commit a decode loop pays after each forward. :mod:`.costmodel` turns it into predictions.
+1, 2, 4, … tokens (the curve of one graph over token counts) and each fixed-size entry at its own count (as the
+decoding loops call it: on IREE, AR's decode and TiDAR's draft with the previous forward's commit folded in),
+plus the state commit a decode loop pays after each forward. :mod:`.costmodel` turns it into predictions.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 
 from zaya_export.models.io_table import Name
 
-from .device_cache import PENDING
+from .device_cache import PENDING, DeviceKVCache
 from .loop_cost import HOST_TOKENS, host_ms_per_step
 from .session import Session
 
@@ -124,8 +125,8 @@ def _entry_ms(session: Session, cache, entry: str, sizes: dict, repeats: int) ->
     commits are idempotent; lengths restored after)."""
     inputs = entry_inputs(session, cache, entry, sizes[entry])
     source = TAKES_COMMIT_OF.get(entry)
-    if source is None or source[0] not in sizes or not getattr(session.backend, "folds", lambda c: False)("commit") \
-            or not hasattr(cache, "pending"):
+    if source is None or source[0] not in sizes or not isinstance(cache, DeviceKVCache) \
+            or not session.backend.folds("commit"):
         return _mean_ms(lambda: session.run(entry, inputs), repeats)
     lengths = cache.lengths.copy()
     out = session.run(source[0], entry_inputs(session, cache, source[0], sizes[source[0]]))
@@ -170,7 +171,7 @@ def measure(session: Session, context: int = 64, repeats: int = 10, prefill_coun
     out = session.run("prefill", cache.inputs(np.random.default_rng(1).integers(5, session.config.vocab_size,
                                                                                  (1, context))))
     cache.commit(out)
-    getattr(cache, "flush", lambda: None)()  # a commit waiting for the next forward (IREE) would be timed with it
+    cache.flush()  # a commit waiting for the next forward (IREE) would be timed with it
     threads = getattr(session.backend, "entry_threads", None)
     curve = CostCurve(session.backend.name, {e: threads(e) for e in ["prefill", *wanted]} if threads else {})
     for t in token_counts(largest) if prefill_counts is None else prefill_counts:

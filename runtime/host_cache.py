@@ -79,3 +79,6 @@ class KVCache:
                 if n > 0:
                     self.rho[:, b] = out[Name.OMEGA][:, b, n - 1]
             self.lengths[b] += n
+
+    def flush(self) -> None:
+        """Nothing to do: the host commits at once (``DeviceKVCache`` may hold one back for the next forward)."""

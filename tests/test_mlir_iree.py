@@ -35,7 +35,8 @@ from zaya_export.runtime.tidar import generate_tidar
 from zaya_export.models.ingraph_step import first_argmax
 from zaya_export.validate import cross_check, validate_artifact
 
-GPU_TARGETS = ("gfx942", "gfx90a", "gfx1100")
+# CDNA3 and RDNA3 (gfx90a, CDNA2, compiles through the same HIP path; left out to keep the suite's time)
+GPU_TARGETS = ("gfx942", "gfx1100")
 
 
 @pytest.fixture(scope="module")
@@ -348,10 +349,11 @@ def test_bad_mlir_requests_fail_clearly(artifact, tmp_path):
 
 def test_bf16_weights_are_read_in_place_and_widened_in_the_module(model, tmp_path):
     """--dtype bf16 with MLIR: the parameters are bf16 globals over the one weight file, widened where they are
-    read; IREE equals the eager model (on the bf16-rounded weights) and onnxruntime, TiDAR entries included."""
+    read; IREE equals the eager model (on the bf16-rounded weights) and onnxruntime. AR entries only: the TiDAR
+    ones read the same globals the same way (and their compile would double this test's time)."""
     ckpt = save_checkpoint(model, tmp_path / "ckpt")
     out = tmp_path / "art"
-    export_artifact(ckpt, out, dtype="bf16", formats=("onnx", "mlir"), calibrate=0)
+    export_artifact(ckpt, out, dtype="bf16", formats=("onnx", "mlir"), calibrate=0, tidar="off")
     art = open_artifact(out)
     text = (out / art.manifest.mlir.module).read_text()
     assert ('#flow.parameter.named<"model"::"model.embed_tokens.weight"> : tensor<1024x128xbf16>' in text)
@@ -359,6 +361,7 @@ def test_bf16_weights_are_read_in_place_and_widened_in_the_module(model, tmp_pat
     assert f'"model"::"{bias}"> : tensor<' in text and "xf32>" in text.split(f'"model"::"{bias}">')[1].split("\n")[0]
     assert text.count("arith.extf") >= text.count("xbf16> to tensor<")  > 50
     assert set(NARROW_PARAMETER_FLAGS) <= set(art.manifest.iree["cpu"].flags)
+    assert not set(DATA_TILING_FLAGS) & set(art.manifest.iree["cpu"].flags)  # packing would run on every call
     report = validate_artifact(art, backend="iree")
     assert report["ok"], [c for c in report["entries"] + report["greedy"] + report["tidar"] if not c["ok"]]
     assert max(c["max_rel"] for c in report["entries"]) <= 1e-5  # fp32 compute on the stored values
