@@ -46,6 +46,10 @@ class CommitSpec:
         return [*STATE, *COMMIT_META, *self.update]
 
     @property
+    def outputs(self) -> list[Name]:
+        return []  # it only writes the state
+
+    @property
     def mutates(self) -> list[Name]:
         return list(STATE)
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .commit_entry import COMMIT_SPECS, CommitSpec, commit_module
 from .entries import Entry, EntrySpec, entry_dims, example_inputs
-from .io_table import COMMIT_META, STATE, Name, config_sizes, dynamic_shape, shape
+from .io_table import COMMIT_META, MAX_SEQ, STATE, Name, config_sizes, dynamic_shape, shape
 from .zaya import ZayaForCausalLM
 
 FOLDED = {"commit": ("decode", "draft")}  # commit → the forwards that take it with them (its update: UPDATE)
@@ -77,7 +77,7 @@ def export_folded(model: ZayaForCausalLM, spec: FoldedSpec, batch: int | None = 
     length of its own for the pending update; examples avoid 0/1 so no dim gets specialised."""
     B, S, pending = batch or 2, 9, 3
     dims = entry_dims(spec.forward, batch)
-    length = torch.export.Dim("pending", min=1, max=1 << 20)
+    length = torch.export.Dim("pending", min=1, max=MAX_SEQ)
     update_dims = {**{k: v for k, v in dims.items() if k in ("B", "S")}, "T": length,
                    "kappa+T": model.config.conv_history + length}
     sizes = {**config_sizes(model.config), "B": B, "T": pending}

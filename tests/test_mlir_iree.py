@@ -260,7 +260,8 @@ def test_commits_wait_for_the_next_forward(artifact, model):
     block = np.arange(2 * (model.config.diffusion_block_len + 1)).reshape(2, -1) + 11
     calls = [("prefill", prompt, mask, None), ("decode", prompt[:, -1:], None, None),
              ("decode", prompt[:, :1], None, None), ("verify", block, None, np.array([2, 0])),
-             ("draft", block, None, None), ("verify", block, None, np.array([1, 3])), ("decode", block[:, :1], None, None)]
+             ("draft", block, None, None), ("verify", block, None, np.array([1, 3])),
+             ("decode", block[:, :1], None, None)]
     for entry, ids, m, counts in calls:
         out, want = iree.run(entry, dev.inputs(ids, m)), host.run(entry, ref.inputs(ids, m))
         assert np.abs(out["logits"] - want["logits"]).max() <= 1e-5 * max(1.0, float(np.abs(want["logits"]).max()))

@@ -394,7 +394,8 @@ def _trace(run: ExportRun) -> Dumps:
                     run.mlir_programs[name] = export_folded(run.model, folded)
                     run.mlir_programs[batch1_twin(name)] = export_folded(run.model, folded, batch=1)
             except Exception as exc:  # as for the entries above
-                raise ExportError(f"{name}: tracing failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+                raise ExportError(f"{name}: tracing failed: {type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0]}") from None
     return {name: (lambda p=p: p.graph_module.print_readable(print_output=False)) for name, p in run.programs.items()}
 
 
@@ -473,7 +474,7 @@ def _lower_mlir(run: ExportRun) -> Dumps:
         module=MLIR_FILE, importer="iree-turbine FxPrograms", ops_per_entry=ops, parameter_scope=PARAM_SCOPE,
         parameter_file=f"onnx/{WEIGHTS_FILE}",
         state_entries={name: StateEntry(inputs=tuple(PortSig(name=n) for n in spec.inputs),
-                                        outputs=tuple(PortSig(name=n) for n in getattr(spec, "outputs", ())),
+                                        outputs=tuple(PortSig(name=n) for n in spec.outputs),
                                         mutates=tuple(spec.mutates))
                        for name, spec in {**COMMIT_SPECS, **folded_specs(run.specs)}.items()})
     for target in run.options.targets:  # in child processes, while the ONNX lowering runs (``_iree_compile``)
