@@ -228,12 +228,14 @@ class IreeBackend(Backend):
         pending = inputs.get(PENDING)
         if pending is not None:
             inputs = {k: v for k, v in inputs.items() if k != PENDING}
-        if pending is not None and not pending.done:  # the previous forward's commit: in one call where it can
-            inputs, folded = {**inputs, **pending.args}, folded_name(pending.name, entry)
-            if folded not in self.entries:
-                self.run(pending.name, inputs)
-            pending.done = True
-            return self.run(folded if folded in self.entries else entry, inputs)
+            if not pending.done:  # the previous forward's commit: in one call with this one where it can
+                inputs, call = {**inputs, **pending.args}, folded_name(pending.name, entry)
+                if call not in self.entries:
+                    self.run(pending.name, inputs)
+                    call = entry
+                out = self.run(call, inputs)
+                pending.done = True  # once it has run (a failed call leaves it waiting)
+                return out
         spec = self.entries[entry]
         args = [inputs[n] for n in spec.input_names]
         if entry in self.twins and inputs[Name.INPUT_IDS].shape[0] == 1:
