@@ -36,13 +36,19 @@ def calibration_prompts(tokenizer, vocab_size: int, count: int) -> tuple[list[li
     return rng.integers(5, vocab_size, (count, PROMPT_LEN)).tolist(), "random ids"
 
 
+MODES = {"tidar": False, "tidar-fused": True}  # TiDAR mode → whether it drafts in the verifying forward
+
+
 def measure_acceptance(model: ZayaForCausalLM, tokenizer, block_len: int, levels: tuple[int, ...],  # noqa: ANN001
-                       prompts: int = 4, new_tokens: int = 64) -> Calibration:
-    """Greedy histograms ``hist[ℓ]`` over ``prompts`` generations of ``new_tokens`` for each TiDAR mode."""
+                       prompts: int = 4, new_tokens: int = 64, modes: tuple[str, ...] = tuple(MODES)
+                       ) -> Calibration:
+    """Greedy histograms ``hist[ℓ]`` over ``prompts`` generations of ``new_tokens`` for each TiDAR mode of
+    ``modes`` (only the fused mode depends on ``levels``)."""
     session = Session.from_model(model, block_len, levels)
     ids, source = calibration_prompts(tokenizer, model.config.vocab_size, prompts)
     acceptance = {}
-    for mode, fused in (("tidar", False), ("tidar-fused", True)):
+    for mode in modes:
+        fused = MODES[mode]
         hist = np.zeros(block_len + 1, np.int64)
         for p in ids:
             hist += np.asarray(generate_tidar(session, [p], new_tokens, None, SamplerConfig(), fused=fused).acceptance)

@@ -9,11 +9,13 @@
    calibration (and ``--levels auto``) at it;
 5. ``pack``: ``pack_tidar_step`` adds the packed single-forward TiDAR entries (verified against verify/draft);
    an AR export keeps prefill and decode only;
-6. ``trace``: every entry point through ``torch.export``, checked for one fused op per layer; for MLIR also with
-   each ``zaya.*`` op as its MLIR face, plus the in-place state commits (``commit_entry``);
+6. ``trace``: every entry point through ``torch.export``, checked for one fused op per layer; for MLIR, a forked
+   second process starts building a share of the module's programs (``mlir_programs``: each entry with each
+   ``zaya.*`` op as its MLIR face, the in-place state commits, the folded commits, the batch-1 twins);
 7. ``weights``: the shared weights, stored once (safetensors layout) in the stored dtype;
-8. ``lower-mlir``: every entry into one MLIR module whose weights are external parameters read from the same
-   file; ``iree-compile`` for each target starts in a child process and runs while the next phase works;
+8. ``lower-mlir``: the parent builds the rest of the programs, and both shares are merged into one MLIR module
+   whose weights are external parameters read from the same file; ``iree-compile`` for each target starts in a
+   child process and runs while the next phase works;
 9. ``lower-onnx``: each entry to ONNX (function bodies attached), the ONNX cleanup passes, weights bound, the
    MoE unrolled per expert (float) or onto its codes (quantized);
 10. ``iree-compile``: waits for the compilers (a failure ends the export like any other phase);
@@ -45,7 +47,7 @@ from zaya_export.errors import ZayaError
 from zaya_export.models import ZayaForCausalLM
 from zaya_export.models.checkpoint import DTYPES, load_checkpoint
 from zaya_export.models.commit_entry import COMMIT_SPECS, export_commit
-from zaya_export.models.folded_entry import export_folded, folded_specs
+from zaya_export.models.folded_entry import FoldedSpec, export_folded, folded_specs
 from zaya_export.models.packed import packed_layout
 from zaya_export.models.quantization import QuantError, QuantScheme
 from zaya_export.models.quantized_matrix import quantized_matrices
@@ -67,7 +69,9 @@ from zaya_export.passes.onnx_quant import StoredMatrix
 
 from .kernel_aot import build_kernels, resolve_kernel_archs
 from .mlir_export import (DATA_TILING_FLAGS, MLIR_FILE, NARROW_PARAMETER_FLAGS, PARAM_SCOPE, QUANTIZED_FLAGS,
-                          CompileJob, Target, externalize_weights, lower_module, resolve_targets, store_parameters)
+                          CompileJob, Target, externalize_weights, resolve_targets, store_parameters)
+from .mlir_programs import (ChildBuild, MlirBuildError, MlirProgram, build_module, collect, merge_modules,
+                            ops_per_function, split)
 from .onnx_export import WEIGHTS_FILE, bind_external_weights, lower_entry, save_entry, unroll_entry, write_weights
 from .quant_export import quantize_entry, write_quantized_weights
 from .weights_stream import STREAM_CHOICES, StreamedCheckpoint, fuse_streamed, open_streamed, write_streamed_weights
@@ -77,6 +81,7 @@ from .weights_stream import STREAM_CHOICES, StreamedCheckpoint, fuse_streamed, o
 Dumps = dict[str, Callable[[], str]]
 
 FORMATS = ("onnx", "mlir")
+MLIR_PARTS = "mlir-parts"  # the MLIR modules of the two processes, merged into MLIR_FILE (``mlir_programs``)
 MAX_BLOCK_LEN = 256  # TiDAR drafts per step: ZAYA1 uses 16; beyond this the step's graphs and masks get huge
 TIDAR_CHOICES = ("auto", "on", "off")
 
@@ -171,7 +176,8 @@ class ExportRun:
     expected: dict[str, int] = field(default_factory=dict)  # fused op → count per traced graph
     specs: dict[str, EntrySpec] = field(default_factory=dict)
     programs: dict[str, torch.export.ExportedProgram] = field(default_factory=dict)
-    mlir_programs: dict[str, torch.export.ExportedProgram] = field(default_factory=dict)
+    mlir_work: list[MlirProgram] = field(default_factory=list)  # the MLIR programs the parent builds
+    mlir_child: ChildBuild | None = None  # the rest, built meanwhile by a forked child (``mlir_programs``)
     entries: dict[str, EntryPoint] = field(default_factory=dict)
     op_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     offsets: dict[str, tuple] = field(default_factory=dict)
@@ -258,14 +264,15 @@ def _calibrate(run: ExportRun) -> Dumps:
     return {"calibration": lambda: json.dumps(run.calibration.to_json())}
 
 
-def _measure(run: ExportRun) -> Calibration:
-    """Greedy acceptance histograms at ``run.block_len`` and ``run.levels`` (``calibrate``)."""
+def _measure(run: ExportRun, modes: tuple[str, ...] = ("tidar", "tidar-fused")) -> Calibration:
+    """Greedy acceptance histograms of ``modes`` at ``run.block_len`` and ``run.levels`` (``calibrate``)."""
     from .calibrate import measure_acceptance
 
-    run.status(f"calibrating: TiDAR acceptance at K = {run.block_len} on {run.options.calibrate} held-out prompts")
+    run.status(f"calibrating: {', '.join(modes)} acceptance at K = {run.block_len} on {run.options.calibrate} "
+               "held-out prompts")
     tok_path = run.checkpoint / "tokenizer.json"
     tokenizer = load_tokenizer(tok_path) if tok_path.is_file() else None
-    return measure_acceptance(run.model, tokenizer, run.block_len, run.levels, run.options.calibrate)
+    return measure_acceptance(run.model, tokenizer, run.block_len, run.levels, run.options.calibrate, modes=modes)
 
 
 def _settle_levels(run: ExportRun, calibration: Calibration) -> Calibration:
@@ -277,9 +284,10 @@ def _settle_levels(run: ExportRun, calibration: Calibration) -> Calibration:
         chosen = levels_from_histogram(calibration.acceptance["tidar-fused"], len(run.levels), run.levels)
         run.status(f"--levels auto: {','.join(map(str, chosen))} from the fused acceptance histogram "
                    f"{calibration.acceptance['tidar-fused']}")
-        if chosen != run.levels:
+        if chosen != run.levels:  # the two-forward mode has no levels: only the fused one is measured again
             run.levels = chosen
-            calibration = _measure(run)
+            fused = _measure(run, modes=("tidar-fused",)).acceptance
+            calibration = dataclasses.replace(calibration, acceptance={**calibration.acceptance, **fused})
     (run.tmp / CALIBRATION_FILE).write_text(json.dumps(calibration.to_json()) + "\n")
     return calibration
 
@@ -358,9 +366,14 @@ def _pack(run: ExportRun) -> Dumps:
 
 
 def _trace(run: ExportRun) -> Dumps:
-    mlir = "mlir" in run.options.formats
-    if mlir:
+    if "mlir" in run.options.formats:  # the MLIR programs: a share starts at once in a second process
         externalize_weights(run.model)  # before tracing: the MLIR programs then refer to the weights by name
+        entries = len(run.specs) + 1
+        run.mlir_work, child = split(_mlir_programs(run), parent_extra=ONNX_TRACE_COST * entries)
+        if child:
+            run.status(f"building {len(child)} of the MLIR programs in a second process")
+            run.mlir_child = ChildBuild(child, run.tmp / MLIR_PARTS / "child.mlir")
+            run.scope.callback(run.mlir_child.kill)  # a failed or interrupted export leaves no child running
     for name, spec in {**run.specs, PROBE.name: PROBE}.items():
         run.status(f"tracing {name}")
         program = export_entry(run.model, spec)
@@ -374,29 +387,37 @@ def _trace(run: ExportRun) -> Dumps:
         # names only until the ONNX graph gives shapes and dtypes: one form for every reader
         run.entries[name] = EntryPoint(tokens=spec.tokens, inputs=tuple(PortSig(name=n) for n in spec.inputs),
                                        outputs=tuple(PortSig(name=n) for n in spec.outputs), debug=spec.probe)
-        if mlir:  # the same fused model, each zaya.* op traced as its MLIR face (on quantized matrices: --quant)
-            try:
-                with _mlir_tracing(run, decode=spec.tokens == 1):
-                    run.mlir_programs[name] = export_entry(run.model, spec)
-                    if spec.tokens is not None:  # fixed length: IREE also gets the fixed-batch twin
-                        run.mlir_programs[batch1_twin(name)] = export_entry(run.model, spec, batch=1)
-            except Exception as exc:  # torch.export raises many types; name the entry and the first line
-                raise ExportError(f"{name}: tracing the MLIR faces failed: {type(exc).__name__}: "
-                                  f"{str(exc).splitlines()[0]}") from None
-    if mlir:
-        run.status("tracing the in-place state commits")
-        for name in COMMIT_SPECS:  # the IREE runtime keeps the state on the device and commits with these
-            run.mlir_programs[name] = export_commit(run.model.config, name)
-        for name, folded in folded_specs(run.specs).items():  # a commit and the next forward in one call
-            run.status(f"tracing {name}")
-            try:
-                with _mlir_tracing(run, decode=folded.forward.tokens == 1):
-                    run.mlir_programs[name] = export_folded(run.model, folded)
-                    run.mlir_programs[batch1_twin(name)] = export_folded(run.model, folded, batch=1)
-            except Exception as exc:  # as for the entries above
-                raise ExportError(f"{name}: tracing failed: {type(exc).__name__}: "
-                                  f"{str(exc).splitlines()[0]}") from None
     return {name: (lambda p=p: p.graph_module.print_readable(print_output=False)) for name, p in run.programs.items()}
+
+
+# Tracing an entry for ONNX costs about half of tracing and rewriting one MLIR program (``MlirProgram.cost``).
+ONNX_TRACE_COST = 0.45
+
+
+def _mlir_programs(run: ExportRun) -> list[MlirProgram]:
+    """Every function of the MLIR module: the fused model's entries with each ``zaya.*`` op as its MLIR face (and
+    the fixed-batch twin of each fixed-length one), the in-place state commits the IREE runtime keeps the state
+    on the device with, and each commit folded into the forward that follows it."""
+
+    def entry(spec: EntrySpec | FoldedSpec, batch: int | None) -> Callable[[], torch.export.ExportedProgram]:
+        def trace() -> torch.export.ExportedProgram:
+            tokens = spec.forward.tokens if isinstance(spec, FoldedSpec) else spec.tokens
+            with _mlir_tracing(run, decode=tokens == 1):
+                if isinstance(spec, FoldedSpec):
+                    return export_folded(run.model, spec, batch=batch)
+                return export_entry(run.model, spec, batch=batch)
+        return trace
+
+    programs = []
+    for name, spec in {**run.specs, PROBE.name: PROBE, **folded_specs(run.specs)}.items():
+        fixed = (spec.forward if isinstance(spec, FoldedSpec) else spec).tokens is not None
+        programs.append(MlirProgram(name, entry(spec, None), static_length=fixed))
+        if fixed:  # fixed length: IREE also gets the fixed-batch twin (rewriting it costs about twice as much)
+            programs.append(MlirProgram(batch1_twin(name), entry(spec, 1), static_length=True, cost=1.8))
+    for name in COMMIT_SPECS:
+        programs.append(MlirProgram(name, lambda n=name: export_commit(run.model.config, n), static_length=False,
+                                    cost=0.1))
+    return programs
 
 
 @contextlib.contextmanager
@@ -457,10 +478,27 @@ def _lower_onnx(run: ExportRun) -> Dumps:
 def _lower_mlir(run: ExportRun) -> Dumps:
     if "mlir" not in run.options.formats:
         return {}
+    parts, module, per_program = [], run.tmp / MLIR_FILE, 0.0
     try:
-        fixed = [name for name, e in run.entries.items() if e.tokens is not None] + list(folded_specs(run.specs))
-        static = {n for name in fixed for n in (name, batch1_twin(name))}
-        ops = lower_module(run.mlir_programs, run.tmp / MLIR_FILE, static, run.status)
+        if run.mlir_work:
+            start = time.perf_counter()
+            build_module(run.mlir_work, run.tmp / MLIR_PARTS / "parent.mlir", run.status)
+            per_program = (time.perf_counter() - start) / len(run.mlir_work)
+            parts.append(run.tmp / MLIR_PARTS / "parent.mlir")
+            run.mlir_work.clear()
+        if run.mlir_child is not None:  # silent for 10 programs' time (≥ 10 min): stopped, its share built here
+            parts.append(collect(run.mlir_child, max(600.0, 10 * per_program), run.status))
+            run.mlir_child = None
+        if len(parts) > 1:
+            merge_modules(parts, module)
+        else:
+            module.parent.mkdir(parents=True, exist_ok=True)
+            parts[0].rename(module)
+        shutil.rmtree(run.tmp / MLIR_PARTS)
+        ops = ops_per_function(module.read_text())
+    except MlirBuildError as exc:
+        raise ExportError(str(exc)) from None
+    try:
         stored = {name: info.dtype for name, info in read_header(run.tmp / "onnx" / WEIGHTS_FILE).items()}
         int4 = [f"{name}.{part}" for name, m in run.quantized.items() if m.bits == 4 and len(m.shape) == 2
                 for part in ("qweight", "zero_points") if part in m.parts]  # plain matrices: see QuantizedMatrix
@@ -469,7 +507,6 @@ def _lower_mlir(run: ExportRun) -> Dumps:
         cpu_flags = DATA_TILING_FLAGS if not narrow else ()
     except Exception as exc:  # importer/decomposition failures come as many exception types
         raise ExportError(f"MLIR lowering failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
-    run.mlir_programs.clear()
     run.mlir = MlirModule(
         module=MLIR_FILE, importer="iree-turbine FxPrograms", ops_per_entry=ops, parameter_scope=PARAM_SCOPE,
         parameter_file=f"onnx/{WEIGHTS_FILE}",

@@ -1,7 +1,7 @@
 """Lower the traced entry points to one multi-entry MLIR module and compile it with IREE.
 
 Importer: iree-turbine's FX importer, fed ``ExportedProgram`` objects of the same post-pass model as the ONNX
-path (``FxPrograms`` with one program per entry). Chosen over torch-mlir's ``export_and_import`` because it puts
+path (``FxPrograms`` with one program per entry; built by two processes, ``mlir_programs``). Chosen over torch-mlir's ``export_and_import`` because it puts
 several entries into one module over one set of globals, and marks weights as external parameters
 (``#flow.parameter.named<"model"::name>``) without a serialisation step of its own; torch-mlir would give one
 module per entry with the weights inlined.
@@ -17,13 +17,12 @@ from __future__ import annotations
 import re
 import struct
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-import zaya_export.kernels as kernels
 from zaya_export.runtime.manifest import IreeModule
 
 MLIR_FILE = "mlir/model.mlir"
@@ -77,26 +76,6 @@ def externalize_weights(model: torch.nn.Module) -> int:
     return len(seen)
 
 
-def lower_module(programs: dict[str, torch.export.ExportedProgram], path: Path, static_length: set[str],
-                 status: Callable[[str], None] = lambda msg: None) -> dict[str, int]:
-    """Apply the IREE rewrites, import every program (traced under ``kernels.mlir_faces``) as one entry of a
-    single module, write it to ``path``. ``static_length`` names the entries whose token count is fixed.
-    Returns MLIR operations per entry."""
-    from iree.turbine import aot
-    from iree.turbine.aot.fx_programs import ExportTargetDef, FxPrograms
-
-    programs_def = FxPrograms()
-    for name, program in programs.items():
-        status(f"rewriting {name} for MLIR")
-        table = kernels.mlir_decompositions(static_length=name in static_length)
-        programs_def.programs[name] = ExportTargetDef(program.run_decompositions(table))
-    status("importing to MLIR (iree-turbine)")
-    output = aot.export(programs_def)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    output.save_mlir(str(path))
-    return _ops_per_function(path.read_text())
-
-
 # One external parameter and one read of it, as iree-turbine prints them (fp32 weights, or uint8 codes as i8).
 _GLOBAL = re.compile(r'^(?P<head>\s*util\.global private @(?P<sym>[\w.$-]+) = #flow\.parameter\.named<'
                      r'"[^"]*"::"(?P<key>[^"]+)"> : )tensor<(?P<dims>(?:[0-9]+x)*)(?P<elem>f32|i8)>$', re.M)
@@ -143,18 +122,6 @@ def store_parameters(path: Path, stored: Mapping[str, str], int4: Collection[str
         raise RuntimeError(f"parameter {left[0]} is read in a form store_parameters does not rewrite")
     path.write_text(text)
     return len(retyped)
-
-
-def _ops_per_function(text: str) -> dict[str, int]:
-    counts, current = {}, None
-    for line in text.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("func.func @"):
-            current = stripped.split("@", 1)[1].split("(", 1)[0]
-            counts[current] = 0
-        elif current and "=" in stripped and not stripped.startswith("//"):
-            counts[current] += 1
-    return counts
 
 
 # With parameters stored narrower than fp32, IREE's constant-expression hoisting would turn each widened weight
