@@ -66,6 +66,21 @@ def test_run_text_prompt(ckpt):
     result = _run("run", ckpt, "--prompt", "def main():", "--max-new-tokens", "5")
     assert result.exit_code == 0, result.output
     assert re.search(r"\[\d+ tokens, \d+ forwards, 1.0 tokens/forward, [\d.]+ tok/s, torch, ar\]", result.stderr)
+    assert "acceptance histogram" not in result.stderr  # AR drafts nothing
+
+
+def test_run_tidar_prints_the_acceptance_histogram(ckpt):
+    result = _run("run", ckpt, "--prompt", "def main():", "--max-new-tokens", "12", "--mode", "tidar")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"\[\d+ tokens, \d+ forwards, [\d.]+ tokens/forward, [\d.]+ tok/s, torch, tidar, "
+                     r"mean accepted [\d.]+\]", result.stderr)
+    hist = re.search(r"\[acceptance histogram, steps by drafts accepted: ((?:\d+:\d+ ?)+)\]", result.stderr)
+    assert hist is not None
+    counts = [tuple(map(int, pair.split(":"))) for pair in hist[1].split()]
+    assert [n for n, _ in counts] == list(range(17))  # ℓ = 0..K, K = 16
+    report = json.loads(_run("run", ckpt, "--prompt", "def main():", "--max-new-tokens", "12", "--mode", "tidar",
+                             "--json").stdout)
+    assert [c for _, c in counts] == report["acceptance"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -333,6 +333,9 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
     extra = f", mean accepted {report['mean_accepted']}" if mode != "ar" else ""
     click.echo(f"[{len(tokens)} tokens, {result.forwards} forwards, {report['tokens_per_forward']} tokens/forward, "
                f"{report['tok_per_s']} tok/s, {backend}, {mode}{extra}]", err=True)
+    if mode != "ar":
+        click.echo("[acceptance histogram, steps by drafts accepted: "
+                   f"{' '.join(f'{n}:{count}' for n, count in enumerate(result.acceptance))}]", err=True)
 
 
 @main.command()
