@@ -147,21 +147,33 @@ class BlockCandidate:
                 "step_ms": round(self.step_ms, 4), "tok_per_s": round(self.tok_per_s, 1)}
 
 
-def block_candidates(forward_ms: Callable[[int], float], hist: list[int], block_len: int) -> list[BlockCandidate]:
+def block_candidates(forward_ms: Callable[[int], float], hist: list[int], block_len: int, row_tile: int = 1
+                     ) -> list[BlockCandidate]:
     """Two-forward TiDAR for each draft length K′ = 1 … ``block_len``: a verify and a draft of K′+1 tokens per
     step (``forward_ms(T)``: one all-rows forward over T tokens on this machine), emitting E[min(ℓ, K′)] + 1
-    tokens (``hist``: the two-forward histogram measured at ``block_len``).
+    tokens (``hist``: the two-forward histogram measured at ``block_len``). ``row_tile``: a backend whose
+    products run rows in tiles of that many (IREE's data-tiled CPU matmuls: 8) pays for K′+1 rounded up.
 
     The packed step is not priced here: its in-graph acceptance adds a fixed cost of its own that a plain
     forward does not show (on the demo checkpoint a 4-token ``step_greedy`` costs about 2× a 4-token
     forward), so a forward-based price would favour it wrongly. ``run --mode auto`` compares every mode on the
     real entries of the exported K′."""
-    return [BlockCandidate(k, mean_accepted(truncated(hist, k)) + 1, 2 * forward_ms(k + 1))
+    def rows(t: int) -> int:  # t rounded up to whole tiles
+        return -(-t // row_tile) * row_tile
+
+    return [BlockCandidate(k, mean_accepted(truncated(hist, k)) + 1, 2 * forward_ms(rows(k + 1)))
             for k in range(1, block_len + 1)]
 
 
-def choose_block(candidates: list[BlockCandidate], margin: float = 0.03) -> BlockCandidate:
+def choose_block(candidates: list[BlockCandidate], margin: float = 0.03, *others: list[BlockCandidate]
+                 ) -> BlockCandidate:
     """The longest draft among those within ``margin`` of the fastest: a longer block costs little where
-    the prediction cannot tell them apart, and keeps the drafts a better drafter would get accepted."""
-    fastest = max(c.tok_per_s for c in candidates)
-    return max((c for c in candidates if c.tok_per_s >= fastest * (1 - margin)), key=lambda c: c.block_len)
+    the prediction cannot tell them apart, and keeps the drafts a better drafter would get accepted.
+
+    ``others``: the same draft lengths priced for other backends the artifact is built for. One K′ serves them
+    all, so each K′ is scored by its worst share of a backend's own best rate, and the margin applies to that
+    score (IREE's CPU module pays a 9-token forward as 16 rows: onnxruntime's best K′ can be IREE's worst)."""
+    sets = [candidates, *others]
+    best = [max(c.tok_per_s for c in cands) for cands in sets]
+    score = [min(cands[i].tok_per_s / top for cands, top in zip(sets, best)) for i in range(len(candidates))]
+    return max((c for c, sc in zip(candidates, score) if sc >= max(score) * (1 - margin)), key=lambda c: c.block_len)

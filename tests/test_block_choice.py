@@ -55,6 +55,41 @@ def test_choice_keeps_the_longest_within_the_margin():
     assert choose_block(cands, margin=0.0).block_len == 1
 
 
+def test_tiled_rows_price_a_forward_by_whole_tiles():
+    hist = [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]  # measured at K = 9
+    plain = block_candidates(lambda t: float(t), hist, 9)
+    tiled = block_candidates(lambda t: float(t), hist, 9, row_tile=8)
+    assert [c.step_ms for c in tiled] == [16.0] * 7 + [32.0] * 2  # K′+1 = 2..8 → 8 rows, 9..10 → 16
+    assert [c.tokens_per_step for c in tiled] == [c.tokens_per_step for c in plain]
+
+
+def test_one_length_for_every_backend_scores_its_worst_share():
+    """onnxruntime's costs grow row by row, so it slightly prefers K′ = 8 (9-token forwards); IREE's data-tiled
+    module pays 9 rows as 16, where K′ = 7 fills its tile exactly. The joint choice is 7, and on onnxruntime
+    alone it stays 8."""
+    hist = [30, 20, 12, 8, 6, 5, 4, 4, 4]  # measured at K = 8
+    line = lambda t: 1.0 + 0.02 * t  # noqa: E731 - a nearly flat CPU cost: every draft pays
+    ort = block_candidates(line, hist, 8)
+    iree = block_candidates(line, hist, 8, row_tile=8)
+    assert choose_block(ort).block_len == 8
+    assert choose_block(ort, 0.03, iree).block_len == 7
+    assert choose_block(ort, 0.03, ort).block_len == 8  # a second identical backend changes nothing
+
+
+@pytest.mark.parametrize("options, tiled", [
+    (dict(formats=("onnx", "mlir")), True),  # cpu by default, fp32
+    (dict(formats=("onnx", "mlir"), targets=("cpu", "gfx942")), True),
+    (dict(formats=("onnx", "mlir"), targets=("gfx942",)), False),  # no CPU module
+    (dict(formats=("onnx", "mlir"), dtype="bf16"), False),  # narrower parameters: no data tiling
+    (dict(formats=("onnx", "mlir"), quant="int8"), False),
+    (dict(formats=("onnx",)), False),
+])
+def test_the_tiled_cpu_module_is_priced_only_when_built(options, tiled):
+    from zaya_export.exporter import _data_tiled_cpu
+
+    assert _data_tiled_cpu(ExportOptions(**options).checked()) is tiled
+
+
 def test_the_fitted_line_ignores_a_slow_outlier():
     points = {t: 1.0 + 0.05 * t for t in range(2, 18)}
     points[14] = 5.8  # one call caught behind another process
