@@ -9,7 +9,7 @@ distribution (sampling), so the fastest one is chosen on speed alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -165,8 +165,8 @@ def block_candidates(forward_ms: Callable[[int], float], hist: list[int], block_
             for k in range(1, block_len + 1)]
 
 
-def choose_block(candidates: list[BlockCandidate], margin: float = 0.03, *others: list[BlockCandidate]
-                 ) -> BlockCandidate:
+def choose_block(candidates: list[BlockCandidate], margin: float = 0.03,
+                 others: Sequence[list[BlockCandidate]] = ()) -> BlockCandidate:
     """The longest draft among those within ``margin`` of the fastest: a longer block costs little where
     the prediction cannot tell them apart, and keeps the drafts a better drafter would get accepted.
 

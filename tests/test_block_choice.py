@@ -72,8 +72,8 @@ def test_one_length_for_every_backend_scores_its_worst_share():
     ort = block_candidates(line, hist, 8)
     iree = block_candidates(line, hist, 8, row_tile=8)
     assert choose_block(ort).block_len == 8
-    assert choose_block(ort, 0.03, iree).block_len == 7
-    assert choose_block(ort, 0.03, ort).block_len == 8  # a second identical backend changes nothing
+    assert choose_block(ort, others=[iree]).block_len == 7
+    assert choose_block(ort, others=[ort]).block_len == 8  # a second identical backend changes nothing
 
 
 @pytest.mark.parametrize("options, tiled", [

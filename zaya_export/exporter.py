@@ -312,7 +312,7 @@ def _choose_block(run: ExportRun) -> Dumps:
     candidates = block_candidates(cost, hist, K)
     # IREE's data-tiled CPU module (fp32 weights) pays a forward's rows in whole tiles: K′ must suit it too
     tiled = [block_candidates(cost, hist, K, DATA_TILED_ROWS)] if _data_tiled_cpu(run.options) else []
-    best = choose_block(candidates, 0.03, *tiled)
+    best = choose_block(candidates, others=tiled)
     note = ""
     if tiled:
         share = tiled[0][best.block_len - 1].tok_per_s / max(c.tok_per_s for c in tiled[0])
