@@ -40,6 +40,7 @@ class CostCurve:
     tokens: dict[str, int] = field(default_factory=dict)
     commit: dict[int, float] = field(default_factory=dict)
     host: dict[str, float] = field(default_factory=dict)  # mode: ms per step outside its forwards (loop_cost)
+    commit_folded: bool = False  # the loops run the commit inside the next forward: ``commit`` times it alone
 
     def ms(self, entry: str) -> float:
         return self.entries[entry]
@@ -66,7 +67,8 @@ class CostCurve:
 
     def to_json(self) -> dict:
         return {"backend": self.backend, "threads": self.threads, "rows": self.rows(),
-                "host_ms_per_step": {m: round(ms, 4) for m, ms in self.host.items()}}
+                "host_ms_per_step": {m: round(ms, 4) for m, ms in self.host.items()},
+                "commit_folded": self.commit_folded}
 
 
 def token_counts(largest: int) -> list[int]:
@@ -173,7 +175,8 @@ def measure(session: Session, context: int = 64, repeats: int = 10, prefill_coun
     cache.commit(out)
     cache.flush()  # a commit waiting for the next forward (IREE) would be timed with it
     threads = getattr(session.backend, "entry_threads", None)
-    curve = CostCurve(session.backend.name, {e: threads(e) for e in ["prefill", *wanted]} if threads else {})
+    curve = CostCurve(session.backend.name, {e: threads(e) for e in ["prefill", *wanted]} if threads else {},
+                      commit_folded=session.backend.folds("commit"))
     for t in token_counts(largest) if prefill_counts is None else prefill_counts:
         inputs = entry_inputs(session, cache, "prefill", t)
         curve.prefill[t] = _mean_ms(lambda: session.run("prefill", inputs), repeats)

@@ -175,6 +175,7 @@ def test_bench_entries_table_json_and_plot(artifact, tmp_path):
     rows = json.loads(result.output)["ort"]["rows"]
     assert {r["entry"] for r in rows} >= {"prefill", "decode", "verify", "draft", "step", "commit"}
     assert set(json.loads(result.output)["ort"]["host_ms_per_step"]) == {"ar", "tidar", "tidar-fused"}
+    assert json.loads(result.output)["ort"]["commit_folded"] is False  # onnxruntime commits on the host
     for args in (["--plot", str(plot)], ["--entries", "--modes", "ar"]):
         bad = CliRunner().invoke(main, ["bench", str(artifact), *args])
         assert bad.exit_code == 2 and "error:" in bad.output

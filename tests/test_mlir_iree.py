@@ -314,8 +314,9 @@ def test_cli_three_way_validate_and_bench(artifact):
     result = runner.invoke(main, ["bench", str(artifact), "--backend", "iree", "--entries", "--prompt-len", "8",
                                   "--repeats", "1", "--json"])
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)["iree"]["rows"]
-    assert {r["entry"] for r in rows} >= {"prefill", "decode", "verify", "draft", "step_greedy", "commit"}
+    curve = json.loads(result.stdout)["iree"]
+    assert {r["entry"] for r in curve["rows"]} >= {"prefill", "decode", "verify", "draft", "step_greedy", "commit"}
+    assert curve["commit_folded"] is True  # the loops commit inside commit_then_decode / commit_then_draft
     result = runner.invoke(main, ["run", str(artifact), "--backend", "iree", "--prompt-ids", "2,9,40",
                                   "--max-new-tokens", "6", "--json"])
     assert result.exit_code == 0, result.output

@@ -650,6 +650,9 @@ def bench(artifact: Path, backends: str, prompt_len: int, new_tokens: int, repea
             for row in curve["rows"]:
                 ratio = f"{row['vs_decode']:9.2f}" if row["vs_decode"] is not None else f"{'-':>9s}"
                 click.echo(f"  {row['entry']:12s} {row['tokens']:6d} {row['ms']:9.3f} {ratio}")
+            if curve.get("commit_folded"):
+                click.echo("  (commit: timed alone; the decoding loops run it inside the next decode or draft call, "
+                           "whose rows include it)")
             for mode, ms in curve.get("host_ms_per_step", {}).items():
                 click.echo(f"  {'host/' + mode:19s} {ms:9.3f}   (the loop's time per step outside its forwards)")
         if plot is not None:
