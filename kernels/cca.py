@@ -95,11 +95,13 @@ def CCA(x, conv, rho, cos, sin, q_w, k_w, vc_w, vd_w, dw_w, dw_b, g_w, g_b, temp
     k_res = op.ReduceMean(op.Reshape(q_res, op.Concat(zero, zero, nkv, groups, d, axis=0)),
                           op.Constant(value_ints=[3]), keepdims=0)
     conv_rows = op.Concat(conv, op.Transpose(op.Concat(q_hat, k_hat, axis=-1), perm=[0, 2, 1]), axis=2)
-    y = op.Conv(conv_rows, dw_w, dw_b, group=channels)
-    z = op.Transpose(op.Conv(y, g_w, g_b, group=heads), perm=[0, 2, 1])  # [B, T, C]
+    # The convs run 2-D over a height-1 image: onnxruntime's NCHWc kernels, not its per-group 1-D path (onnx_conv2d)
+    axis2 = op.Constant(value_ints=[2])
+    y = op.Conv(op.Unsqueeze(conv_rows, axis2), op.Unsqueeze(dw_w, axis2), dw_b, group=channels)  # [B, C, 1, T+κ-1]
+    z4 = op.Conv(y, op.Unsqueeze(g_w, axis2), g_b, group=heads)  # [B, C, 1, T]
+    z = op.Transpose(op.Squeeze(z4, axis2), perm=[0, 2, 1])  # [B, T, C]
     q_width = op.Mul(nq, d)
     big = op.Constant(value_ints=[2**62])
-    axis2 = op.Constant(value_ints=[2])
     q = op.Add(op.Reshape(op.Slice(z, zero, q_width, axis2), op.Concat(zero, zero, nq, d, axis=0)), q_res)
     k = op.Add(op.Reshape(op.Slice(z, q_width, big, axis2), op.Concat(zero, zero, nkv, d, axis=0)), k_res)
     omega = op.MatMul(x, op.Transpose(vd_w, perm=[1, 0]))

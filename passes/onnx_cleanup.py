@@ -11,6 +11,7 @@ import onnx_ir.passes.common as common
 from onnxscript.optimizer import fold_constants
 
 from .base import Pass, PassError
+from .onnx_conv2d import Conv1dAs2d
 
 
 class FoldConstants(Pass[ir.Model]):
@@ -63,4 +64,4 @@ class CheckFusedNodes(Pass[ir.Model]):
 
 
 def onnx_pipeline(expected: dict[str, int]) -> list[Pass[ir.Model]]:
-    return [FoldConstants(), RemoveDeadCode(), CheckFusedNodes(expected)]
+    return [Conv1dAs2d(), FoldConstants(), RemoveDeadCode(), CheckFusedNodes(expected)]

@@ -3,7 +3,8 @@
 The quantized artifact's weight file holds each quantized matrix as codes, scales (and zero points) in
 ``MatMulNBits`` layout (``models/quantization.py``); this pass points the graph at them:
 
-1. every ``zaya.MoETop1`` node becomes the router (``zaya.MoERouter``) and one unrolled branch per expert:
+1. every ``zaya.MoETop1`` node becomes the router and one onnxruntime ``QMoE`` node (``onnx_qmoe``), or, where
+   that op cannot express the scheme, the router (``zaya.MoERouter``) and one unrolled branch per expert:
    the rows routed to expert e are gathered, run through two ``MatMulNBits`` on that expert's own codes and
    scattered back (rows of the skip class reach no expert). Each expert's codes must be a constant
    initializer: ``MatMulNBits`` prepacks constant weights once, while a weight gathered at run time takes a
@@ -29,9 +30,8 @@ from zaya_export.models.quantization import QuantScheme
 
 from .base import Pass, PassError
 from .moe_unroll import expand_moe, replace_value
+from .onnx_qmoe import MS_DOMAIN, bound_part, fused_moe, fused_moe_supported, qmoe_shape
 
-MS_DOMAIN = "com.microsoft"
-_IR = {"qweight": ir.DataType.UINT8, "zero_points": ir.DataType.UINT8, "scales": ir.DataType.FLOAT}
 
 
 @dataclass(frozen=True)
@@ -84,12 +84,7 @@ class QuantizeWeights(Pass[ir.Model]):
                 length //= shape[0]
                 offset, shape = offset + expert * length, shape[1:]
             vname = f"{name}.{part}" + ("" if expert is None else f".{expert}")
-            if vname not in model.graph.initializers:
-                tensor = ir.ExternalTensor(self.weights_file, offset, length, _IR[part], shape=ir.Shape(shape),
-                                           name=vname, base_dir=self.folder)
-                value = ir.Value(name=vname, shape=ir.Shape(shape), type=ir.TensorType(_IR[part]), const_value=tensor)
-                model.graph.register_initializer(value)
-            values.append(model.graph.initializers[vname])
+            values.append(bound_part(model, vname, part, (offset, length), shape, self.weights_file, self.folder))
         return values
 
     def _matmul(self, tape: ir.tape.Tape, model: ir.Model, x: ir.Value, name: str, expert: int | None = None
@@ -124,8 +119,27 @@ class QuantizeWeights(Pass[ir.Model]):
         if any(name not in self.matrices for name in stacks.values()):
             raise PassError(f"{node.name}: the experts {sorted(stacks.values())} are not quantized")
 
+        experts, hidden = self.matrices[stacks["gate_up"]].shape[0], self.matrices[stacks["gate_up"]].shape[2]
+        if fused_moe_supported(self.scheme, hidden, node.attributes["intermediate"].value):
+            tape = ir.tape.Tape()
+            out, r = fused_moe(tape, node, self._stack(model, stacks["gate_up"]), self._stack(model, stacks["down"]),
+                               self.scheme)
+            model.graph.insert_before(node, tape.nodes)
+            replace_value(node.outputs[0], out)
+            replace_value(node.outputs[1], r)
+            model.graph.remove(node, safe=True)
+            return 2 * experts
+
         def matmul(tape: ir.tape.Tape, rows: ir.Value, which: str, e: int) -> ir.Value:
             return self._matmul(tape, model, rows, stacks[which], e)
 
         expand_moe(model, node, matmul)
-        return 2 * node.attributes["num_experts"].value
+        return 2 * experts
+
+    def _stack(self, model: ir.Model, name: str) -> dict[str, ir.Value]:
+        """Part → initializer of a whole quantized expert stack, shaped as ``QMoE`` reads it."""
+        m = self.matrices[name]
+        return {part: bound_part(model, f"{name}.{part}.stack", part, (offset, length),
+                                 qmoe_shape(part, m.shape, self.scheme.group_size, m.bits), self.weights_file,
+                                 self.folder)
+                for part, (offset, length, _) in m.parts.items()}

@@ -54,9 +54,11 @@ def decode_bytes(artifact: Artifact, context: int) -> DecodeBytes:
     return DecodeBytes(weights=weights, kv_cache=kv, context=context)
 
 
-def read_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
+def read_bandwidth(mbytes: int = 512, repeats: int = 20) -> float:
     """Measured read bandwidth of this machine in bytes/s: the best of ``repeats`` sums over a ``mbytes`` MB
-    fp32 tensor, with torch's intra-op threads (the cores onnxruntime decodes with on a large model)."""
+    fp32 tensor, with torch's intra-op threads (the cores onnxruntime decodes with on a large model). Twenty
+    repeats, not five: six ``bench`` runs of the int4 8B config in one session read 49–55 GB/s with five, and
+    once 32 (it runs right after onnxruntime, whose pool threads may still spin on the same cores)."""
     x = torch.ones(mbytes * 2**20 // 4)
     x.sum()  # fault the pages in
     best = float("inf")

@@ -55,10 +55,14 @@ def test_artifact_layout_and_manifest(artifact, model):
     for entry in ("prefill", "decode", "verify", "draft"):
         assert m.op_counts[entry]["zaya.cca"] == 3
         assert m.entry_points[entry].input_names[:2] == ["input_ids", "input_mask"]
-        assert {r.name for r in m.pass_log.onnx[entry]} == {"fold_constants", "dead_code",
+        assert {r.name for r in m.pass_log.onnx[entry]} == {"conv1d_as_2d", "fold_constants", "dead_code",
                                                                      "check_fused_nodes", "unroll_experts"}
         unrolled = [r.rewrites for r in m.pass_log.onnx[entry] if r.name == "unroll_experts"]
         assert unrolled == [2 * model.config.num_experts * model.config.num_hidden_layers]
+    # the packed steps' reference CCA convs (the CCA op's body is 2-D already): two per layer
+    for entry in ("step", "step_greedy", "step_sample"):
+        assert [r.rewrites for r in m.pass_log.onnx[entry] if r.name == "conv1d_as_2d"] == [
+            2 * model.config.num_hidden_layers]
     assert set(m.versions) >= {"torch", "onnx", "onnxruntime", "zaya-export"}
     assert {**art.config.to_dict(), "dtype": None} == {**model.config.to_dict(), "dtype": None}
 

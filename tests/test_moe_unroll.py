@@ -82,15 +82,8 @@ def test_unrolled_moe_matches_the_reference(tmp_path_factory, N, E, route, store
     """Against the eager op on the stored (rounded) weights: tokens spread over the experts, all on the skip
     class (every branch empty), or all on one expert; one token (decode) and many."""
     folder = tmp_path_factory.mktemp("moe")
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    balancing = torch.zeros(E + 1)
-    if route != "free":  # +10 makes that class win for every token
-        balancing[-1 if route == "skip" else E // 2] = 10.0
-    gate_up, down = (r(E, 2 * I, H) / 3).to(stored).float(), (r(E, H, I) / 3).to(stored).float()
-    inputs = [r(N, H), r(N, R), r(R, H) / 3, r(R), r(R), r(R).abs() + 0.5, r(R, R) / 3, r(R), r(R, R) / 3, r(R),
-              r(E + 1, R), balancing]
-    module = _MoE(gate_up, down)
+    (gate_up, down), inputs = routed_case(seed, N, E, route, H, I)
+    module = _MoE(gate_up.to(stored).float(), down.to(stored).float())
     model = _lowered(module, inputs, folder, stored)
     log = unroll_entry(model)
     assert [(p.name, p.rewrites) for p in log] == [("unroll_experts", 2 * E)]
@@ -112,6 +105,21 @@ def test_unrolled_moe_matches_the_reference(tmp_path_factory, N, E, route, store
         assert np.abs(a - b.numpy()).max() <= 2e-5 * max(1.0, float(b.abs().max()))
     if route == "skip":
         assert (got[0] == 0).all()
+
+
+def routed_case(seed: int, N: int, E: int, route: str, hidden: int, inter: int
+                ) -> tuple[tuple[torch.Tensor, torch.Tensor], list[torch.Tensor]]:
+    """Expert stacks (gate_up [E, 2I, H], down [E, H, I]) and the op's inputs for N tokens: routing ``free``
+    (spread over the experts), ``skip`` (every token on the skip class) or ``one`` (every token on one expert)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    balancing = torch.zeros(E + 1)
+    if route != "free":  # +10 makes that class win for every token
+        balancing[-1 if route == "skip" else E // 2] = 10.0
+    stacks = (r(E, 2 * inter, hidden) / 3, r(E, hidden, inter) / 3)
+    inputs = [r(N, hidden), r(N, R), r(R, hidden) / 3, r(R), r(R), r(R).abs() + 0.5, r(R, R) / 3, r(R),
+              r(R, R) / 3, r(R), r(E + 1, R), balancing]
+    return stacks, inputs
 
 
 def _random_case(E: int, N: int) -> tuple[_MoE, list[torch.Tensor]]:

@@ -97,8 +97,11 @@ def test_quantized_graphs_compute_their_dequantized_model(ckpt, tmp_path, quant,
     graph = onnx.load(str(art.path("onnx/step.onnx")), load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
     layers, experts = 2, small_config().num_experts
-    # per layer: 4 CCA projections (fused) + 4 (packed step's reference path) + o_proj, 2 per expert; the head
-    assert ops.count("MatMulNBits") == layers * (4 + 1 + 2 * experts) + 1
+    # per layer: 4 CCA projections (fused) + 4 (packed step's reference path) + o_proj, and the experts: one QMoE,
+    # or (int8 at fp32 accuracy, which QMoE has no kernel for) 2 MatMulNBits per expert; the head
+    fused = scheme.bits == 4
+    assert ops.count("QMoE") == (layers if fused else 0)
+    assert ops.count("MatMulNBits") == layers * (4 + 1 + (0 if fused else 2 * experts)) + 1
     assert not any(n.op_type == "MoETop1" for n in graph.node)
     report = validate_artifact(art, checkpoint=ckpt)
     assert report["dtype"] == "fp32" and all(c["ok"] for c in report["entries"]), [
