@@ -33,7 +33,6 @@ from .moe_unroll import expand_moe, replace_value
 from .onnx_qmoe import MS_DOMAIN, bound_part, fused_moe, fused_moe_supported, qmoe_shape
 
 
-
 @dataclass(frozen=True)
 class StoredMatrix:
     """Where a quantized matrix's parts lie in the weight file."""
