@@ -120,8 +120,10 @@ def BlockAttention(q, past_k, past_v, k, v, past_valid, new_valid, groups: int, 
     scores = op.Mul(scores, op.CastLike(op.Constant(value_float=scale), q))  # [B, n_kv, G, T, S+T]
     valid = op.Concat(past_valid, new_valid, axis=1)  # [B, S+T]
     pos = op.Sub(op.CumSum(op.Cast(valid, to=7), op.Constant(value_int=1)), op.Constant(value_int=1))
-    S = op.Shape(past_k, start=2, end=3)
-    T = op.Shape(q, start=2, end=3)
+    # the mask below reads only the validity inputs (not this layer's q or cache), so it is the same subgraph in
+    # every layer of one window size, and onnxruntime's common-subexpression elimination builds it once
+    S = op.Shape(past_valid, start=1, end=2)
+    T = op.Shape(new_valid, start=1, end=2)
     n = op.Add(S, T)
     slot = op.Range(op.Constant(value_int=0), op.Squeeze(n), op.Constant(value_int=1))
     q_slot = op.Range(op.Squeeze(S), op.Squeeze(n), op.Constant(value_int=1))

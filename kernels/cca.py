@@ -112,22 +112,31 @@ def CCA(x, conv, rho, cos, sin, q_w, k_w, vc_w, vd_w, dw_w, dw_b, g_w, g_b, temp
     epsilon = op.CastLike(op.Constant(value_float=eps), x)
     scale = op.Sqrt(op.CastLike(d, x))
     last = op.Constant(value_ints=[-1])
-    qn = op.Sqrt(op.ReduceSum(op.Mul(q, q), last, keepdims=1))
-    kn = op.Sqrt(op.ReduceSum(op.Mul(k, k), last, keepdims=1))
+    qn = op.ReduceL2(q, last, keepdims=1)
+    kn = op.ReduceL2(k, last, keepdims=1)
     q = op.Mul(q, op.Div(scale, op.Max(qn, epsilon)))
     k = op.Mul(op.Mul(k, op.Div(scale, op.Max(kn, epsilon))), op.Reshape(temp, op.Concat(one, one, nkv, one, axis=0)))
-    cos4, sin4 = op.Unsqueeze(cos, one), op.Unsqueeze(sin, one)
+    # Partial rotary as x·cos′ + (x·R)·sin′ over the whole head: cos′/sin′ are cos/sin padded with 1/0 past the
+    # rotated dims, R the signed permutation of rotate-half (zero past them). One product with a ±1/0 matrix
+    # is exact, and it is 5 nodes per tensor where slicing, negating and concatenating the halves took 11; the
+    # padded tables read only the shared cos/sin inputs, so onnxruntime builds them once per layer type.
     rot_end = op.Reshape(op.Constant(value_int=rot), neg1)
-    rot_half = op.Div(rot_end, op.Constant(value_ints=[2]))
-    axis3 = op.Constant(value_ints=[3])
+    pad = op.Concat(zero, op.Sub(d, rot_end), axis=0)  # nothing before, d − rot after, on the last axis
+    cos4 = op.Unsqueeze(op.Pad(cos, pad, op.CastLike(op.Constant(value_float=1.0), cos), last), one)  # [B,1,T,d]
+    sin4 = op.Unsqueeze(op.Pad(sin, pad, op.CastLike(op.Constant(value_float=0.0), sin), last), one)
+    # R[i, j] = −1 where i = j + rot/2 (j < rot/2), +1 where i = j − rot/2 (rot/2 ≤ j < rot): all constants,
+    # folded by onnxruntime when it creates the session
+    idx = op.Range(op.Constant(value_int=0), op.Constant(value_int=head_dim), op.Constant(value_int=1))
+    i, j = op.Unsqueeze(idx, one), op.Unsqueeze(idx, zero)  # [d, 1], [1, d]
+    h = op.Div(op.Constant(value_int=rot), op.Constant(value_int=2))
+    below = op.Less(j, h)
+    minus = op.And(op.Equal(i, op.Add(j, h)), below)
+    plus = op.And(op.Equal(op.Add(i, h), j), op.And(op.Not(below), op.Less(j, op.Constant(value_int=rot))))
+    turn = op.CastLike(op.Sub(op.Cast(plus, to=1), op.Cast(minus, to=1)), x)  # [d, d]
     qt = op.Transpose(q, perm=[0, 2, 1, 3])
-    q_rot = op.Slice(qt, zero, rot_end, axis3)
-    q_turn = op.Concat(op.Neg(op.Slice(q_rot, rot_half, big, axis3)), op.Slice(q_rot, zero, rot_half, axis3), axis=3)
-    q_out = op.Concat(op.Add(op.Mul(q_rot, cos4), op.Mul(q_turn, sin4)), op.Slice(qt, rot_end, big, axis3), axis=3)
+    q_out = op.Add(op.Mul(qt, cos4), op.Mul(op.MatMul(qt, turn), sin4))
     kt = op.Transpose(k, perm=[0, 2, 1, 3])
-    k_rot = op.Slice(kt, zero, rot_end, axis3)
-    k_turn = op.Concat(op.Neg(op.Slice(k_rot, rot_half, big, axis3)), op.Slice(k_rot, zero, rot_half, axis3), axis=3)
-    k_out = op.Concat(op.Add(op.Mul(k_rot, cos4), op.Mul(k_turn, sin4)), op.Slice(kt, rot_end, big, axis3), axis=3)
+    k_out = op.Add(op.Mul(kt, cos4), op.Mul(op.MatMul(kt, turn), sin4))
     return q_out, k_out, op.Transpose(v, perm=[0, 2, 1, 3]), conv_rows, omega
 
 

@@ -154,8 +154,9 @@ def MoERouter(x, prev, down_w, down_b, eda_scale, norm_w, fc1_w, fc1_b, fc2_w, f
     neg1 = op.Constant(value_ints=[-1])
     r = op.Add(op.Add(op.MatMul(x, op.Transpose(down_w, perm=[1, 0])), down_b), op.Mul(prev, eda_scale))
     rf = op.Cast(r, to=1)
-    var = op.ReduceMean(op.Mul(rf, rf), neg1, keepdims=1)
-    a = op.Mul(norm_w, op.CastLike(op.Mul(rf, op.Reciprocal(op.Sqrt(op.Add(var, op.Constant(value_float=eps))))), r))
+    # x / √(mean(x²) + ε), the form onnxruntime fuses into one SimplifiedLayerNormalization (passes/onnx_rsqrt)
+    var = op.ReduceMean(op.Pow(rf, op.Constant(value_float=2.0)), neg1, keepdims=1)
+    a = op.Mul(norm_w, op.CastLike(op.Div(rf, op.Sqrt(op.Add(var, op.Constant(value_float=eps)))), r))
     a = op.Gelu(op.Add(op.MatMul(a, op.Transpose(fc1_w, perm=[1, 0])), fc1_b))
     a = op.Gelu(op.Add(op.MatMul(a, op.Transpose(fc2_w, perm=[1, 0])), fc2_b))
     probs = op.Softmax(op.MatMul(a, op.Transpose(out_w, perm=[1, 0])), axis=-1)  # [N, E+1]

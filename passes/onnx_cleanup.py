@@ -12,6 +12,7 @@ from onnxscript.optimizer import fold_constants
 
 from .base import Pass, PassError
 from .onnx_conv2d import Conv1dAs2d
+from .onnx_rsqrt import RsqrtAsDiv
 
 
 class FoldConstants(Pass[ir.Model]):
@@ -64,4 +65,4 @@ class CheckFusedNodes(Pass[ir.Model]):
 
 
 def onnx_pipeline(expected: dict[str, int]) -> list[Pass[ir.Model]]:
-    return [Conv1dAs2d(), FoldConstants(), RemoveDeadCode(), CheckFusedNodes(expected)]
+    return [Conv1dAs2d(), RsqrtAsDiv(), FoldConstants(), RemoveDeadCode(), CheckFusedNodes(expected)]

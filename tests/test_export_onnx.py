@@ -55,8 +55,11 @@ def test_artifact_layout_and_manifest(artifact, model):
     for entry in ("prefill", "decode", "verify", "draft"):
         assert m.op_counts[entry]["zaya.cca"] == 3
         assert m.entry_points[entry].input_names[:2] == ["input_ids", "input_mask"]
-        assert {r.name for r in m.pass_log.onnx[entry]} == {"conv1d_as_2d", "fold_constants", "dead_code",
-                                                                     "check_fused_nodes", "unroll_experts"}
+        assert {r.name for r in m.pass_log.onnx[entry]} == {"conv1d_as_2d", "rsqrt_as_div", "fold_constants",
+                                                                     "dead_code", "check_fused_nodes", "unroll_experts"}
+        # two RMSNorms a layer (before attention, before the MoE) and the final one; the router's is in its body
+        assert [r.rewrites for r in m.pass_log.onnx[entry] if r.name == "rsqrt_as_div"] == [
+            2 * model.config.num_hidden_layers + 1]
         unrolled = [r.rewrites for r in m.pass_log.onnx[entry] if r.name == "unroll_experts"]
         assert unrolled == [2 * model.config.num_experts * model.config.num_hidden_layers]
     # the packed steps' reference CCA convs (the CCA op's body is 2-D already): two per layer
