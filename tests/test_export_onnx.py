@@ -70,6 +70,27 @@ def test_artifact_layout_and_manifest(artifact, model):
     assert {**art.config.to_dict(), "dtype": None} == {**model.config.to_dict(), "dtype": None}
 
 
+def test_onnxruntime_fuses_the_norms_and_builds_each_mask_once(artifact, model, tmp_path):
+    """What onnxruntime makes of the decode graph: every RMSNorm one SimplifiedLayerNormalization (two a layer,
+    the router's, the final one: ``rsqrt_as_div``) and the attention mask built once per window size, not once
+    per layer (it reads only the validity inputs, so common-subexpression elimination merges the copies)."""
+    import onnxruntime as ort
+
+    from zaya_export.runtime.backends import shared_pool
+
+    shared_pool(ort)  # sessions run on the process-wide pool
+    options = ort.SessionOptions()
+    options.use_per_session_threads = False
+    options.optimized_model_filepath = str(tmp_path / "decode.optimized.onnx")
+    ort.InferenceSession(str(artifact / "onnx" / "decode.onnx"), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node]
+    layers = model.config.num_hidden_layers
+    assert ops.count("SimplifiedLayerNormalization") == 3 * layers + 1
+    assert "Reciprocal" not in ops
+    assert ops.count("LessOrEqual") == 1  # the causal order: the same for every layer
+    assert ops.count("Where") == len(set(model.config.layer_types)) < layers  # one additive bias per window size
+
+
 def test_weights_are_stored_once(artifact, model):
     weights = artifact / "onnx" / "weights.safetensors"
     param_bytes = sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if n != "lm_head.weight")

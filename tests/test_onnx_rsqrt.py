@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from zaya_export.passes.base import PassManager
 from zaya_export.passes.onnx_rsqrt import RsqrtAsDiv
-from zaya_export.runtime.backends import ort_session
+from zaya_export.runtime.backends import ort_session, shared_pool
 
 
 def _rmsnorm_graph(hidden: int, scale: float) -> onnx.ModelProto:
@@ -39,6 +39,7 @@ def _rmsnorm_graph(hidden: int, scale: float) -> onnx.ModelProto:
 
 
 def _optimized_ops(proto: onnx.ModelProto, tmp_path) -> list[str]:  # noqa: ANN001
+    shared_pool(ort)
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     options.use_per_session_threads = False  # the process-wide pool ort_session made (backends.shared_pool)
