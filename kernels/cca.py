@@ -87,13 +87,13 @@ def CCA(x, conv, rho, cos, sin, q_w, k_w, vc_w, vd_w, dw_w, dw_b, g_w, g_b, temp
     groups = op.Div(nq, nkv)
     q_hat = op.MatMul(x, op.Transpose(q_w, perm=[1, 0]))  # [B, T, n_q·d]
     k_hat = op.MatMul(x, op.Transpose(k_w, perm=[1, 0]))  # [B, T, n_kv·d]
-    q4 = op.Reshape(q_hat, op.Concat(zero, zero, nq, d, axis=0))
+    # the residual halves by GQA group: q as [B, T, n_kv, G, d] plus k as [B, T, n_kv, 1, d], broadcast
+    q5 = op.Reshape(q_hat, op.Concat(zero, zero, nkv, groups, d, axis=0))
     k5 = op.Reshape(k_hat, op.Concat(zero, zero, nkv, one, d, axis=0))
-    k_rep = op.Reshape(op.Expand(k5, op.Concat(one, one, one, groups, one, axis=0)), op.Concat(zero, zero, nq, d, axis=0))
     half = op.CastLike(op.Constant(value_float=0.5), x)
-    q_res = op.Mul(op.Add(q4, k_rep), half)
-    k_res = op.ReduceMean(op.Reshape(q_res, op.Concat(zero, zero, nkv, groups, d, axis=0)),
-                          op.Constant(value_ints=[3]), keepdims=0)
+    q_res5 = op.Mul(op.Add(q5, k5), half)  # [B, T, n_kv, G, d]
+    k_res = op.ReduceMean(q_res5, op.Constant(value_ints=[3]), keepdims=0)  # [B, T, n_kv, d]
+    q_res = op.Reshape(q_res5, op.Concat(zero, zero, nq, d, axis=0))  # [B, T, n_q, d]
     conv_rows = op.Concat(conv, op.Transpose(op.Concat(q_hat, k_hat, axis=-1), perm=[0, 2, 1]), axis=2)
     # The convs run 2-D over a height-1 image: onnxruntime's NCHWc kernels, not its per-group 1-D path (onnx_conv2d)
     axis2 = op.Constant(value_ints=[2])
