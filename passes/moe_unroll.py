@@ -30,20 +30,41 @@ from .base import Pass, PassError
 ExpertMatmul = Callable[[ir.tape.Tape, ir.Value, str, int], ir.Value]
 
 
+def constant(tape: ir.tape.Tape, value: object, dtype: type = np.int64) -> ir.Value:
+    """A ``Constant`` node on ``tape`` holding ``value``."""
+    return tape.op("Constant", [], {"value": ir.tensor(np.array(value, dtype=dtype))})
+
+
+def route(tape: ir.tape.Tape, node: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value, ir.Value]:
+    """The router of a ``MoETop1`` node on ``tape`` → x [N, H], the chosen class [N] (E is the skip class), its
+    probability [N], and the router state the node outputs second."""
+    x, prev, *router, _, _ = node.inputs
+    choice, prob, r = tape.op_multi_out("MoERouter", [x, prev, *router], {"eps": node.attributes["eps"].value},
+                                        num_outputs=3, domain=DOMAIN)
+    flat = tape.op("Reshape", [choice, constant(tape, [-1])])
+    return x, flat, tape.op("Reshape", [prob, constant(tape, [-1])]), r
+
+
+def splice(model: ir.Model, node: ir.Node, tape: ir.tape.Tape, out: ir.Value, r: ir.Value) -> None:
+    """``tape``'s nodes go in before the ``MoETop1`` ``node``, ``out`` and ``r`` take over its two outputs, and
+    the node goes."""
+    model.graph.insert_before(node, tape.nodes)
+    replace_value(node.outputs[0], out)
+    replace_value(node.outputs[1], r)
+    model.graph.remove(node, safe=True)
+
+
 def expand_moe(model: ir.Model, node: ir.Node, matmul: ExpertMatmul) -> None:
     """Replace one ``MoETop1`` node by ``MoERouter`` and one branch per expert: the rows routed to expert e are
     gathered, run through ``matmul`` (gate/up, SiLU·up, down) and scattered back (rows of the skip class reach no
     expert, so they stay zero), then every row is scaled by its router probability."""
-    x, prev, *router, _, _ = node.inputs
-    eps = node.attributes["eps"].value
     experts, inter = node.attributes["num_experts"].value, node.attributes["intermediate"].value
     tape = ir.tape.Tape()
 
     def const(value: object, dtype: type = np.int64) -> ir.Value:
-        return tape.op("Constant", [], {"value": ir.tensor(np.array(value, dtype=dtype))})
+        return constant(tape, value, dtype)
 
-    choice, prob, r = tape.op_multi_out("MoERouter", [x, prev, *router], {"eps": eps}, num_outputs=3, domain=DOMAIN)
-    flat, weight = tape.op("Reshape", [choice, const([-1])]), tape.op("Reshape", [prob, const([-1])])  # [N]
+    x, flat, weight, r = route(tape, node)  # flat, weight [N]
     out = tape.op("Expand", [tape.op("CastLike", [const(0.0, np.float32), x]), tape.op("Shape", [x])])  # zeros [N, H]
     first, second, axis = const([0]), const([inter]), const([1])
     for e in range(experts):
@@ -57,10 +78,7 @@ def expand_moe(model: ir.Model, node: ir.Node, matmul: ExpertMatmul) -> None:
     # each row holds one expert's output (or zeros: the skip class), so one product by the router probability
     # after the scatters is the per-branch product, with 3 fewer nodes per expert
     out = tape.op("Mul", [out, tape.op("Unsqueeze", [weight, axis])])
-    model.graph.insert_before(node, tape.nodes)
-    replace_value(node.outputs[0], out)
-    replace_value(node.outputs[1], r)
-    model.graph.remove(node, safe=True)
+    splice(model, node, tape, out, r)
 
 
 def replace_value(old: ir.Value, new: ir.Value) -> None:

@@ -29,8 +29,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from zaya_export.kernels.registry import DOMAIN
 from zaya_export.models.quantization import QuantScheme
+
+from .moe_unroll import constant, route
 
 MS_DOMAIN = "com.microsoft"
 
@@ -67,29 +68,17 @@ def bound_part(model: ir.Model, vname: str, part: str, location: tuple[int, int]
     return model.graph.initializers[vname]
 
 
-def _route(tape: ir.tape.Tape, node: ir.Node) -> tuple[ir.Value, ...]:
-    """Router of a ``MoETop1`` node → x [N, H], one-hot selection [N, E] (zero row for the skip class), mixing
-    weights [N, E] (p on the chosen expert), router state out, and the constant gate/up interleaving order."""
-    x, prev, *router, _, _ = node.inputs
-    experts, inter = node.attributes["num_experts"].value, node.attributes["intermediate"].value
-
-    def const(value: object, dtype: type = np.int64) -> ir.Value:
-        return tape.op("Constant", [], {"value": ir.tensor(np.array(value, dtype=dtype))})
-
-    choice, prob, r = tape.op_multi_out("MoERouter", [x, prev, *router], {"eps": node.attributes["eps"].value},
-                                        num_outputs=3, domain=DOMAIN)
-    flat = tape.op("Reshape", [choice, const([-1])])  # [N]
-    select = tape.op("OneHot", [flat, const(experts), const([0.0, 1.0], np.float32)], {"axis": -1})  # [N, E]
-    select = tape.op("CastLike", [select, x])
-    mix = tape.op("Mul", [select, tape.op("Reshape", [prob, const([-1, 1])])])  # [N, E]: p on the chosen expert
-    return x, select, mix, r, const(interleave_rows(inter))
-
-
 def fused_moe(tape: ir.tape.Tape, node: ir.Node, gate_up: dict[str, ir.Value], down: dict[str, ir.Value],
               scheme: QuantScheme) -> tuple[ir.Value, ir.Value]:
     """Router + one ``QMoE`` for ``node`` (a ``zaya.MoETop1``) → (output [N, H], router state out).
     ``gate_up`` / ``down``: part → stack initializer (QMoE shapes, gate_up rows still ``[gate | up]``)."""
-    x, select, mix, r, order = _route(tape, node)
+    experts, inter = node.attributes["num_experts"].value, node.attributes["intermediate"].value
+    x, flat, prob, r = route(tape, node)  # flat, prob [N]
+    select = tape.op("OneHot", [flat, constant(tape, experts), constant(tape, [0.0, 1.0], np.float32)],
+                     {"axis": -1})  # [N, E]: the skip class E is out of range, a zero row
+    select = tape.op("CastLike", [select, x])
+    mix = tape.op("Mul", [select, tape.op("Unsqueeze", [prob, constant(tape, [1])])])  # [N, E]: p on the choice
+    order = constant(tape, interleave_rows(inter))
     fc1 = {part: tape.op("Gather", [v, order], {"axis": 1}) for part, v in gate_up.items()}  # folded by ORT
     y = tape.op("QMoE", [x, select, fc1["qweight"], fc1["scales"], None, down["qweight"], down["scales"], None,
                          None, None, None, fc1.get("zero_points"), down.get("zero_points"), None, mix],

@@ -29,7 +29,7 @@ import onnx_ir.passes.common as common
 from zaya_export.models.quantization import QuantScheme
 
 from .base import Pass, PassError
-from .moe_unroll import expand_moe, replace_value
+from .moe_unroll import expand_moe, replace_value, splice
 from .onnx_qmoe import MS_DOMAIN, bound_part, fused_moe, fused_moe_supported, qmoe_shape
 
 
@@ -123,10 +123,7 @@ class QuantizeWeights(Pass[ir.Model]):
             tape = ir.tape.Tape()
             out, r = fused_moe(tape, node, self._stack(model, stacks["gate_up"]), self._stack(model, stacks["down"]),
                                self.scheme)
-            model.graph.insert_before(node, tape.nodes)
-            replace_value(node.outputs[0], out)
-            replace_value(node.outputs[1], r)
-            model.graph.remove(node, safe=True)
+            splice(model, node, tape, out, r)
             return 2 * experts
 
         def matmul(tape: ir.tape.Tape, rows: ir.Value, which: str, e: int) -> ir.Value:

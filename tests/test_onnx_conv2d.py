@@ -1,4 +1,4 @@
-"""``conv1d_as_2d`` and the quantized MoE's ``QMoE`` choice: the rewritten graphs compute what they replace."""
+"""``conv1d_as_2d``: the rewritten graphs compute the 1-D convolutions they replace."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from zaya_export.models.quantization import QuantScheme
 from zaya_export.passes.base import PassManager
 from zaya_export.passes.onnx_conv2d import Conv1dAs2d
-from zaya_export.passes.onnx_qmoe import fused_moe_supported, interleave_rows
 from zaya_export.runtime.backends import ort_session
 
 CONVS = [  # channels, groups, kernel, stride, pads, dilation, length
@@ -54,18 +52,6 @@ def test_conv1d_as_2d_leaves_2d_convs_alone():
         [numpy_helper.from_array(np.ones((3, 2, 2, 2), np.float32), "w")])
     model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
     assert [r.rewrites for r in PassManager([Conv1dAs2d()]).run(model)] == [0]
-
-
-def test_qmoe_only_where_it_computes_the_unrolled_experts():
-    """QMoE's block-wise kernels need K divisible by the group on both expert matmuls, and int8 experts have no
-    fp32-activation kernel (an int8 export at fp32 accuracy keeps the unrolled MatMulNBits branches)."""
-    int4, int8 = QuantScheme.parse("int4", 32), QuantScheme.parse("int8", 32)
-    assert fused_moe_supported(int4, 256, 256) and fused_moe_supported(int8, 2048, 2048)
-    assert fused_moe_supported(QuantScheme.parse("int4-asym", 16, accuracy_level=0), 64, 48)
-    assert not fused_moe_supported(QuantScheme.parse("int8", 32, accuracy_level=0), 256, 256)
-    assert not fused_moe_supported(int4, 80, 256) and not fused_moe_supported(int4, 256, 80)
-    order = interleave_rows(3)
-    assert order.tolist() == [0, 3, 1, 4, 2, 5]  # [gate | up] rows → g0 u0 g1 u1 g2 u2
 
 
 def test_conv1d_as_2d_sees_through_the_widening_cast():

@@ -17,6 +17,7 @@ from zaya_export.models.checkpoint import save_tensors
 from zaya_export.models.quantization import QuantScheme, dequantize, quantize
 from zaya_export.models.safetensors_header import read_header
 from zaya_export.passes.base import PassManager
+from zaya_export.passes.onnx_qmoe import fused_moe_supported, interleave_rows
 from zaya_export.passes.onnx_quant import QuantizeWeights, StoredMatrix
 
 H, I, GROUP = 32, 16, 16
@@ -91,3 +92,15 @@ def test_qmoe_matches_the_reference(tmp_path_factory, N, E, route, quant, seed):
     np.testing.assert_allclose(got[1], want[1].numpy(), rtol=2e-5, atol=2e-5)  # the router runs in fp32 either way
     if route == "skip":
         assert (got[0] == 0).all()
+
+
+def test_qmoe_only_where_it_computes_the_unrolled_experts():
+    """QMoE's block-wise kernels need K divisible by the group on both expert matmuls, and int8 experts have no
+    fp32-activation kernel (an int8 export at fp32 accuracy keeps the unrolled MatMulNBits branches)."""
+    int4, int8 = QuantScheme.parse("int4", 32), QuantScheme.parse("int8", 32)
+    assert fused_moe_supported(int4, 256, 256) and fused_moe_supported(int8, 2048, 2048)
+    assert fused_moe_supported(QuantScheme.parse("int4-asym", 16, accuracy_level=0), 64, 48)
+    assert not fused_moe_supported(QuantScheme.parse("int8", 32, accuracy_level=0), 256, 256)
+    assert not fused_moe_supported(int4, 80, 256) and not fused_moe_supported(int4, 256, 80)
+    order = interleave_rows(3)
+    assert order.tolist() == [0, 3, 1, 4, 2, 5]  # [gate | up] rows → g0 u0 g1 u1 g2 u2
