@@ -75,3 +75,30 @@ def test_teacher_must_share_the_students_config(tmp_path):
     assert not torch.equal(next(teacher.parameters()), next(_model().parameters()))
     with pytest.raises(ValueError, match="sliding_window"):
         load_teacher(other, student)
+
+
+def test_train_demo_options_reach_the_distill_settings(tmp_path, monkeypatch):
+    """``--teacher``, ``--kl-weight`` and ``--real-rows`` set the pass's recipe (the batch keeps its 16 rows:
+    what real windows take, the distilled rows give up); an out-of-range row count is a usage error."""
+    from click.testing import CliRunner
+
+    import zaya_export.demo_card as demo_card
+    import zaya_export.self_distill as self_distill
+    from zaya_export.cli import main
+
+    seen = []
+    monkeypatch.setattr(self_distill, "distill_checkpoint", lambda out, settings, log: seen.append(settings))
+    monkeypatch.setattr(demo_card, "measure", lambda out: {"modes": {}})
+    monkeypatch.setattr(demo_card, "write_card", lambda out, figures: out / "README.md")
+    (tmp_path / "train_log.json").write_text("{}")
+    (tmp_path / "teacher").mkdir()
+    args = ["train-demo", str(tmp_path), "--stage", "distill", "--distill-rounds", "1",
+            "--teacher", str(tmp_path / "teacher"), "--kl-weight", "1.5", "--real-rows", "8"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    default = DistillSettings()
+    (settings,) = seen
+    assert (settings.rounds, settings.teacher, settings.kl_weight) == (1, str((tmp_path / "teacher").resolve()), 1.5)
+    assert (settings.real_rows, settings.distilled_rows) == (8, default.real_rows + default.distilled_rows - 8)
+    bad = CliRunner().invoke(main, ["train-demo", str(tmp_path), "--stage", "distill", "--real-rows", "16"])
+    assert bad.exit_code == 2 and "--real-rows" in bad.output

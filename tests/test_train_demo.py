@@ -119,5 +119,23 @@ def test_model_card_shows_both_stages_and_the_histograms(tmp_path):
     (tmp_path / "train_log.json").write_text(json.dumps(log))
     card = write_card(tmp_path, figures).read_text()
     assert "| pass 1, round 1 | 1.55 | 1.84 | 22.2 | 10/10 |" in card and "| pass 2, round 0 | 1.85 | 2.2 | 23.2 |" in card
-    assert "--distill-rounds 2" in card and "1 further pass(es)" in card and "`--distill-rounds 1`" in card
+    assert "--stage distill --distill-rounds 2   # pass 1" in card
+    assert "--stage distill --distill-rounds 1   # pass 2" in card
     assert "| 23.2 (stage 1 on the same batches: 21.3)" in card  # against the first pass's starting model
+    # a third pass held to the stage-1 model with other options: its command names them, and the stage-1 model is
+    # moved out of the first pass's folder before that folder is cleared
+    log["distill_passes"].append(log["distill"])
+    third = DistillSettings(rounds=1, teacher="/somewhere/stage1", real_rows=8, distilled_rows=8, kl_weight=1.5)
+    log["distill"] = {"settings": settings_dict(third), "stage1": row(1.85, 2.2, 23.2),
+                      "rounds": [{"round": 0, "seconds": 60.0, **row(1.99, 2.29, 22.3)}]}
+    (tmp_path / "train_log.json").write_text(json.dumps(log))
+    card = write_card(tmp_path, figures).read_text()
+    commands = card.split("```\n")[3]  # the stage-2 block (after the training command's)
+    assert commands.splitlines() == [
+        "zaya-export train-demo models/zaya1-demo --stage distill --distill-rounds 2   # pass 1",
+        "mv models/zaya1-demo/distill/stage1 STAGE1 && rm -rf models/zaya1-demo/distill",
+        "zaya-export train-demo models/zaya1-demo --stage distill --distill-rounds 1   # pass 2",
+        "rm -rf models/zaya1-demo/distill",
+        "zaya-export train-demo models/zaya1-demo --stage distill --distill-rounds 1 --teacher STAGE1 --kl-weight 1.5 "
+        "--real-rows 8   # pass 3"]
+    assert "| pass 3, round 0 | 1.99 | 2.29 | 22.3 |" in card

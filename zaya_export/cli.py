@@ -127,8 +127,12 @@ def init(preset_name: str, seed: int, dtype: str, force: bool, as_json: bool, ou
                    "pass starts from.")
 @click.option("--kl-weight", type=Finite(min=0), default=None,
               help="Stage 2: weight of the AR rows' KL to the teacher (default: the recipe's).")
+@click.option("--real-rows", type=click.IntRange(min=0, max=15), default=None,
+              help="Stage 2: rows of each 16-row batch trained on real corpus windows with the stage-1 loss (the "
+                   "rest are distilled; default: the recipe's).")
 def train_demo(out: Path, steps: int, seed: int, max_minutes: float, stop_after: int, stage: str,
-               distill_rounds: int | None, teacher: Path | None, kl_weight: float | None) -> None:
+               distill_rounds: int | None, teacher: Path | None, kl_weight: float | None,
+               real_rows: int | None) -> None:
     """Train the demo checkpoint (small ZAYA1, stdlib source, CPU) into OUT: stage 1 from scratch with the TiDAR
     objective, stage 2 self-distills its drafter on its own generations; then measure it on held-out files and
     code from outside the corpus, and write its model card."""
@@ -151,6 +155,9 @@ def train_demo(out: Path, steps: int, seed: int, max_minutes: float, stop_after:
                 settings = dataclasses.replace(settings, teacher=str(teacher.resolve()))
             if kl_weight is not None:
                 settings = dataclasses.replace(settings, kl_weight=kl_weight)
+            if real_rows is not None:
+                batch = settings.real_rows + settings.distilled_rows
+                settings = dataclasses.replace(settings, real_rows=real_rows, distilled_rows=batch - real_rows)
             distill_checkpoint(out, settings, log=console.print)
         except ValueError as exc:
             raise InputError(str(exc)) from None

@@ -149,7 +149,6 @@ def _distill_section(train_log: dict) -> str:
     record = train_log.get("distill")
     if not record:
         return ""
-    st = record["settings"]
 
     def row(name: str, r: dict) -> str:
         f = r["foreign"]
@@ -164,17 +163,17 @@ def _distill_section(train_log: dict) -> str:
     rows = "\n".join(lines)
     minutes = sum(r["seconds"] for done in passes for r in done["rounds"]) / 60
     counts = " + ".join(str(len(done["rounds"])) for done in passes)
-    further = "" if len(passes) == 1 else f"""
-then {len(passes) - 1} further pass(es) on the distilled checkpoint, each started by the same command with
-`--distill-rounds {", ".join(str(d["settings"]["rounds"]) for d in passes[1:])}` after the first pass's
-`distill/` folder is gone (each pass's teacher is the model it starts from)"""
+    st = passes[0]["settings"]
     return f"""
 ## Stage 2: self-distilled drafter
 
 ```
-zaya-export train-demo models/zaya1-demo --stage distill --distill-rounds {passes[0]['settings']['rounds']}
+{_pass_commands(passes)}
 ```
-{further}
+
+Each pass starts from the model the previous one ended with; its teacher (the model its AR rows are held to)
+is that starting model unless `--teacher` names another (`STAGE1`: the stage-1 model, which the first pass
+keeps in `distill/stage1`; the commands move it out before a pass clears `distill/`).
 
 With greedy lossless verification a draft is accepted exactly when it equals the model's own greedy
 continuation, so the drafter is trained on what the model itself generates (as Medusa/EAGLE drafters are
@@ -202,7 +201,42 @@ tidar-fused 1.77 / 1.98, then 1.62 / 2.01) and raised the AR perplexity further 
 batches), so the shipped weights are its round 0 (`--distill-rounds 1`). That round trades AR quality for
 acceptance: on stage 1's 8 batches the perplexity went 24.6 → 25.4 (pass 1 had already moved it 23.3 → 24.6),
 more than the 5% over stage 1 issue 14 allows, for 13–16% more tokens per forward.
+
+The third pass holds the AR rows to the stage-1 model again (`--teacher STAGE1`) and gives real corpus windows
+half of each batch (`--real-rows 8`): the real windows pull the AR path back toward the data (the stage-1 run was
+cut at 70% of its schedule, so real text still teaches it) while the drafter keeps training on its own greedy
+continuations. One round each (foreign tidar / tidar-fused tokens per forward, AR perplexity on the 4 batches).
+From the pass-2 model: teacher stage 1 with 4 real rows 1.79 / 2.04, 22.9; with 8 real rows (shipped) 1.99 /
+2.29, 22.3, on stage 1's 8 batches 24.3 (+4.5% over stage 1, within issue 14's 5%). From the shipped model, one
+more round: with 12 real rows 1.56 / 1.85, 21.6 (AR nearly back to stage 1, drafts given up); with 8 again 1.81
+/ 2.00, 22.4 (24.4 on the 8; in-domain it gained, 1.57 → 1.62 / 1.90 → 1.99: the 5 foreign prompts carry about
+±0.1 of noise), so the shipped weights stop after one round.
 """
+
+
+def _pass_commands(passes: list[dict]) -> str:
+    """The ``train-demo`` command of every stage-2 pass (its options from the settings it recorded), with the
+    steps between passes that keep the stage-1 model and clear the finished pass's ``distill/`` folder."""
+    from .self_distill import DistillSettings
+
+    default = DistillSettings()
+    base = "zaya-export train-demo models/zaya1-demo --stage distill"
+    lines = []
+    for n, done in enumerate(passes):
+        st = done["settings"]
+        if n == 1:
+            lines.append("mv models/zaya1-demo/distill/stage1 STAGE1 && rm -rf models/zaya1-demo/distill")
+        elif n > 1:
+            lines.append("rm -rf models/zaya1-demo/distill")
+        options = [f"--distill-rounds {st['rounds']}"]
+        if st.get("teacher"):
+            options.append("--teacher STAGE1")
+        if st["kl_weight"] != default.kl_weight:
+            options.append(f"--kl-weight {st['kl_weight']:g}")
+        if st["real_rows"] != default.real_rows:
+            options.append(f"--real-rows {st['real_rows']}")
+        lines.append(f"{base} {' '.join(options)}   # pass {n + 1}")
+    return "\n".join(lines)
 
 
 def _ppl_now(figures: dict[str, Any], log: dict) -> str:
