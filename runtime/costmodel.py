@@ -62,17 +62,26 @@ def predict(curve: CostCurve, acceptance: dict[str, list[int]], prompt_len: int,
     """Predicted figures per mode that the curve and the histograms allow (AR always; a TiDAR mode when its
     entries were measured and its histogram is given)."""
     prefill = _prefill_ms(curve, prompt_len)
+    decode, ar_host = curve.ms("decode"), curve.step_overhead_ms("ar", 1)
+
+    def forward(entry: str) -> float:
+        """A multi-token forward does at least a one-token forward's work (the same layers over more rows): a
+        time measured below ``decode``'s is noise of a shared CPU, and would pick TiDAR where nothing is accepted."""
+        return max(curve.ms(entry), decode)
+
+    def host(mode: str, count: float) -> float:
+        """A TiDAR step's host work includes an AR step's (emit and commit tokens), so it costs at least that."""
+        return max(curve.step_overhead_ms(mode, count), ar_host)
+
     steps: dict[str, tuple[float, float, int, float]] = {  # mode: (step ms, tokens/step, forwards/step, setup ms)
-        "ar": (curve.ms("decode") + curve.step_overhead_ms("ar", 1), 1.0, 1, 0.0)}
+        "ar": (decode + ar_host, 1.0, 1, 0.0)}
     if "tidar" in acceptance and {"verify", "draft"} <= set(curve.entries):
         ell = mean_accepted(acceptance["tidar"])
-        forwards_ms = curve.ms("verify") + curve.ms("draft")
-        steps["tidar"] = (forwards_ms + curve.step_overhead_ms("tidar", ell + 1), ell + 1, 2, curve.ms("draft"))
+        steps["tidar"] = (forward("verify") + forward("draft") + host("tidar", ell + 1), ell + 1, 2, forward("draft"))
     if "tidar-fused" in acceptance and "step" in curve.entries and "draft" in curve.entries:
         ell = mean_accepted(acceptance["tidar-fused"])
         entry = step_entry(curve, greedy, w)
-        steps["tidar-fused"] = (curve.ms(entry) + curve.step_overhead_ms("tidar-fused", ell + 1), ell + 1, 1,
-                                curve.ms("draft"))
+        steps["tidar-fused"] = (forward(entry) + host("tidar-fused", ell + 1), ell + 1, 1, forward("draft"))
     out = {}
     for mode, (step_ms, per_step, forwards, setup) in steps.items():
         n_steps = max(new_tokens - 1, 0) / per_step

@@ -62,6 +62,19 @@ def test_predictions_follow_the_step_arithmetic():
     assert choose(predict(curve, {"tidar": [10] + [0] * K}, 8, 33)).mode == "ar"
 
 
+def test_noise_below_decode_cannot_pick_tidar_without_acceptance():
+    """A shared CPU can time a multi-token forward (or a TiDAR loop's host work) below a one-token decode's; the
+    model counts each at least as much as decode's, so with nothing accepted AR wins however the noise fell."""
+    curve = _curve(decode=2.0, verify=0.5, draft=0.5, step=0.7)
+    curve.host.update({"ar": 3.0, "tidar": 0.2, "tidar-fused": 0.2})
+    nothing = [10] + [0] * K
+    p = predict(curve, {"tidar": nothing, "tidar-fused": nothing}, prompt_len=8, new_tokens=33)
+    assert p["tidar"].step_ms == pytest.approx(2.0 + 2.0 + 3.0) and p["tidar-fused"].step_ms == pytest.approx(5.0)
+    assert choose(p).mode == "ar"
+    everything = [0] * K + [10]  # with every draft accepted the floored costs still let TiDAR win
+    assert choose(predict(curve, {"tidar": everything}, prompt_len=8, new_tokens=33)).mode == "tidar"
+
+
 def test_prefill_extrapolates_and_ties_go_to_ar():
     curve = _curve(verify=1.0, draft=1.0)
     long = predict(curve, {}, prompt_len=16, new_tokens=2)["ar"]  # prefill 16: 4 + 8 * (2/7) ms
