@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 # tokens per forward and the speedups; then the cost curve of every entry (demo/entries.png) and a run with
 # --mode auto, the mode the cost model predicts fastest on this machine.
 demo: $(STAMP)
-	$(ZX) export $(DEMO_MODEL) -o $(DEMO_ARTIFACT) --format onnx,mlir --target cpu --block-len auto --levels auto --force
+	$(ZX) export $(DEMO_MODEL) -o $(DEMO_ARTIFACT) --format onnx,mlir --target cpu --max-batch 1 --block-len auto --levels auto --force
 	$(ZX) run $(DEMO_ARTIFACT) --prompt '$(PROMPT)' --max-new-tokens 96 --mode tidar-fused --sampler greedy
 	$(ZX) run $(DEMO_ARTIFACT) --prompt '$(PROMPT)' --max-new-tokens 96 --mode ar --backend iree
 	$(ZX) validate $(DEMO_ARTIFACT) --backend ort,iree

@@ -205,6 +205,8 @@ class IreeBackend(Backend):
         self.entries = {**artifact.entry_points, **artifact.manifest.mlir.state_entries}
         # entries with a fixed-batch-1 twin (``entries.batch1_twin``; none in modules exported before them)
         self.twins = {e for e in self.entries if vmfb.lookup_function(entries.batch1_twin(e)) is not None}
+        # entries with a function for any batch (an export with --max-batch 1 keeps only the twins of these)
+        self.any_batch = {e for e in self.entries if vmfb.lookup_function(e) is not None}
         self.target, self.device = target, device
 
     @property
@@ -240,6 +242,9 @@ class IreeBackend(Backend):
         args = [inputs[n] for n in spec.input_names]
         if entry in self.twins and inputs[Name.INPUT_IDS].shape[0] == 1:
             entry = entries.batch1_twin(entry)  # one sequence: the function traced at a fixed batch of 1
+        elif entry not in self.any_batch:
+            raise InputError(f"the IREE module has {entry!r} for one sequence only (exported with --max-batch 1), "
+                             f"called with a batch of {inputs[Name.INPUT_IDS].shape[0]}")
         try:
             outs = getattr(self.module, entry)(*[a if isinstance(a, self.rt.DeviceArray)
                                                  else np.ascontiguousarray(a) for a in args])

@@ -20,7 +20,7 @@ from typing import Any
 from zaya_export.errors import ZayaError
 from zaya_export.output_dir import ARTIFACT_FORMAT
 from zaya_export.models.commit_entry import COMMIT_SPECS
-from zaya_export.models.io_table import Name
+from zaya_export.models.io_table import MAX_BATCH, Name
 from zaya_export.models.quantization import QuantError, QuantScheme
 from zaya_export.passes.base import PassRecord
 
@@ -282,7 +282,7 @@ class PassLog:
 
 _KEYS = {"format", "schema_version", "created", "source", "dtype", "compute_dtype", "config", "weights", "formats",
          "mlir", "iree", "entry_points", "tidar", "pass_log", "op_counts", "versions", "validation",
-         "export_seconds", "files", "kernels", "quant"}
+         "export_seconds", "files", "kernels", "quant", "max_batch"}
 
 
 @dataclass(kw_only=True)
@@ -312,6 +312,8 @@ class Manifest:
     kernels: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     # weight-only quantization (models/quantization.QuantScheme as JSON); None: float weights
     quant: dict[str, Any] | None = None
+    # most sequences one call serves (``export --max-batch``); 1: the IREE module holds fixed-batch-1 functions only
+    max_batch: int = MAX_BATCH
 
     @property
     def scheme(self) -> QuantScheme | None:
@@ -338,7 +340,8 @@ class Manifest:
                 "op_counts": self.op_counts, "versions": self.versions, "validation": self.validation,
                 "export_seconds": self.export_seconds, "files": self.files,
                 **({"kernels": self.kernels} if self.kernels else {}),  # absent without kernels: the old format
-                **({"quant": self.quant} if self.quant else {})}
+                **({"quant": self.quant} if self.quant else {}),
+                **({"max_batch": self.max_batch} if self.max_batch != MAX_BATCH else {})}  # absent: the old format
 
     @classmethod
     def from_json(cls, d: Any) -> Manifest:  # noqa: ANN401
@@ -374,7 +377,14 @@ class Manifest:
             op_counts=_get(d, "op_counts", dict, w, {}),
             versions=_get(d, "versions", dict, w, {}), validation=_get(d, "validation", (dict, type(None)), w, None),
             export_seconds=float(_get(d, "export_seconds", (int, float), w, 0.0)), files=files,
-            kernels=_kernels(_get(d, "kernels", dict, w, {})), quant=_quant(_get(d, "quant", (dict, type(None)), w, None)))
+            kernels=_kernels(_get(d, "kernels", dict, w, {})), quant=_quant(_get(d, "quant", (dict, type(None)), w, None)),
+            max_batch=_max_batch(_get(d, "max_batch", int, w, MAX_BATCH)))
+
+
+def _max_batch(n: int) -> int:
+    if not 1 <= n <= MAX_BATCH:
+        raise ManifestError(f"manifest.max_batch: expected 1..{MAX_BATCH}, got {n}")
+    return n
 
 
 def _quant(d: dict | None) -> dict | None:

@@ -81,7 +81,13 @@ class Session:
 
     def new_cache(self, batch: int, capacity: int) -> "KVCache | DeviceKVCache":
         """Decode state for ``capacity`` tokens per row: on the device for IREE modules with the in-place
-        commits (unless ``state_on_device`` is off), numpy buffers otherwise."""
+        commits (unless ``state_on_device`` is off), numpy buffers otherwise. InputError past the artifact's
+        ``max_batch`` (``export --max-batch``)."""
+        limit = self.artifact.manifest.max_batch if self.artifact is not None else None
+        if limit is not None and batch > limit:
+            raise InputError(f"{batch} sequences at once, but this artifact serves at most {limit} "
+                             f"(exported with --max-batch {limit}): run them {limit} at a time, or export again "
+                             "with a larger --max-batch")
         if isinstance(self.backend, IreeBackend) and self.backend.commits_on_device and self.state_on_device:
             stateful = [e.tokens or 0 for e in self.artifact.entry_points.values() if e.stateful]
             return DeviceKVCache(self.backend, self.config, batch, capacity, slack=max(stateful, default=0))

@@ -204,6 +204,30 @@ def test_bench_modes_prints_predictions(artifact):
     assert res["auto"]["chosen"] == "ar"
 
 
+def test_bench_interleaves_every_backend_and_mode_per_repeat(artifact, monkeypatch):
+    """A drifting machine speed must land on every row alike: one warm-up round, then each repeat runs every
+    (backend, mode) once, instead of one backend's repeats back to back."""
+    import zaya_export.bench as bench
+
+    calls, real_ar, real_tidar = [], bench.generate, bench.generate_tidar
+
+    def ar(session, *args, **kwargs):
+        calls.append((session.backend.name, "ar"))
+        return real_ar(session, *args, **kwargs)
+
+    def tidar(session, *args, fused, **kwargs):
+        calls.append((session.backend.name, "tidar-fused" if fused else "tidar"))
+        return real_tidar(session, *args, fused=fused, **kwargs)
+
+    monkeypatch.setattr(bench, "generate", ar)
+    monkeypatch.setattr(bench, "generate_tidar", tidar)
+    res = bench.bench_matrix(open_artifact(artifact), ("ort", "torch"), 8, 12, repeats=2, modes=("ar", "tidar"))
+    keys = [("ort", "ar"), ("ort", "tidar"), ("torch", "ar"), ("torch", "tidar")]
+    assert calls[:12] == keys * 3
+    assert res["ort"]["backend"] == "ort" and res["torch"]["modes"]["ar"]["speedup_vs_eager_ar"] == 1.0
+    assert res["ort"]["modes"]["tidar"]["speedup_vs_ar"] > 0
+
+
 def test_host_time_per_step_leaves_the_forwards_out(artifact):
     """loop_cost: the loop's own time per step, measured in a real generation, must not grow when every forward
     takes 20 ms longer (each forward is timed where it runs and taken out); the cost model then adds it to a

@@ -100,30 +100,62 @@ def bench_artifact(artifact: Artifact, backends: tuple[str, ...] = ("ort",), pro
 def bench_modes(artifact: Artifact, backend: str = "ort", prompt_len: int = 128, new_tokens: int = 128,
                 repeats: int = 2, modes: tuple[str, ...] = ("ar", "tidar", "tidar-fused"), w: float = 1.0
                 ) -> dict[str, Any]:
-    """AR vs TiDAR (two-forward) vs TiDAR fused on one backend: tok/s, forwards, tokens per forward and the
-    speedup over AR, greedy (w = 1 lossless, or logit mixing with w < 1)."""
-    session = _session(artifact, backend)
+    """AR vs TiDAR (two-forward) vs TiDAR fused on one backend (:func:`bench_matrix` for one backend)."""
+    return bench_matrix(artifact, (backend,), prompt_len, new_tokens, repeats, modes, w)[backend]
+
+
+def bench_matrix(artifact: Artifact, backends: tuple[str, ...], prompt_len: int = 128, new_tokens: int = 128,
+                 repeats: int = 2, modes: tuple[str, ...] = ("ar", "tidar", "tidar-fused"), w: float = 1.0
+                 ) -> dict[str, Any]:
+    """Each mode on each backend in one process: tok/s, forwards, tokens per forward and the speedup over AR,
+    greedy (w = 1 lossless, or logit mixing with w < 1), with the cost model's prediction; with ``torch`` (the
+    eager model) among the backends every row also gets its speedup over eager AR.
+
+    The runs are interleaved: each repeat runs every (backend, mode) once, and each row keeps its fastest repeat.
+    A shared machine's speed drifts over seconds (this one ran the same ORT decode at 355 and at 1060 tok/s
+    minutes apart); running one backend's modes, then the next backend's, would put that drift into the
+    ratios, which interleaving spreads over every row alike."""
+    sessions = {b: _session(artifact, b) for b in backends}
     prompt = bench_prompt(artifact, prompt_len)
 
-    def once(mode: str):  # noqa: ANN202
+    def once(backend: str, mode: str):  # noqa: ANN202
         if mode == "ar":
-            return generate(session, [prompt], new_tokens)
-        return generate_tidar(session, [prompt], new_tokens, w=w, fused=mode == "tidar-fused")
+            return generate(sessions[backend], [prompt], new_tokens)
+        return generate_tidar(sessions[backend], [prompt], new_tokens, w=w, fused=mode == "tidar-fused")
 
-    rows, acceptance = {}, {}
-    for mode in modes:
-        once(mode)  # warm-up
-        best = max((once(mode) for _ in range(repeats)), key=lambda r: len(r.tokens[0]) / r.seconds)
-        rows[mode] = {"tok_per_s": round(len(best.tokens[0]) / best.seconds, 2), "forwards": best.forwards,
-                      "tokens_per_forward": round(best.tokens_per_forward, 3),
-                      "mean_accepted": round(getattr(best, "mean_accepted", 0.0), 3)}
-        if mode != "ar":
-            acceptance[mode] = best.acceptance
+    runs = {(b, m): [] for b in backends for m in modes}
+    for key in runs:
+        once(*key)  # warm-up: onnxruntime sessions, IREE executables, allocators
+    for _ in range(repeats):
+        for key in runs:
+            runs[key].append(once(*key))
+    result = {}
+    for backend in backends:
+        rows, acceptance = {}, {}
+        for mode in modes:
+            best = max(runs[backend, mode], key=lambda r: len(r.tokens[0]) / r.seconds)
+            rows[mode] = {"tok_per_s": round(len(best.tokens[0]) / best.seconds, 2), "forwards": best.forwards,
+                          "tokens_per_forward": round(best.tokens_per_forward, 3),
+                          "mean_accepted": round(getattr(best, "mean_accepted", 0.0), 3)}
+            if mode != "ar":
+                acceptance[mode] = best.acceptance
+        result[backend] = {"backend": backend, **_with_predictions(artifact, sessions[backend], rows, acceptance,
+                                                                   prompt_len, new_tokens, w)}
+    eager_ar = result.get("torch", {}).get("modes", {}).get("ar", {}).get("tok_per_s")
+    for res in result.values():
+        for row in res["modes"].values():
+            row["speedup_vs_eager_ar"] = round(row["tok_per_s"] / eager_ar, 3) if eager_ar else None
+    return result
+
+
+def _with_predictions(artifact: Artifact, session: Session, rows: dict[str, dict], acceptance: dict[str, list[int]],
+                      prompt_len: int, new_tokens: int, w: float) -> dict[str, Any]:
+    """One backend's result: its rows with the speedup over AR and the cost model's prediction from entry costs
+    measured now and the acceptance measured in the rows' runs, and the mode ``run --mode auto`` would pick
+    from the artifact's calibration."""
     base = rows.get("ar", {}).get("tok_per_s")
     for row in rows.values():
         row["speedup_vs_ar"] = round(row["tok_per_s"] / base, 3) if base else None
-    # the cost model on this run: entry costs measured now, acceptance as measured above (prediction of speed
-    # from cost), and the mode run --mode auto would pick from the artifact's calibration
     curve = measure(session, context=prompt_len, repeats=10, prefill_counts=[prompt_len],
                     entries=needed_entries(True, w))
     predicted = predict(curve, acceptance, prompt_len, new_tokens, greedy=True, w=w)
@@ -132,7 +164,7 @@ def bench_modes(artifact: Artifact, backend: str = "ort", prompt_len: int = 128,
             row["predicted_tok_per_s"] = round(predicted[mode].tok_per_s, 2)
             row["prediction_error"] = round(predicted[mode].tok_per_s / row["tok_per_s"] - 1, 3)
     auto, _, why = auto_mode(session, artifact.calibration, prompt_len, new_tokens, True, w)
-    return {"backend": backend, "prompt_len": prompt_len, "new_tokens": new_tokens, "w": w,
+    return {"prompt_len": prompt_len, "new_tokens": new_tokens, "w": w,
             "levels": list(session.levels), "block_len": session.block_len, "modes": rows,
             "auto": {"chosen": auto, "reason": why}}
 
@@ -172,17 +204,3 @@ def plot_entries(result: dict[str, Any], path: Path) -> None:
     fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     tmp.replace(path)
-
-
-def bench_matrix(artifact: Artifact, backends: tuple[str, ...], prompt_len: int = 128, new_tokens: int = 128,
-                 repeats: int = 2, modes: tuple[str, ...] = ("ar", "tidar", "tidar-fused"), w: float = 1.0
-                 ) -> dict[str, Any]:
-    """:func:`bench_modes` for each backend in one process; with ``torch`` (the eager model) among them every
-    row also gets its speedup over eager AR."""
-    result = {b: bench_modes(artifact, b, prompt_len, new_tokens, repeats, modes, w) for b in backends}
-    eager_ar = result.get("torch", {}).get("modes", {}).get("ar", {}).get("tok_per_s")
-    for res in result.values():
-        for row in res["modes"].values():
-            row["speedup_vs_eager_ar"] = round(row["tok_per_s"] / eager_ar, 3) if eager_ar else None
-    return result
-

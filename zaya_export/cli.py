@@ -16,6 +16,8 @@ import click
 
 from zaya_export.errors import InputError, ZayaError
 
+EXPORT_MAX_BATCH = 64  # models.io_table.MAX_BATCH, written out: importing it would load torch before every command
+
 
 class Finite(click.FloatRange):
     """A float option within [min, max] that is a real number: NaN and ±Inf are refused (click's own range check
@@ -384,10 +386,14 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
               help="Values per quantization group (one scale each).")
 @click.option("--quant-head", type=click.Choice(["int8", "same"]), default="int8", show_default=True,
               help="The LM head under --quant int4: kept at int8, or the same bits as the rest.")
+@click.option("--max-batch", type=click.IntRange(min=1, max=EXPORT_MAX_BATCH), default=EXPORT_MAX_BATCH,
+              show_default=True,
+              help="Most sequences the artifact serves at once; 1 compiles only fixed-batch-1 functions into the IREE "
+                   "module (the ones a single sequence runs: about half the MLIR build and IREE compile).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
 def export(checkpoint: Path, out: Path, formats: str, targets: str | None, kernels: str, dtype: str, force: bool,
            dump_after: tuple[str, ...], block_len: str | None, levels: str | None, tidar: str, calibrate: int,
-           stream: str, quant: str | None, group_size: str, quant_head: str, as_json: bool) -> None:
+           stream: str, quant: str | None, group_size: str, quant_head: str, max_batch: int, as_json: bool) -> None:
     """Export CHECKPOINT to an artifact: fused, traced entry points lowered to ONNX and/or MLIR (compiled by
     IREE), weights stored once."""
     from .output_dir import check_replaceable
@@ -402,9 +408,9 @@ def export(checkpoint: Path, out: Path, formats: str, targets: str | None, kerne
             levels=_parse_levels(levels), formats=tuple(_split(formats)),
             targets=None if targets is None else tuple(_split(targets)), tidar=tidar, calibrate=calibrate,
             stream=stream, kernels=kernels, quant=quant, group_size=int(group_size), quant_head=quant_head,
-            status=lambda msg: status.update(msg))
+            max_batch=max_batch, status=lambda msg: status.update(msg))
     summary = {"artifact": str(out), "entry_points": sorted(manifest.entry_points), "dtype": manifest.dtype,
-               "quant": manifest.quant,
+               "quant": manifest.quant, "max_batch": manifest.max_batch,
                "formats": list(manifest.formats), "iree_targets": sorted(manifest.iree),
                "kernels": {a: [k["kernel"] for k in ks] for a, ks in manifest.kernels.items()},
                "pass_log": [r.to_json() for r in manifest.pass_log.model], "seconds": manifest.export_seconds}
@@ -435,7 +441,7 @@ def inspect(artifact: Path, as_json: bool) -> None:
 
     art = open_artifact(artifact, allow_version_mismatch=True)
     info = {"artifact": str(artifact), "dtype": art.manifest.dtype, "quant": art.manifest.quant,
-            "versions": art.manifest.versions,
+            "max_batch": art.manifest.max_batch, "versions": art.manifest.versions,
             "files": {rel: art.path(rel).stat().st_size for rel in art.manifest.files}, "entry_points": {}}
     for name, entry in art.entry_points.items():
         ports = {"inputs": [p.to_json() for p in entry.inputs], "outputs": [p.to_json() for p in entry.outputs]}
@@ -463,7 +469,7 @@ def inspect(artifact: Path, as_json: bool) -> None:
         return
     scheme = art.manifest.scheme
     quant = f"  quant={scheme.name} (LM head int{scheme.head_bits})" if scheme else ""
-    click.echo(f"{artifact}  dtype={info['dtype']}{quant}  "
+    click.echo(f"{artifact}  dtype={info['dtype']}{quant}  max_batch={info['max_batch']}  "
                + " ".join(f"{k}={v}" for k, v in info["versions"].items()))
     for name, e in info["entry_points"].items():
         fused = ", ".join(f"{k}×{v}" for k, v in e["fused"].items())

@@ -52,6 +52,7 @@ from zaya_export.models.packed import packed_layout
 from zaya_export.models.quantization import QuantError, QuantScheme
 from zaya_export.models.quantized_matrix import quantized_matrices
 from zaya_export.models.safetensors_header import read_header
+from zaya_export.models.io_table import MAX_BATCH
 from zaya_export.models.entries import (AR_ENTRIES, PROBE, Entry, EntrySpec, base_entry_specs, batch1_twin,
                                         default_levels, entry_specs, example_inputs, export_entry, greedy_inputs,
                                         op_histogram)
@@ -111,6 +112,8 @@ class ExportOptions:
     group_size: int = 32
     quant_head: str = "int8"  # the LM head under int4: kept at int8, or "same"
     quant_accuracy: int = 4  # MatMulNBits accuracy_level (not a CLI flag: 0, exact fp32, is for tests)
+    # most sequences per call; 1: the MLIR module gets the fixed-batch-1 function of each fixed-length entry only
+    max_batch: int = MAX_BATCH
 
     def scheme(self) -> QuantScheme | None:
         if self.quant is None:
@@ -149,6 +152,8 @@ class ExportOptions:
                               f"(K+1)·levels tokens per forward), got {self.block_len}")
         if isinstance(self.levels, str) and self.levels != "auto":
             raise ExportError(f"--levels must be comma-separated integers or auto, got {self.levels!r}")
+        if not 1 <= self.max_batch <= MAX_BATCH:
+            raise ExportError(f"--max-batch must be in [1, {MAX_BATCH}], got {self.max_batch}")
         dumpable = [name for name, _ in PHASES] + [p.name for p in fusion_pipeline()]
         unknown = sorted(set(self.dump_after) - set(dumpable))
         if unknown:
@@ -426,7 +431,8 @@ def _mlir_programs(run: ExportRun) -> list[MlirProgram]:
     programs = []
     for name, spec in {**run.specs, PROBE.name: PROBE, **folded_specs(run.specs)}.items():
         fixed = (spec.forward if isinstance(spec, FoldedSpec) else spec).tokens is not None
-        programs.append(MlirProgram(name, entry(spec, None), static_length=fixed))
+        if not fixed or run.options.max_batch > 1:  # --max-batch 1: a fixed-length entry gets its twin only
+            programs.append(MlirProgram(name, entry(spec, None), static_length=fixed))
         if fixed:  # fixed length: IREE also gets the fixed-batch twin (rewriting it costs about twice as much)
             programs.append(MlirProgram(batch1_twin(name), entry(spec, 1), static_length=True, cost=1.8))
     for name in COMMIT_SPECS:
@@ -570,7 +576,7 @@ def _write(run: ExportRun) -> Dumps:
         tidar=tidar if run.with_tidar else None,
         pass_log=PassLog(model=run.model_log, onnx=run.onnx_logs), op_counts=run.op_counts,
         versions=tool_versions(), export_seconds=0.0,
-        quant=None if opts.quant is None else opts.scheme().to_json())
+        quant=None if opts.quant is None else opts.scheme().to_json(), max_batch=opts.max_batch)
     return {"manifest": lambda: json.dumps(run.manifest.to_json(), indent=1)}
 
 

@@ -67,6 +67,12 @@ TOLERANCES = {
 # (batch, new tokens, cached slots): T=1, empty cache, batch > 1 with padding, continuation after a cache.
 # Entries with a fixed T (decode, verify, draft) use their own T.
 SHAPES = [(1, 1, 0), (1, 13, 0), (3, 17, 0), (2, 9, 12), (3, 1, 25)]
+def entry_shapes(tokens: int | None, max_batch: int) -> list[tuple[int, int, int]]:
+    """The (batch, new tokens, cached slots) an entry is checked at: :data:`SHAPES` with a fixed-length entry's
+    own T, and batches capped at the artifact's ``max_batch`` (the cache and length cases stay)."""
+    return sorted(dict.fromkeys((min(B, max_batch), tokens or T, S) for B, T, S in SHAPES))
+
+
 MAX_FLIP_TRIES = 8  # near-tie routing decisions tried, one at a time, to explain a mismatch
 
 
@@ -232,7 +238,7 @@ def validate_artifact(artifact: Artifact, backend: str = "ort", checkpoint: Path
     for entry, info in artifact.entry_points.items():
         if info.debug or not session.has(entry):  # diagnostics (validate --bisect), or not in this format
             continue
-        shapes = SHAPES if info.tokens is None else sorted({(B, info.tokens, S) for B, _, S in SHAPES})
+        shapes = entry_shapes(info.tokens, artifact.manifest.max_batch)
         for B, T, S in shapes:
             inputs = example_feed(ref_model, B, T, S, seed=B * 7 + T + S)
             inputs.update(_accept_inputs(artifact, info, B, seed=B + T + S))
@@ -459,7 +465,7 @@ def cross_check(artifact: Artifact, backends: list[str], device: str = "auto",
             for entry, info in artifact.entry_points.items():
                 if info.debug or not (sessions[a].has(entry) and sessions[b].has(entry)):
                     continue
-                B, T, S = 2, info.tokens or 9, 12
+                B, T, S = min(2, artifact.manifest.max_batch), info.tokens or 9, 12
                 inputs = example_feed(model, B, T, S, seed=T + S)
                 inputs.update(_accept_inputs(artifact, info, B, seed=T + S))
                 x, y = sessions[a].run(entry, inputs), sessions[b].run(entry, inputs)
