@@ -32,7 +32,7 @@ demo: $(STAMP)
 	$(ZX) run $(DEMO_ARTIFACT) --prompt '$(PROMPT)' --max-new-tokens 96 --mode tidar-fused --sampler greedy
 	$(ZX) run $(DEMO_ARTIFACT) --prompt '$(PROMPT)' --max-new-tokens 96 --mode ar --backend iree
 	$(ZX) validate $(DEMO_ARTIFACT) --backend ort,iree
-	$(ZX) bench $(DEMO_ARTIFACT) --backend torch,ort,iree --modes ar,tidar,tidar-fused --prompt-len 64 --new-tokens 128 --repeats 1
+	$(ZX) bench $(DEMO_ARTIFACT) --backend torch,ort,iree --modes ar,tidar,tidar-fused --prompt-len 64 --new-tokens 128 --repeats 2
 	$(ZX) bench $(DEMO_ARTIFACT) --backend ort,iree --entries --prompt-len 64 --plot demo/entries.png
 	$(ZX) run $(DEMO_ARTIFACT) --prompt '$(PROMPT)' --max-new-tokens 96 --sampler greedy
 
