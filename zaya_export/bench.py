@@ -97,13 +97,6 @@ def bench_artifact(artifact: Artifact, backends: tuple[str, ...] = ("ort",), pro
             "roofline": roofline(artifact, prompt_len + new_tokens // 2, best)}
 
 
-def bench_modes(artifact: Artifact, backend: str = "ort", prompt_len: int = 128, new_tokens: int = 128,
-                repeats: int = 2, modes: tuple[str, ...] = ("ar", "tidar", "tidar-fused"), w: float = 1.0
-                ) -> dict[str, Any]:
-    """AR vs TiDAR (two-forward) vs TiDAR fused on one backend (:func:`bench_matrix` for one backend)."""
-    return bench_matrix(artifact, (backend,), prompt_len, new_tokens, repeats, modes, w)[backend]
-
-
 def bench_matrix(artifact: Artifact, backends: tuple[str, ...], prompt_len: int = 128, new_tokens: int = 128,
                  repeats: int = 2, modes: tuple[str, ...] = ("ar", "tidar", "tidar-fused"), w: float = 1.0
                  ) -> dict[str, Any]:
