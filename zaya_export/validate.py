@@ -67,13 +67,13 @@ TOLERANCES = {
 # (batch, new tokens, cached slots): T=1, empty cache, batch > 1 with padding, continuation after a cache.
 # Entries with a fixed T (decode, verify, draft) use their own T.
 SHAPES = [(1, 1, 0), (1, 13, 0), (3, 17, 0), (2, 9, 12), (3, 1, 25)]
+MAX_FLIP_TRIES = 8  # near-tie routing decisions tried, one at a time, to explain a mismatch
+
+
 def entry_shapes(tokens: int | None, max_batch: int) -> list[tuple[int, int, int]]:
     """The (batch, new tokens, cached slots) an entry is checked at: :data:`SHAPES` with a fixed-length entry's
     own T, and batches capped at the artifact's ``max_batch`` (the cache and length cases stay)."""
     return sorted(dict.fromkeys((min(B, max_batch), tokens or T, S) for B, T, S in SHAPES))
-
-
-MAX_FLIP_TRIES = 8  # near-tie routing decisions tried, one at a time, to explain a mismatch
 
 
 def logit_metrics(test: np.ndarray, ref: np.ndarray, tol: Tolerance | None = None) -> dict[str, float]:
