@@ -78,8 +78,9 @@ def test_teacher_must_share_the_students_config(tmp_path):
 
 
 def test_train_demo_options_reach_the_distill_settings(tmp_path, monkeypatch):
-    """``--teacher``, ``--kl-weight`` and ``--real-rows`` set the pass's recipe (the batch keeps its 16 rows:
-    what real windows take, the distilled rows give up); an out-of-range row count is a usage error."""
+    """``--teacher``, ``--kl-weight``, ``--real-rows``, ``--gamma``, ``--grow-layers`` and ``--threads`` set the
+    pass's recipe (the batch keeps its 16 rows: what real windows take, the distilled rows give up); an
+    out-of-range row count or γ is a usage error."""
     from click.testing import CliRunner
 
     import zaya_export.demo_card as demo_card
@@ -93,12 +94,49 @@ def test_train_demo_options_reach_the_distill_settings(tmp_path, monkeypatch):
     (tmp_path / "train_log.json").write_text("{}")
     (tmp_path / "teacher").mkdir()
     args = ["train-demo", str(tmp_path), "--stage", "distill", "--distill-rounds", "1",
-            "--teacher", str(tmp_path / "teacher"), "--kl-weight", "1.5", "--real-rows", "8"]
+            "--teacher", str(tmp_path / "teacher"), "--kl-weight", "1.5", "--real-rows", "8", "--gamma", "0.9",
+            "--grow-layers", "2", "--threads", "2"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     default = DistillSettings()
     (settings,) = seen
     assert (settings.rounds, settings.teacher, settings.kl_weight) == (1, str((tmp_path / "teacher").resolve()), 1.5)
     assert (settings.real_rows, settings.distilled_rows) == (8, default.real_rows + default.distilled_rows - 8)
+    assert (settings.gamma, settings.grow_layers, settings.threads) == (0.9, 2, 2)
     bad = CliRunner().invoke(main, ["train-demo", str(tmp_path), "--stage", "distill", "--real-rows", "16"])
     assert bad.exit_code == 2 and "--real-rows" in bad.output
+    bad = CliRunner().invoke(main, ["train-demo", str(tmp_path), "--stage", "distill", "--gamma", "1.5"])
+    assert bad.exit_code == 2 and "--gamma" in bad.output
+
+
+def test_a_growing_pass_distills_a_deeper_model_and_records_how(tmp_path):
+    """``--grow-layers``: the pass appends silent layers to the model it starts from (the first round only; a
+    resumed pass loads the grown round), the checkpoint gets the deeper config, the shallower stage-1 copy stays
+    the teacher, and the card's command replays it."""
+    import json
+
+    from zaya_export.demo_card import _pass_commands
+    from zaya_export.models.checkpoint import load_checkpoint
+    from zaya_export.self_distill import distill_checkpoint, settings_dict
+    from zaya_export.train_demo import TrainSettings, train
+
+    model_cfg = dict(TrainSettings().model, hidden_size=64, head_dim=16, moe_intermediate_size=64,
+                     router_hidden_size=16, num_hidden_layers=2, layer_types=["hybrid", "hybrid_sliding"])
+    out = tmp_path / "demo"
+    train(out, TrainSettings(steps=2, batch=2, seq_len=32, vocab_size=512, eval_every=2, model=model_cfg),
+          log=lambda msg: None)
+    settings = DistillSettings(rounds=1, steps_per_round=2, sequences_per_round=4, gen_batch=4, seq_len=32,
+                               prompt_len=16, sampled_lens=(0,), distilled_rows=2, real_rows=1, eval_prompts=1,
+                               eval_tokens=4, grow_layers=1, threads=2)
+    lines: list[str] = []
+    record = distill_checkpoint(out, settings, log=lines.append)
+    assert any("grown to 3 layers" in line for line in lines)
+    model = load_checkpoint(out, dtype="fp32")
+    assert model.config.num_hidden_layers == 3 and model.config.layer_types[-1] == "hybrid"
+    assert load_checkpoint(out / "distill" / "stage1").config.num_hidden_layers == 2
+    assert load_checkpoint(out / "distill" / "round-0").config.num_hidden_layers == 3
+    assert record["settings"] == settings_dict(settings) and len(record["rounds"]) == 1
+    assert json.loads((out / "train_log.json").read_text())["distill"] == record
+    commands = _pass_commands([record])
+    assert commands == ("zaya-export train-demo models/zaya1-demo --stage distill --distill-rounds 1 "
+                        "--real-rows 1 --grow-layers 1 --threads 2   # pass 1")

@@ -88,6 +88,7 @@ def test_model_card_shows_both_stages_and_the_histograms(tmp_path):
 
     demo = Path(__file__).resolve().parent.parent / "models" / "zaya1-demo"
     shutil.copy(demo / "train_log.json", tmp_path / "train_log.json")
+    shutil.copy(demo / "config.json", tmp_path / "config.json")
     log = json.loads((tmp_path / "train_log.json").read_text())
     log.pop("distill", None)
     log.pop("distill_passes", None)

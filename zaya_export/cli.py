@@ -129,12 +129,21 @@ def init(preset_name: str, seed: int, dtype: str, force: bool, as_json: bool, ou
                    "pass starts from.")
 @click.option("--kl-weight", type=Finite(min=0), default=None,
               help="Stage 2: weight of the AR rows' KL to the teacher (default: the recipe's).")
+@click.option("--gamma", type=Finite(min=0, max=1), default=None,
+              help="Stage 2: weight γ^k of draft position k in the draft loss (default: the recipe's).")
 @click.option("--real-rows", type=click.IntRange(min=0, max=15), default=None,
               help="Stage 2: rows of each 16-row batch trained on real corpus windows with the stage-1 loss (the "
                    "rest are distilled; default: the recipe's).")
+@click.option("--grow-layers", type=click.IntRange(min=1, max=64), default=None,
+              help="Stage 2: first append this many layers to the model the pass starts from (silent at first, so it "
+                   "computes what it did; grow_demo.py).")
+@click.option("--threads", type=click.IntRange(min=1, max=256), default=None,
+              help="Stage 2: torch threads (default: the recipe's); changes only the speed and the floating-point "
+                   "summation order.")
 def train_demo(out: Path, steps: int, seed: int, max_minutes: float, stop_after: int, stage: str,
                distill_rounds: int | None, teacher: Path | None, kl_weight: float | None,
-               real_rows: int | None) -> None:
+               real_rows: int | None, gamma: float | None, grow_layers: int | None,
+               threads: int | None) -> None:
     """Train the demo checkpoint (small ZAYA1, stdlib source, CPU) into OUT: stage 1 from scratch with the TiDAR
     objective, stage 2 self-distills its drafter on its own generations; then measure it on held-out files and
     code from outside the corpus, and write its model card."""
@@ -157,6 +166,12 @@ def train_demo(out: Path, steps: int, seed: int, max_minutes: float, stop_after:
                 settings = dataclasses.replace(settings, teacher=str(teacher.resolve()))
             if kl_weight is not None:
                 settings = dataclasses.replace(settings, kl_weight=kl_weight)
+            if threads is not None:
+                settings = dataclasses.replace(settings, threads=threads)
+            if gamma is not None:
+                settings = dataclasses.replace(settings, gamma=gamma)
+            if grow_layers:
+                settings = dataclasses.replace(settings, grow_layers=grow_layers)
             if real_rows is not None:
                 batch = settings.real_rows + settings.distilled_rows
                 settings = dataclasses.replace(settings, real_rows=real_rows, distilled_rows=batch - real_rows)

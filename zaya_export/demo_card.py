@@ -95,6 +95,7 @@ def measure(checkpoint: Path, new_tokens: int = 96, count: int = 8) -> dict[str,
     sample = generate_greedy(model, [prompts[0]], new_tokens, stop).tokens[0]
     same = same + same_foreign
     return {"prompts": len(prompts), "new_tokens": new_tokens, "modes": rows,
+            "params": sum(p.numel() for p in model.parameters()),
             "heldout_ar_ppl": round(_heldout_ppl(model, tokenizer), 2),
             "foreign": {name: {k: row[k] for k in ("tokens_per_forward", "mean_accepted", "acceptance")}
                         for name, row in foreign.items()},
@@ -211,6 +212,27 @@ From the pass-2 model: teacher stage 1 with 4 real rows 1.79 / 2.04, 22.9; with 
 more round: with 12 real rows 1.56 / 1.85, 21.6 (AR nearly back to stage 1, drafts given up); with 8 again 1.81
 / 2.00, 22.4 (24.4 on the 8; in-domain it gained, 1.57 → 1.62 / 1.90 → 1.99: the 5 foreign prompts carry about
 ±0.1 of noise), so the shipped weights stop after one round.
+
+Tried after the shipped pass (each from the shipped weights, teacher stage 1, 8 real rows; foreign tidar /
+tidar-fused tokens per forward and AR perplexity on the 4 batches), none kept:
+
+* Depth (`--grow-layers 4`: 4 → 8 layers, 9.54M parameters, appended layers start silent so the grown model
+  is exactly the shipped one): rounds 0 and 1 gave 1.77 / 1.95 (22.4) and 1.81 / 2.09 (22.1). 400 steps of the
+  stage-1 objective on the grown model first brought the AR perplexity on stage 1's 8 batches from 24.3 to
+  21.9, but the drafts fell to 1.44 / 1.75 before any distillation.
+* Flatter position weights, `--gamma 1` and `--gamma 0.95` (two rounds each): 1.77 / 2.13 then 1.64 / 2.01;
+  1.71 / 1.99 then 1.68 / 2.08; the AR perplexity went down to 21.8–21.9.
+
+Where the drafts fail: the model's greedy output on foreign code falls into short loops
+(`.html.html…`, `'aligned',` line after line), and in a loop the drafter gets the first 5–8 positions right and
+then repeats the block's most likely token (`html html html…`) instead of continuing the cycle, so steps accept
+5–8 drafts where all 16 were predictable. The gamma runs did not change that.
+
+Packing of the fused step (same weights, K = 16; no retraining): all 17 levels (0..16, a 306-token step)
+instead of (0, 6, 16): 2.29 → 2.74 tokens per forward. Filling slot 0 of each proposal with the drafter's
+second choice for the token after its level (what a′ is when that draft is rejected) instead of a mask: worse
+alone (a wrong guess, about half the time, spoils the whole proposal: 1.91); beside the mask proposals (a
+578-token step) 3.14; with the true a′ there (an oracle bound) 3.64, the two-forward mode's acceptance.
 """
 
 
@@ -235,6 +257,12 @@ def _pass_commands(passes: list[dict]) -> str:
             options.append(f"--kl-weight {st['kl_weight']:g}")
         if st["real_rows"] != default.real_rows:
             options.append(f"--real-rows {st['real_rows']}")
+        if st["gamma"] != default.gamma:
+            options.append(f"--gamma {st['gamma']:g}")
+        if st.get("grow_layers"):
+            options.append(f"--grow-layers {st['grow_layers']}")
+        if st.get("threads", default.threads) != default.threads:
+            options.append(f"--threads {st['threads']}")
         lines.append(f"{base} {' '.join(options)}   # pass {n + 1}")
     return "\n".join(lines)
 
@@ -267,12 +295,15 @@ def write_card(checkpoint: Path, figures: dict[str, Any]) -> Path:
     foreign = "\n".join(f"| {name} | {row['tokens_per_forward']} | {row['mean_accepted']} |"
                         for name, row in figures.get("foreign", {}).items())
     plot_acceptance(figures, checkpoint / "acceptance.png")
+    # these weights' shape, which a stage-2 pass with --grow-layers makes deeper than stage 1's settings
+    params = figures.get("params", log["params"])
+    layer_types = json.loads((checkpoint / "config.json").read_text())["layer_types"]
     card = f"""# zaya1-demo: a small ZAYA1 trained with the TiDAR objective
 
 The checkpoint every `zaya-export` demo runs on. Same architecture code as ZAYA1-8B (CCA attention with
 the two-stage conv and delayed values, top-1 MoE with a skip class, router EDA, residual scaling), scaled down:
-{log['params'] / 1e6:.2f}M parameters, {settings['model']['num_hidden_layers']} layers
-({', '.join(settings['model']['layer_types'])}), hidden {settings['model']['hidden_size']},
+{params / 1e6:.2f}M parameters, {len(layer_types)} layers
+({', '.join(layer_types)}), hidden {settings['model']['hidden_size']},
 {settings['model']['num_experts']} experts, vocabulary {settings['vocab_size']} (byte-level BPE), K =
 {settings['model']['diffusion_block_len']}, mask token {settings['model']['mask_token_id']}. Weights are fp16.
 
@@ -326,7 +357,7 @@ The two modes draft differently: `tidar` drafts after the step's token a' is kno
 `[a', MASK×16]`), `tidar-fused` drafts in the same forward as the verification, before a' is known (proposal
 segments of masks), so it accepts fewer drafts but needs one forward per step instead of two.
 
-What limits acceptance: a {log['params'] / 1e6:.0f}M model trained for under an hour predicts the 2nd..16th
+What limits acceptance: a {params / 1e6:.0f}M model trained for under an hour predicts the 2nd..16th
 token of a block far worse than the next one (compare the AR and diffusion losses), so drafts past the
 first few are rarely right; larger models trained longer (the TiDAR paper: ~7–8 tokens per forward at
 1.5B/8B) draft much further.

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from zaya_export.models import ZayaForCausalLM, decode, prefill
 from zaya_export.models.packed import PackedLayout, training_layout
 
-from .train_demo import adamw, tidar_loss, training_logits, windows
+from .train_demo import adamw, tidar_loss, training_logits, warm_cosine, windows
 
 
 @dataclass
@@ -59,6 +59,8 @@ class DistillSettings:
     eval_prompts: int = 5  # foreign-code prompts measured after every round
     eval_tokens: int = 64
     teacher: str | None = None  # checkpoint the AR rows are held to (None: the model the pass starts from)
+    grow_layers: int = 0  # append this many layers to the starting model first (``grow_demo.grown``: same outputs)
+    grow_seed: int = 1  # the appended layers' random weights (silent until their output scales move off zero)
 
 
 @torch.no_grad()
@@ -151,8 +153,7 @@ def distill(model: ZayaForCausalLM, teacher: ZayaForCausalLM, train_ids: np.ndar
         model.train()
         parts_log: list[dict] = []
         for step in range(settings.steps_per_round):
-            frac = step / max(1, settings.steps_per_round - 1)
-            lr = settings.lr * min(1.0, (step + 1) / settings.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+            lr = warm_cosine(step, settings.steps_per_round, settings.lr, settings.warmup)
             for group in opt.param_groups:
                 group["lr"] = lr
             pick = torch.from_numpy(gen.integers(0, len(x_all), size=settings.distilled_rows))
@@ -259,11 +260,19 @@ def distill_checkpoint(checkpoint: Path, settings: DistillSettings, log: Callabl
 
     start = len(record["rounds"])
     model = load_checkpoint(work / f"round-{start - 1}" if start else stage1, dtype="fp32")
+    if settings.grow_layers and not start:  # a resumed pass loads an already grown round
+        from .grow_demo import grown
+
+        model = grown(model, settings.grow_layers, settings.grow_seed)
+        log(f"grown to {model.config.num_hidden_layers} layers "
+            f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)")
     distill(model, teacher, train_ids, settings, evaluate, end_round, log, start)
-    last = work / f"round-{settings.rounds - 1}" / "model.safetensors"
-    tmp = checkpoint / "model.safetensors.tmp"
-    shutil.copyfile(last, tmp)
-    os.replace(tmp, checkpoint / "model.safetensors")
+    last = work / f"round-{settings.rounds - 1}"
+    names = ["model.safetensors"] + (["config.json", "generation_config.json"] if settings.grow_layers else [])
+    for name in names:  # a grown model brings its config (more layers)
+        tmp = checkpoint / f"{name}.tmp"
+        shutil.copyfile(last / name, tmp)
+        os.replace(tmp, checkpoint / name)
     train_log = json.loads((checkpoint / "train_log.json").read_text())
     if "distill" in train_log:  # a further pass on an already distilled checkpoint: keep the earlier record
         train_log.setdefault("distill_passes", []).append(train_log["distill"])
@@ -275,14 +284,16 @@ def distill_checkpoint(checkpoint: Path, settings: DistillSettings, log: Callabl
 def load_teacher(path: Path, start: Path) -> ZayaForCausalLM:
     """The frozen model the AR rows are held to: by default the model a pass starts from; a further pass may
     name an earlier one (e.g. the stage-1 model), so AR drift does not compound pass after pass. It must have
-    the starting model's config (same tokenizer, same shapes)."""
+    the starting model's config (same tokenizer, same shapes) up to its depth: a pass that grows the student
+    may hold it to a shallower teacher."""
     from zaya_export.models.checkpoint import load_checkpoint
 
     teacher = load_checkpoint(path, dtype="fp32")
     if path != start:
         ours = json.loads((start / "config.json").read_text())
         theirs = json.loads((path / "config.json").read_text())
-        differ = sorted(k for k in set(ours) | set(theirs) if k != "dtype" and ours.get(k) != theirs.get(k))
+        free = {"dtype", "num_hidden_layers", "layer_types"}
+        differ = sorted(k for k in set(ours) | set(theirs) if k not in free and ours.get(k) != theirs.get(k))
         if differ:
             raise ValueError(f"teacher {path}: its config differs from the model being distilled in "
                              f"{', '.join(differ)}")
