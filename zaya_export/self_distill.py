@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from zaya_export.models import ZayaForCausalLM, decode, prefill
 from zaya_export.models.packed import PackedLayout, training_layout
 
-from .train_demo import adamw, tidar_loss, training_logits, warm_cosine, windows
+from .train_demo import adamw, tidar_loss, training_logits, windows
 
 
 @dataclass
@@ -153,7 +153,8 @@ def distill(model: ZayaForCausalLM, teacher: ZayaForCausalLM, train_ids: np.ndar
         model.train()
         parts_log: list[dict] = []
         for step in range(settings.steps_per_round):
-            lr = warm_cosine(step, settings.steps_per_round, settings.lr, settings.warmup)
+            frac = step / max(1, settings.steps_per_round - 1)
+            lr = settings.lr * min(1.0, (step + 1) / settings.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
             for group in opt.param_groups:
                 group["lr"] = lr
             pick = torch.from_numpy(gen.integers(0, len(x_all), size=settings.distilled_rows))

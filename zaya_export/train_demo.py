@@ -82,13 +82,6 @@ def adamw(model: ZayaForCausalLM, lr: float, weight_decay: float) -> torch.optim
                              lr=lr, betas=(0.9, 0.95))
 
 
-def warm_cosine(step: int, steps: int, lr: float, warmup: int) -> float:
-    """Learning rate of a short fine-tuning schedule (stage 2's rounds, the grow stage): linear warm-up over
-    ``warmup`` steps times a cosine from ``lr`` to 10% of it across all ``steps``."""
-    frac = step / max(1, steps - 1)
-    return lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
-
-
 def windows(stream: np.ndarray, n: int, count: int, gen: np.random.Generator) -> torch.Tensor:
     """``count`` random windows of n+1 tokens from ``stream`` → [count, n+1] int64."""
     starts = gen.integers(0, len(stream) - n - 1, size=count)
