@@ -28,6 +28,7 @@ import numpy as np
 from zaya_export.models.io_table import Name
 
 from .generate import GenerationResult, _Stopper, left_pad
+from .lookup import with_lookup
 from .sampling import Sampler, SamplerConfig, sample, warp
 from .session import Session
 
@@ -101,11 +102,16 @@ def _select_proposals(logits: np.ndarray, ell: np.ndarray, levels: tuple[int, ..
 
 def generate_tidar(session: Session, prompts: list[list[int]], max_new_tokens: int,
                    stop_ids: list[int] | None = None, sampler: SamplerConfig = SamplerConfig(),
-                   w: float = 1.0, fused: bool = False) -> TidarResult:
+                   w: float = 1.0, fused: bool = False, lookup: bool = True) -> TidarResult:
     """TiDAR decoding with ``session``'s entries: two forwards per step (``verify`` + ``draft``), or with
-    ``fused`` one packed ``step`` forward that verifies and proposes drafts for every acceptance level."""
+    ``fused`` one packed ``step`` forward that verifies and proposes drafts for every acceptance level.
+
+    ``lookup`` (lossless samplers only, w = 1): where the context holds an earlier occurrence of its last
+    tokens, the drafts are what followed it (:mod:`.lookup`); the output is the same, only acceptance changes.
+    Mixing (w < 1) blends each target with the drafter's own logits, so it keeps the drafter's drafts."""
     if not 0.0 <= w <= 1.0:
         raise ValueError(f"the mixing weight w must be in [0, 1], got {w}")
+    lookup = lookup and w == 1.0
     start = time.perf_counter()
     K, mask_id = session.block_len, session.config.mask_token_id
     levels = session.levels
@@ -127,6 +133,13 @@ def generate_tidar(session: Session, prompts: list[list[int]], max_new_tokens: i
     drafts, zeta = _draft(session, cache, anchor, K, mask_id)
     valid = np.ones(drafts.shape, bool)
     forwards += 1
+    # per row: prompt, then what it emitted (a buffer, so a lookup does not convert a list every step)
+    history = np.zeros((len(prompts), max(map(len, prompts)) + max_new_tokens), np.int64)
+    filled = np.zeros(len(prompts), np.int64)
+    for b, row in enumerate([*p, *out] for p, out in zip(prompts, stopper.out)):
+        history[b, : len(row)], filled[b] = row, len(row)
+    if lookup:
+        drafts, valid = with_lookup(drafts, valid, [history[b, : filled[b]] for b in range(len(prompts))])
     # Fused steps run acceptance, commit and draft selection inside the graph: greedy lossless in
     # `step_greedy`; sampling (lossless or mixed) in `step_sample`, fed the same uniforms `accept` would draw.
     in_graph = fused and ((sampler.greedy and w == 1.0 and session.has("step_greedy"))
@@ -159,6 +172,7 @@ def generate_tidar(session: Session, prompts: list[list[int]], max_new_tokens: i
                 if not stopper.active[b] or len(stopper.out[b]) >= max_new_tokens:
                     break
                 stopper.emit_row(b, token)
+                history[b, filled[b]], filled[b] = token, filled[b] + 1
         stopper.active &= np.array([len(t) < max_new_tokens for t in stopper.out])
         live = bool(stopper.active.any())
         if live and in_graph:
@@ -169,5 +183,8 @@ def generate_tidar(session: Session, prompts: list[list[int]], max_new_tokens: i
         elif live:
             drafts, zeta = _draft(session, cache, anchor, K, mask_id)
             forwards += 1
+        if live and lookup:
+            drafts, valid = with_lookup(drafts, valid, [history[b, : filled[b]] for b in range(len(prompts))],
+                                        np.flatnonzero(stopper.active))
     return TidarResult(stopper.out, forwards, time.perf_counter() - start, first, steps=steps, acceptance=hist,
                        lengths=lengths)

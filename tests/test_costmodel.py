@@ -143,9 +143,11 @@ def test_auto_follows_the_calibration(artifact):
     mode, predicted, why = auto_mode(session, art.calibration, 8, 64, greedy=True)
     assert why == "cost model" and set(predicted) == {"ar", "tidar", "tidar-fused"}
     assert mode == choose(predicted).mode
-    # a random model's drafts are almost never accepted: where a multi-token forward costs 1.5 decodes and
-    # more, as on any real model, TiDAR cannot pay
-    assert auto_mode(session, art.calibration, 8, 64, greedy=True, curve=_curve())[0] == "ar"
+    # drafts almost never accepted (a random model's drafter alone): where a multi-token forward costs 1.5
+    # decodes and more, as on any real model, TiDAR cannot pay
+    nothing = Calibration({"tidar": [50] + [1] + [0] * (K - 1), "tidar-fused": [50] + [1] + [0] * (K - 1)}, 4, 64,
+                          "test")
+    assert auto_mode(session, nothing, 8, 64, greedy=True, curve=_curve())[0] == "ar"
     # drafts always accepted, on a machine where a (K+1)-token forward costs 1.5 decodes: TiDAR pays. (The
     # measured curve is not used here: on a loaded machine one timing spike can flip any decision.)
     perfect = Calibration({"tidar": [0] * K + [10], "tidar-fused": [0] * K + [10]}, 1, 64, "test")
@@ -201,7 +203,13 @@ def test_bench_modes_prints_predictions(artifact):
     res = json.loads(result.output)["ort"]
     for mode, row in res["modes"].items():
         assert row["predicted_tok_per_s"] > 0 and np.isfinite(row["prediction_error"])
-    assert res["auto"]["chosen"] == "ar"
+    assert res["auto"]["reason"] == "cost model" and res["auto"]["chosen"] in res["modes"]
+    # this random model's greedy output repeats itself at once: lookup drafts are accepted, its drafter's are not
+    assert res["lookup"] and res["modes"]["tidar"]["mean_accepted"] >= 2
+    result = CliRunner().invoke(main, ["bench", str(artifact), "--modes", "tidar", "--prompt-len", "8",
+                                       "--new-tokens", "16", "--repeats", "1", "--no-lookup", "--json"])
+    res = json.loads(result.output)["ort"]
+    assert not res["lookup"] and res["modes"]["tidar"]["mean_accepted"] < 1
 
 
 def test_bench_interleaves_every_backend_and_mode_per_repeat(artifact, monkeypatch):

@@ -98,11 +98,12 @@ def bench_artifact(artifact: Artifact, backends: tuple[str, ...] = ("ort",), pro
 
 
 def bench_matrix(artifact: Artifact, backends: tuple[str, ...], prompt_len: int = 128, new_tokens: int = 128,
-                 repeats: int = 2, modes: tuple[str, ...] = ("ar", "tidar", "tidar-fused"), w: float = 1.0
-                 ) -> dict[str, Any]:
+                 repeats: int = 2, modes: tuple[str, ...] = ("ar", "tidar", "tidar-fused"), w: float = 1.0,
+                 lookup: bool = True) -> dict[str, Any]:
     """Each mode on each backend in one process: tok/s, forwards, tokens per forward and the speedup over AR,
     greedy (w = 1 lossless, or logit mixing with w < 1), with the cost model's prediction; with ``torch`` (the
-    eager model) among the backends every row also gets its speedup over eager AR.
+    eager model) among the backends every row also gets its speedup over eager AR. ``lookup``: TiDAR drafts
+    with context-lookup continuations (``runtime.lookup``, what ``run`` does) or the drafter's alone.
 
     The runs are interleaved: each repeat runs every (backend, mode) once, and each row keeps its fastest repeat.
     A shared machine's speed drifts over seconds (this one ran the same ORT decode at 355 and at 1060 tok/s
@@ -114,7 +115,8 @@ def bench_matrix(artifact: Artifact, backends: tuple[str, ...], prompt_len: int 
     def once(backend: str, mode: str):  # noqa: ANN202
         if mode == "ar":
             return generate(sessions[backend], [prompt], new_tokens)
-        return generate_tidar(sessions[backend], [prompt], new_tokens, w=w, fused=mode == "tidar-fused")
+        return generate_tidar(sessions[backend], [prompt], new_tokens, w=w, fused=mode == "tidar-fused",
+                              lookup=lookup)
 
     runs = {(b, m): [] for b in backends for m in modes}
     for key in runs:
@@ -132,7 +134,7 @@ def bench_matrix(artifact: Artifact, backends: tuple[str, ...], prompt_len: int 
                           "mean_accepted": round(getattr(best, "mean_accepted", 0.0), 3)}
             if mode != "ar":
                 acceptance[mode] = best.acceptance
-        result[backend] = {"backend": backend, **_with_predictions(artifact, sessions[backend], rows, acceptance,
+        result[backend] = {"backend": backend, "lookup": lookup and w == 1.0, **_with_predictions(artifact, sessions[backend], rows, acceptance,
                                                                    prompt_len, new_tokens, w)}
     eager_ar = result.get("torch", {}).get("modes", {}).get("ar", {}).get("tok_per_s")
     for res in result.values():

@@ -40,10 +40,12 @@ MODES = {"tidar": False, "tidar-fused": True}  # TiDAR mode → whether it draft
 
 
 def measure_acceptance(model: ZayaForCausalLM, tokenizer, block_len: int, levels: tuple[int, ...],  # noqa: ANN001
-                       prompts: int = 4, new_tokens: int = 64, modes: tuple[str, ...] = tuple(MODES)
-                       ) -> Calibration:
+                       prompts: int = 4, new_tokens: int = 64, modes: tuple[str, ...] = tuple(MODES),
+                       lookup: bool = True) -> Calibration:
     """Greedy histograms ``hist[ℓ]`` over ``prompts`` generations of ``new_tokens`` for each TiDAR mode of
-    ``modes`` (only the fused mode depends on ``levels``)."""
+    ``modes`` (only the fused mode depends on ``levels``), with the drafts ``run`` makes by default (the
+    drafter's, replaced by context-lookup continuations where the context repeats itself, unless ``lookup``
+    is off)."""
     session = Session.from_model(model, block_len, levels)
     ids, source = calibration_prompts(tokenizer, model.config.vocab_size, prompts)
     acceptance = {}
@@ -51,9 +53,10 @@ def measure_acceptance(model: ZayaForCausalLM, tokenizer, block_len: int, levels
         fused = MODES[mode]
         hist = np.zeros(block_len + 1, np.int64)
         for p in ids:
-            hist += np.asarray(generate_tidar(session, [p], new_tokens, None, SamplerConfig(), fused=fused).acceptance)
+            hist += np.asarray(generate_tidar(session, [p], new_tokens, None, SamplerConfig(), fused=fused,
+                                              lookup=lookup).acceptance)
         acceptance[mode] = [int(n) for n in hist]
-    return Calibration(acceptance, len(ids), new_tokens, source)
+    return Calibration(acceptance, len(ids), new_tokens, source, lookup)
 
 
 def levels_from_histogram(hist: list[int], count: int, default: tuple[int, ...]) -> tuple[int, ...]:

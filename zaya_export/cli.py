@@ -242,6 +242,9 @@ def _parse_ints(text: str, refusal: str) -> list[int]:
               "at temperature 0), mix (logit mixing with --w, lossy below 1).")
 @click.option("--w", "mix_w", type=Finite(0, 1), default=0.5, show_default=True,
               help="Weight of the AR logits under --sampler mix (1 = lossless).")
+@click.option("--lookup/--no-lookup", default=True, show_default=True,
+              help="TiDAR drafts: where the context repeats its last tokens, propose what followed them before "
+              "instead of the drafter's tokens (lossless: only acceptance changes; off under --sampler mix).")
 @click.option("--temperature", type=Finite(min=0), default=0.0, show_default=True,
               help="0 = greedy.")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, help="Keep the k most likely tokens (0 = all).")
@@ -253,13 +256,16 @@ def _parse_ints(text: str, refusal: str) -> list[int]:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens: int, device: str,
         backend: str | None,
-        mode: str, sampler_name: str, mix_w: float, temperature: float, top_k: int, top_p: float, seed: int,
-        dtype: str | None, allow_version_mismatch: bool, as_json: bool) -> None:
+        mode: str, sampler_name: str, mix_w: float, lookup: bool, temperature: float, top_k: int, top_p: float,
+        seed: int, dtype: str | None, allow_version_mismatch: bool, as_json: bool) -> None:
     """Generate from SOURCE, an exported artifact or a checkpoint directory."""
     if (prompt is None) == (prompt_ids is None):
         raise InputError("give exactly one of --prompt or --prompt-ids")
     if mode == "ar" and sampler_name == "mix":
         raise InputError("--sampler mix needs --mode tidar")
+    if mode == "auto" and not lookup:
+        raise InputError("--no-lookup needs an explicit --mode: --mode auto predicts from the artifact's "
+                         "calibration, measured with lookup drafts")
     parsed_ids = _parse_ids(prompt_ids) if prompt_ids is not None else None
     if parsed_ids is not None and (not parsed_ids or min(parsed_ids) < 0):
         raise InputError("the prompt is empty" if not parsed_ids
@@ -334,7 +340,7 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
                                     tidar=(session.block_len, session.levels) if mode == "tidar-fused" else None)
     elif mode != "ar":
         result = generate_tidar(session, [ids], max_new_tokens, config.eos_token_ids, sampler, w,
-                                fused=mode == "tidar-fused")
+                                fused=mode == "tidar-fused", lookup=lookup)
     else:
         result = generate(session, [ids], max_new_tokens, config.eos_token_ids, sampler)
     tokens = result.tokens[0]
@@ -349,7 +355,7 @@ def run(source: Path, prompt: str | None, prompt_ids: str | None, max_new_tokens
         report["auto"] = auto
     if mode != "ar":
         report.update(steps=result.steps, acceptance=result.acceptance, mean_accepted=round(result.mean_accepted, 3),
-                      sampler=sampler_name, w=w)
+                      sampler=sampler_name, w=w, lookup=lookup and w == 1.0)
     if as_json:
         click.echo(json.dumps(report))
         return
@@ -627,13 +633,15 @@ def validate(artifact: Path, checkpoint: Path | None, reference: str, backends: 
               "ar,tidar,tidar-fused (speedups over ar; over eager AR too when torch is a backend).")
 @click.option("--w", "mix_w", type=Finite(0, 1), default=1.0, show_default=True,
               help="TiDAR mixing weight for --modes (1 = lossless).")
+@click.option("--lookup/--no-lookup", default=True, show_default=True,
+              help="TiDAR drafts with context-lookup continuations (as run makes them) or the drafter's alone.")
 @click.option("--entries", is_flag=True, help="Measure the cost curve instead: ms per call of every entry, and of "
               "prefill at 1, 2, 4, ... tokens, per backend (with --prompt-len tokens in the cache).")
 @click.option("--plot", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="With --entries: also write the curve as a PNG plot to this file.")
 @click.option("--json", "as_json", is_flag=True)
 def bench(artifact: Path, backends: str, prompt_len: int, new_tokens: int, repeats: int, modes: str | None,
-          mix_w: float, entries: bool, plot: Path | None, as_json: bool) -> None:
+          mix_w: float, lookup: bool, entries: bool, plot: Path | None, as_json: bool) -> None:
     """Decode tok/s: a backend vs the eager torch model (AR), AR vs TiDAR modes on each backend (--modes, with
     the cost model's predictions), or the cost curve of every entry (--entries)."""
     names = _split(backends)
@@ -663,7 +671,7 @@ def bench(artifact: Path, backends: str, prompt_len: int, new_tokens: int, repea
             if set(wanted) - {"ar"} and art.manifest.tidar is None:
                 raise InputError(f"{artifact}: no TiDAR entry points (exported from an AR checkpoint; re-export "
                                  "with --tidar on to bench the TiDAR modes)")
-            result = bench_matrix(art, tuple(names), prompt_len, new_tokens, repeats, wanted, mix_w)
+            result = bench_matrix(art, tuple(names), prompt_len, new_tokens, repeats, wanted, mix_w, lookup)
         else:
             result = bench_artifact(art, tuple(n for n in names if n != "torch"), prompt_len, new_tokens, repeats)
     if plot is not None:

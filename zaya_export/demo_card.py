@@ -87,6 +87,8 @@ def measure(checkpoint: Path, new_tokens: int = 96, count: int = 8) -> dict[str,
     prompts = heldout_prompts(tokenizer, count)
     stop = model.config.eos_token_ids
     runs = {"tidar (lossless)": dict(fused=False), "tidar-fused (lossless)": dict(fused=True),
+            "tidar (lossless, drafter only)": dict(fused=False, lookup=False),
+            "tidar-fused (lossless, drafter only)": dict(fused=True, lookup=False),
             "tidar (mix w=0.5)": dict(fused=False, w=0.5), "tidar-fused (mix w=0.5)": dict(fused=True, w=0.5)}
     figures, same = tidar_figures(model, prompts, new_tokens, runs)
     rows = {name: {k: row[k] for k in ("tokens_per_forward", "mean_accepted", "acceptance")}
@@ -352,6 +354,17 @@ The same on 5 prompts of foreign code (installed packages' source, outside the c
 {foreign}
 
 Acceptance-length histograms of the lossless modes: `acceptance.png`.
+
+"lossless" is what `run` does by default: the drafter's drafts, replaced by a **context-lookup continuation**
+where the last tokens (2 to 8 of them, the longest found) occurred before in the prompt or the output: what
+followed them then, copied with overlap so a loop shorter than the block proposes the whole loop
+(`runtime/lookup.py`; prompt-lookup drafting, as in `transformers`' `prompt_lookup_num_tokens`). Any draft
+that is a function of the tokens so far keeps verification lossless (the output stays AR's, token for token,
+and sampled output is distributed as AR's); only acceptance changes. "drafter only" (`run --no-lookup`) is
+the trained drafter alone. On foreign code this model's greedy output falls into loops (`'aligned',` over and
+over, `.html.html…`); its drafter gets a loop's first 5–8 positions right and then repeats its most likely
+token, while the lookup continuation follows the loop to the block's end. Mixing (w < 1) blends each target
+with the drafter's own logits, so it keeps the drafter's drafts.
 
 The two modes draft differently: `tidar` drafts after the step's token a' is known (a second forward over
 `[a', MASK×16]`), `tidar-fused` drafts in the same forward as the verification, before a' is known (proposal
