@@ -134,8 +134,8 @@ def bench_matrix(artifact: Artifact, backends: tuple[str, ...], prompt_len: int 
                           "mean_accepted": round(getattr(best, "mean_accepted", 0.0), 3)}
             if mode != "ar":
                 acceptance[mode] = best.acceptance
-        result[backend] = {"backend": backend, "lookup": lookup and w == 1.0, **_with_predictions(artifact, sessions[backend], rows, acceptance,
-                                                                   prompt_len, new_tokens, w)}
+        predicted = _with_predictions(artifact, sessions[backend], rows, acceptance, prompt_len, new_tokens, w)
+        result[backend] = {"backend": backend, "lookup": lookup and w == 1.0, **predicted}
     eager_ar = result.get("torch", {}).get("modes", {}).get("ar", {}).get("tok_per_s")
     for res in result.values():
         for row in res["modes"].values():
