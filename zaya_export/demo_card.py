@@ -338,7 +338,7 @@ the same.)
 | AR cross-entropy (stage 1, 8 held-out batches of 16×128 tokens) | {log['heldout_ar_nats']:.3f} nats/token (perplexity {log['heldout_ar_ppl']:.1f}) |{_ppl_now(figures, log)}
 | unigram baseline | {log['unigram_nats']:.3f} nats/token (perplexity {log['unigram_ppl']:.1f}) |
 | diffusion (fill-in) cross-entropy (stage 1) | {log['heldout_diffusion_nats']:.3f} nats/token |{_after_distill(train_log)}
-| greedy TiDAR == greedy AR | {figures['greedy_tidar_equals_ar']} runs (each prompt, both lossless modes) |
+| greedy TiDAR == greedy AR | {figures['greedy_tidar_equals_ar']} runs (each prompt, every lossless mode) |
 
 TiDAR on {figures['prompts']} held-out prompts of 48 tokens, {figures['new_tokens']} new tokens each (greedy,
 eager torch; the first draft forward after prefill counts as a forward):
